@@ -1,0 +1,154 @@
+"""File-level operations the CLI is a thin shell over, usable from Python as well."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (
+    LoadedCheckpoint,
+    check_output_path,
+    load_checkpoint,
+    save_model,
+    save_state_dict,
+)
+from .convert import (
+    ConversionResult,
+    ConvertOptions,
+    build_metadata,
+    build_model,
+    convert_state_dict,
+    reparameterize,
+)
+from .errors import InputError
+from .verify import ModelCheck, Tolerance, VerifyReport, compare_outputs, infer_input_shape, model_outputs
+from .verify import verify_against, verify_deploy
+
+ProgressFactory = Callable[[int], tuple[object, Callable[[str], None]]]
+
+
+@dataclass(frozen=True)
+class ConvertOutcome:
+    """What :func:`convert_file` did: the result, and whether the output was written."""
+
+    result: ConversionResult
+    loaded: LoadedCheckpoint
+    written: bool
+
+
+def convert_file(
+    source: str | Path,
+    output: str | Path,
+    options: ConvertOptions | None = None,
+    allow_pickle: bool = False,
+    entry: str | None = None,
+    model_spec: str | None = None,
+    force: bool = False,
+    progress: ProgressFactory | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ConvertOutcome:
+    """Load ``source``, fuse and verify every block, and write ``output`` only if all checks pass.
+
+    Args:
+        source: the train-form checkpoint (never modified).
+        output: ``.safetensors`` or ``.pt``/``.pth``; must not exist unless ``force``.
+        options: eps, tolerance, seed, input shape.
+        allow_pickle: permit full unpickling of the source (trusted files only).
+        entry: container entry to use.
+        model_spec: ``MODULE:CALLABLE`` building the train-form model (module tree).
+        force: replace an existing output (atomically).
+        progress: optional progress-bar factory ``total -> (context, advance(name))``.
+        log: optional sink for progress notes (stderr in the CLI).
+    Returns:
+        A :class:`ConvertOutcome`; ``written`` is False when verification failed.
+    """
+    source, output = Path(source), Path(output)
+    options = options or ConvertOptions()
+    check_output_path(output, [source], force)
+    loaded = load_checkpoint(source, allow_pickle=allow_pickle, entry=entry)
+    if log:
+        for note in loaded.notes:
+            log(note)
+    if loaded.model is not None or model_spec is not None:
+        model = loaded.model if loaded.model is not None else build_model(model_spec, loaded.state_dict)
+        result = reparameterize(model, options)
+    else:
+        result = convert_state_dict(loaded.state_dict, options)
+    result = ConversionResult(**{**result.__dict__, "notes": tuple(loaded.notes) + result.notes})
+    if not result.ok:
+        return ConvertOutcome(result, loaded, written=False)
+    metadata = build_metadata(result, source.name, loaded.sha256, loaded.entry, loaded.stripped_prefixes)
+    if loaded.model is not None and output.suffix != ".safetensors":
+        save_model(output, result.model, loaded, metadata)
+    else:
+        container = loaded.raw if loaded.entry is not None and output.suffix != ".safetensors" else None
+        save_state_dict(output, result.state_dict, metadata, container=container, entry=loaded.entry,
+                        template=_inner_state(loaded))
+    return ConvertOutcome(result, loaded, written=True)
+
+
+def _inner_state(loaded: LoadedCheckpoint):
+    if loaded.entry is not None and isinstance(loaded.raw, dict):
+        return loaded.raw.get(loaded.entry)
+    return loaded.raw
+
+
+def verify_file(
+    deploy: str | Path,
+    against: str | Path | None = None,
+    bn_eps: float | None = None,
+    tolerance: Tolerance | None = None,
+    allow_pickle: bool = False,
+    entry: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+) -> VerifyReport:
+    """Re-check a deploy file on its own (from its recorded probes) or against its source.
+
+    Args:
+        deploy: the deploy checkpoint.
+        against: the train-form source to recompute from; None: use the recorded probes.
+        bn_eps: eps for the source's blocks (default: what convert recorded, else the family's).
+        tolerance: rtol/atol.
+        allow_pickle, entry: as for loading.
+        input_shape: whole-model probe when both files hold pickled models.
+    Returns:
+        A :class:`VerifyReport`.
+    """
+    tolerance = tolerance or Tolerance()
+    loaded = load_checkpoint(deploy, allow_pickle=allow_pickle, entry=entry)
+    metadata = loaded.metadata
+    if against is None:
+        if metadata is None or "blocks" not in metadata:
+            raise InputError(
+                f"{deploy} has no repvgg_cli metadata, so it cannot be checked on its own",
+                hint="pass --against TRAIN to recompute from the train-form source",
+            )
+        report = verify_deploy(loaded.state_dict, metadata, tolerance)
+        return VerifyReport(**{**report.__dict__, "notes": loaded.notes})
+    source = load_checkpoint(against, allow_pickle=allow_pickle, entry=None)
+    if bn_eps is None and metadata is not None:
+        bn_eps = (metadata.get("options") or {}).get("bn_eps")
+    dropped = tuple((metadata or {}).get("dropped_keys", ()))
+    train_state = source.state_dict
+    if source.model is not None and loaded.model is not None:
+        train_state = source.model.state_dict()
+    report = verify_against(loaded.state_dict, train_state, bn_eps, tolerance, dropped=dropped)
+    model_check = None
+    if source.model is not None and loaded.model is not None:
+        model_check = _compare_models(source.model, loaded.model, input_shape, tolerance)
+    return VerifyReport(**{**report.__dict__, "against": str(against), "model_check": model_check,
+                           "notes": loaded.notes})
+
+
+def _compare_models(train, deploy, input_shape, tolerance: Tolerance) -> ModelCheck:
+    shape = input_shape or infer_input_shape(train)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    reference, dtype = model_outputs(train, x)
+    candidate, _ = model_outputs(deploy, x)
+    err, scale = compare_outputs(reference, candidate)
+    param = next((p for p in deploy.parameters() if p.is_floating_point()), None)
+    rtol = tolerance.rtol_for(param.dtype if param is not None else torch.float32)
+    return ModelCheck(tuple(shape), dtype, err, scale, rtol, tolerance.atol, len(reference))

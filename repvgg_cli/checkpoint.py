@@ -1,0 +1,423 @@
+"""Reading and writing checkpoints: safe by default, containers unwrapped, writes atomic.
+
+Reading never unpickles arbitrary objects unless the caller opts in (``allow_pickle``):
+``torch.load`` always gets ``weights_only=True`` explicitly, so no environment variable can
+turn the safe path off. Writing goes to a temporary file in the output's folder and is moved
+into place with ``os.replace``: a failure leaves no partial file and an existing output intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import struct
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import InputError, OutputExistsError, PickleRefusedError
+
+METADATA_KEY = "repvgg_cli"
+"""Where convert records its metadata: a safetensors header entry, or a ``_metadata`` entry of a
+``.pt`` state dict (a name no module prefix can take, so ``load_state_dict`` never reads it)."""
+
+EMA_ENTRIES = ("ema", "model_ema", "state_dict_ema")
+PLAIN_ENTRIES = ("state_dict", "model")
+CONTAINER_ENTRIES = EMA_ENTRIES + PLAIN_ENTRIES
+STRIPPABLE_PREFIXES = ("module.", "_orig_mod.")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint read from disk, unwrapped down to the weights that matter.
+
+    Attributes:
+        path: the file.
+        format: "safetensors", "torch-zip" or "torch-legacy".
+        raw: the top-level object as loaded (container, state dict or module).
+        entry: the container entry used (None: the file is the state dict or module itself).
+        state_dict: the weights, prefixes stripped, in file order.
+        model: the pickled module, when the entry is one (only with allow_pickle).
+        stripped_prefixes: the key prefixes removed (``module.``, ``_orig_mod.``).
+        metadata: what repvgg recorded in a deploy file, else None.
+        pickled: True when the file needed (and was allowed) full unpickling.
+        notes: human-readable remarks (which entry was used and why).
+    """
+
+    path: Path
+    format: str
+    raw: Any
+    entry: str | None
+    state_dict: "OrderedDict[str, Tensor]"
+    model: nn.Module | None = None
+    stripped_prefixes: tuple[str, ...] = ()
+    metadata: dict | None = None
+    pickled: bool = False
+    notes: tuple[str, ...] = ()
+    file_size: int = 0
+    sha256: str = ""
+    container_keys: tuple[str, ...] = field(default_factory=tuple)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tensor_sha256(tensor: Tensor) -> str:
+    """sha256 of a tensor's raw bytes (any dtype)."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def sniff_format(path: Path) -> str:
+    """Tell safetensors, torch zip and legacy torch pickles apart by their first bytes."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except IsADirectoryError:
+        raise InputError(f"{path} is a directory, not a checkpoint file") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot read: {error.strerror or error}") from None
+    if len(head) == 0:
+        raise InputError(f"{path} is empty")
+    if head[:2] == b"PK":
+        return "torch-zip"
+    if head[:1] == b"\x80":
+        return "torch-legacy"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    raise InputError(
+        f"{path} is not a checkpoint: neither a torch file (.pt/.pth) nor safetensors",
+    )
+
+
+def _describe_unpickling_failure(error: Exception) -> str:
+    text = str(error)
+    for marker in ("Unsupported global: GLOBAL ", "Unsupported global: ", "GLOBAL "):
+        if marker in text:
+            name = text.split(marker, 1)[1].split()[0].rstrip(".,")
+            return f"a pickled object of type {name}"
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return f"pickled Python objects ({first[:120]})"
+
+
+def _torch_load(path: Path, allow_pickle: bool) -> tuple[Any, bool]:
+    """``torch.load`` safely; unpickle fully only when ``allow_pickle`` (and say so)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=None), False
+    except pickle.UnpicklingError as error:
+        what = _describe_unpickling_failure(error)
+        if not allow_pickle:
+            raise PickleRefusedError(
+                f"{path} holds {what}; loading it would run code from the file",
+                hint="if you trust this file, pass --allow-pickle (see README: Safety)",
+            ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, struct.error, KeyError, TypeError,
+            AttributeError, IndexError, UnicodeDecodeError, MemoryError, OverflowError) as error:
+        raise InputError(f"{path} is not a readable torch checkpoint: {_one_line(error)}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False), True
+    except Exception as error:  # noqa: BLE001 - an allowed unpickle can raise anything
+        raise InputError(f"{path}: unpickling failed: {_one_line(error)}") from None
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
+
+
+def _load_safetensors(path: Path) -> tuple["OrderedDict[str, Tensor]", dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        tensors: OrderedDict[str, Tensor] = OrderedDict()
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            header = handle.metadata() or {}
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+        return tensors, dict(header)
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+        raise InputError(f"{path} is not a readable safetensors file: {_one_line(error)}") from None
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and len(value) > 0 and all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items()
+    )
+
+
+def _pick_entry(raw: Mapping, entry: str | None, path: Path) -> tuple[str, Any, tuple[str, ...]]:
+    """Choose the container entry holding the weights; EMA first unless told otherwise."""
+    usable = [k for k in CONTAINER_ENTRIES if k in raw and (_is_state_dict(raw[k]) or isinstance(raw[k], nn.Module))]
+    if entry is not None:
+        if entry not in raw:
+            raise InputError(
+                f"{path} has no entry {entry!r}; it has: {', '.join(map(str, raw.keys()))}"
+            )
+        if raw[entry] is None:
+            raise InputError(f"{path}: entry {entry!r} is None")
+        return entry, raw[entry], (f"used entry {entry!r} (--entry)",)
+    if not usable:
+        keys = ", ".join(map(str, list(raw.keys())[:12]))
+        raise InputError(
+            f"{path} holds no state dict: top-level keys are {keys}",
+            hint="pass --entry NAME to pick the entry that holds the weights",
+        )
+    chosen = usable[0]
+    notes = [f"used entry {chosen!r}"]
+    others = [k for k in usable[1:]]
+    if chosen in EMA_ENTRIES and any(k in PLAIN_ENTRIES for k in others):
+        plain = next(k for k in others if k in PLAIN_ENTRIES)
+        notes = [f"used EMA weights from {chosen!r} (also present: {plain!r}; pick it with --entry {plain})"]
+    return chosen, raw[chosen], tuple(notes)
+
+
+def strip_prefixes(state: Mapping[str, Tensor]) -> tuple["OrderedDict[str, Tensor]", tuple[str, ...]]:
+    """Remove ``module.`` / ``_orig_mod.`` when every key starts with it (repeatedly, as prefixes only)."""
+    keys = list(state.keys())
+    stripped: list[str] = []
+    changed = True
+    while changed and keys:
+        changed = False
+        for prefix in STRIPPABLE_PREFIXES:
+            if all(k.startswith(prefix) and len(k) > len(prefix) for k in keys):
+                keys = [k[len(prefix):] for k in keys]
+                stripped.append(prefix)
+                changed = True
+    if not stripped:
+        return OrderedDict(state), ()
+    return OrderedDict(zip(keys, state.values())), tuple(stripped)
+
+
+def _metadata_from_state(state: Any) -> dict | None:
+    meta = getattr(state, "_metadata", None)
+    if isinstance(meta, Mapping) and METADATA_KEY in meta:
+        entry = meta[METADATA_KEY]
+        text = entry.get("json") if isinstance(entry, Mapping) else None
+        if isinstance(text, str):
+            return _parse_metadata(text)
+    return None
+
+
+def _parse_metadata(text: str) -> dict | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    allow_pickle: bool = False,
+    entry: str | None = None,
+) -> LoadedCheckpoint:
+    """Read a checkpoint and find its weights.
+
+    Args:
+        path: a ``.pt``/``.pth`` (zip or legacy) or ``.safetensors`` file.
+        allow_pickle: permit full unpickling (runs code from the file; only for trusted files).
+        entry: the container entry to use; default: EMA weights if present, else the plain ones.
+    Returns:
+        A :class:`LoadedCheckpoint`.
+    Raises:
+        InputError: unreadable file, nothing usable inside; PickleRefusedError: needs --allow-pickle.
+    """
+    path = Path(path)
+    fmt = sniff_format(path)
+    size = path.stat().st_size
+    digest = sha256_file(path)
+    if fmt == "safetensors":
+        tensors, header = _load_safetensors(path)
+        if entry is not None:
+            raise InputError(f"{path} is a safetensors file: it has no container entries for --entry")
+        metadata = _parse_metadata(header[METADATA_KEY]) if METADATA_KEY in header else None
+        state, stripped = strip_prefixes(tensors)
+        return LoadedCheckpoint(path, fmt, tensors, None, state, None, stripped, metadata, False,
+                                _prefix_notes(stripped), size, digest, ())
+
+    raw, pickled = _torch_load(path, allow_pickle)
+    notes: list[str] = []
+    if pickled:
+        notes.append("loaded with full unpickling (--allow-pickle)")
+    model: nn.Module | None = None
+    used: str | None = None
+    container_keys: tuple[str, ...] = ()
+    metadata = None
+    if isinstance(raw, nn.Module):
+        model, value = raw, raw
+    elif _is_state_dict(raw) and entry is None:
+        value = raw
+    elif isinstance(raw, Mapping):
+        container_keys = tuple(str(k) for k in raw.keys())
+        used, value, picked_notes = _pick_entry(raw, entry, path)
+        notes.extend(picked_notes)
+        if isinstance(raw.get(METADATA_KEY), str):
+            metadata = _parse_metadata(raw[METADATA_KEY])
+    else:
+        raise InputError(f"{path} holds a {type(raw).__name__}, not a state dict, container or model")
+
+    if isinstance(value, nn.Module):
+        model = value
+        value = value.state_dict()
+        metadata = metadata or _metadata_from_module(model)
+    elif not _is_state_dict(value):
+        where = f"entry {used!r}" if used else "the file"
+        raise InputError(f"{path}: {where} is a {type(value).__name__}, not a state dict of tensors")
+    metadata = metadata or _metadata_from_state(value)
+    state, stripped = strip_prefixes(value)
+    notes.extend(_prefix_notes(stripped))
+    return LoadedCheckpoint(path, fmt, raw, used, state, model, stripped, metadata, pickled,
+                            tuple(notes), size, digest, container_keys)
+
+
+def _prefix_notes(stripped: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"stripped key prefix {p!r}" for p in stripped)
+
+
+def _metadata_from_module(model: nn.Module) -> dict | None:
+    text = getattr(model, "_repvgg_cli_metadata", None)
+    return _parse_metadata(text) if isinstance(text, str) else None
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+def check_output_path(output: Path, sources: list[Path], force: bool) -> None:
+    """Refuse to overwrite a source, or an existing output without ``force``."""
+    for source in sources:
+        if output.exists() and source.exists() and os.path.samefile(output, source):
+            raise OutputExistsError(f"{output} is the source checkpoint; it is never overwritten")
+    if output.exists() and not force:
+        raise OutputExistsError(f"{output} exists", hint="pass --force to replace it")
+    if output.exists() and output.is_dir():
+        raise InputError(f"{output} is a directory")
+    if not output.parent.exists():
+        raise InputError(f"{output.parent} does not exist")
+    if output.suffix not in TORCH_SUFFIXES + (".safetensors",):
+        raise InputError(
+            f"{output}: unknown output format {output.suffix or '(no extension)'!r}",
+            hint="name the output .safetensors, .pt or .pth",
+        )
+
+
+def atomic_write(output: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``output``, fsync it, then ``os.replace``.
+
+    Any failure removes the temporary file and leaves ``output`` as it was.
+    """
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as check:
+            os.fsync(check.fileno())
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def metadata_json(metadata: Mapping) -> str:
+    """Canonical JSON (sorted keys, no spaces) so equal metadata gives equal bytes."""
+    return json.dumps(metadata, sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+def save_state_dict(
+    output: Path,
+    state: Mapping[str, Tensor],
+    metadata: Mapping,
+    container: Mapping | None = None,
+    entry: str | None = None,
+    template: Any = None,
+) -> None:
+    """Write a deploy state dict atomically; the extension picks the format.
+
+    Args:
+        output: ``.safetensors`` (metadata in the header) or ``.pt``/``.pth``.
+        state: the deploy state dict (fresh, contiguous tensors).
+        metadata: what to record (tool version, source hash, options, per-block results).
+        container: for ``.pt``: the source's container, so the output loads the same way
+            (the state dict goes back into ``entry``; other weight entries are dropped).
+        entry: the container entry the weights came from.
+        template: the source state dict object (its ``_metadata`` module versions are kept).
+    """
+    text = metadata_json(metadata)
+    if output.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        tensors = _unshared(state)
+        atomic_write(output, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", METADATA_KEY: text}))
+        return
+    deploy: OrderedDict[str, Tensor] = OrderedDict(state)
+    versions = getattr(template, "_metadata", None)
+    deploy._metadata = OrderedDict(versions) if isinstance(versions, Mapping) else OrderedDict()  # type: ignore[attr-defined]
+    deploy._metadata[METADATA_KEY] = {"json": text}  # type: ignore[attr-defined]
+    payload: Any = deploy
+    if container is not None and entry is not None:
+        payload = {entry: deploy}
+        for key, value in container.items():
+            if key != entry and key not in CONTAINER_ENTRIES and key != "optimizer" and key != METADATA_KEY:
+                payload[key] = value
+    save_torch(output, payload)
+
+
+def save_torch(output: Path, payload: Any) -> None:
+    """``torch.save`` through an in-memory buffer (its zip's inner name is then always the same)."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+
+    atomic_write(output, write)
+
+
+def _unshared(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous tensors, each with storage of its own (safetensors refuses shared storage)."""
+    seen: set[int] = set()
+    tensors: dict[str, Tensor] = {}
+    for key, tensor in state.items():
+        tensor = tensor.detach().contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and (pointer in seen or tensor.untyped_storage().nbytes() != tensor.nbytes):
+            tensor = tensor.clone()
+            pointer = tensor.untyped_storage().data_ptr()
+        seen.add(pointer)
+        tensors[key] = tensor
+    return tensors
+
+
+def save_model(output: Path, model: nn.Module, loaded: "LoadedCheckpoint", metadata: Mapping) -> None:
+    """Write a pickled deploy model in the layout the source had (bare module or container)."""
+    text = metadata_json(metadata)
+    if isinstance(loaded.raw, Mapping) and loaded.entry is not None:
+        payload: Any = {loaded.entry: model}
+        for key, value in loaded.raw.items():
+            if key not in CONTAINER_ENTRIES and key not in ("optimizer", METADATA_KEY):
+                payload[key] = value
+        payload[METADATA_KEY] = text
+    else:
+        model._repvgg_cli_metadata = text  # type: ignore[attr-defined]
+        payload = model
+    save_torch(output, payload)

@@ -1,0 +1,287 @@
+"""The ``repvgg`` command line: parse, call the core, render, pick the exit code.
+
+torch is imported only inside commands, so ``repvgg --help`` and ``--version`` stay fast.
+Exit codes: 0 ok, 1 not equivalent, 2 bad input or usage, 3 unsupported structure, 4 a bug.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import InputError, RepvggError
+
+app = typer.Typer(
+    name="repvgg",
+    help="Fuse RepVGG-style multi-branch checkpoints into deploy form, prove equivalence, report what was done.",
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+
+INTERNAL_ERROR = 4
+
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
+PickleOption = Annotated[
+    bool,
+    typer.Option("--allow-pickle", help="Allow full unpickling (runs code from the file). Only for files you trust."),
+]
+EntryOption = Annotated[
+    Optional[str],
+    typer.Option("--entry", help="Container entry holding the weights (default: EMA if present, else state_dict/model)."),
+]
+EpsOption = Annotated[
+    Optional[float],
+    typer.Option("--bn-eps", help="BatchNorm eps for state dicts (not stored in them). Default: the family's (1e-5; YOLO 1e-3)."),
+]
+RtolOption = Annotated[
+    Optional[float],
+    typer.Option("--rtol", help="Relative tolerance (to the output's max |value|). Default by dtype: fp64 1e-9, fp32 1e-5, fp16 4e-3, bf16 3e-2."),
+]
+AtolOption = Annotated[float, typer.Option("--atol", help="Absolute tolerance added to rtol * scale.")]
+
+
+def _stdout() -> Console:
+    return Console(soft_wrap=False)
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, soft_wrap=True)
+
+
+def _print_json(document: dict[str, Any]) -> None:
+    typer.echo(json.dumps(document, indent=2))
+
+
+def handle_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """Turn expected errors into one ``Error: …`` line on stderr and their exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        debug = bool(kwargs.get("debug"))
+        try:
+            command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except RepvggError as error:
+            if debug:
+                traceback.print_exc()
+            console = _stderr()
+            console.print(f"Error: {error.message}", markup=False, highlight=False)
+            if error.hint:
+                console.print(f"Hint: {error.hint}", markup=False, highlight=False)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            _stderr().print("Interrupted; nothing was written.", markup=False)
+            raise typer.Exit(130) from None
+        except Exception as error:  # noqa: BLE001 - anything else is a bug: say so in one line
+            if debug:
+                traceback.print_exc()
+            text = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+            _stderr().print(
+                f"Error: internal error {type(error).__name__}: {text} (a bug in repvgg_cli; rerun with --debug "
+                "and report it)", markup=False, highlight=False,
+            )
+            raise typer.Exit(INTERNAL_ERROR) from None
+
+    return wrapper
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"repvgg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Fuse RepVGG-style multi-branch checkpoints into deploy form, prove equivalence, report what was done."""
+
+
+def _parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        raise InputError(f"--input-shape {text!r}: expected integers like 1,3,224,224") from None
+    if len(shape) < 2 or any(s <= 0 for s in shape):
+        raise InputError(f"--input-shape {text!r}: expected positive integers like 1,3,224,224")
+    return shape
+
+
+def _progress(total: int):
+    """A progress bar on stderr when there are many blocks; a no-op callback otherwise."""
+    from rich.progress import Progress
+
+    if total < 8:
+        return None, (lambda name: None)
+    progress = Progress(console=_stderr(), transient=True)
+    task = progress.add_task("fusing", total=total)
+    return progress, (lambda name: progress.update(task, advance=1, description=f"fusing {name}"))
+
+
+@app.command()
+@handle_errors
+def convert(
+    source: Annotated[Path, typer.Argument(help="Train-form checkpoint (.pt, .pth, .safetensors).")],
+    output: Annotated[Path, typer.Argument(help="Deploy checkpoint to write; the extension picks the format.")],
+    bn_eps: EpsOption = None,
+    rtol: RtolOption = None,
+    atol: AtolOption = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every probe input.")] = 0,
+    entry: EntryOption = None,
+    allow_pickle: PickleOption = False,
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", help="MODULE:CALLABLE building the train-form model; converts in the module tree."),
+    ] = None,
+    input_shape: Annotated[
+        Optional[str], typer.Option("--input-shape", help="Whole-model probe N,C,H,W (module tree). Default: from the first conv, 64x64.")
+    ] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Also write the report to FILE.json or FILE.md.")] = None,
+    as_json: JsonOption = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output (atomically).")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Fuse every block, verify each against its train form, write the deploy checkpoint."""
+    from .api import convert_file
+    from .convert import ConvertOptions
+    from .render import conversion_json, conversion_markdown, conversion_table, conversion_totals
+    from .verify import Tolerance
+
+    if report is not None and report.suffix not in (".json", ".md"):
+        raise InputError(f"--report {report}: use a .json or .md file name")
+    options = ConvertOptions(bn_eps=bn_eps, tolerance=Tolerance(rtol=rtol, atol=atol), seed=seed,
+                             input_shape=_parse_shape(input_shape))
+    outcome = convert_file(source, output, options, allow_pickle=allow_pickle, entry=entry, model_spec=model,
+                           force=force, progress=_progress, log=lambda line: _stderr().print(line, markup=False))
+    result = outcome.result
+    document = conversion_json(result, str(source), str(output), written=outcome.written)
+    if as_json:
+        _print_json(document)
+    else:
+        console = _stdout()
+        console.print(conversion_table(result))
+        for line in conversion_totals(result):
+            console.print(line, highlight=False)
+        if outcome.written:
+            console.print(f"wrote {output}", highlight=False, markup=False)
+    if report is not None:
+        text = json.dumps(document, indent=2) + "\n" if report.suffix == ".json" else conversion_markdown(
+            result, str(source), str(output))
+        report.write_text(text, encoding="utf-8")
+    if not result.ok:
+        failed = [r.block.name or "<root>" for r in result.failures]
+        detail = f"block(s) {', '.join(failed[:5])}" if failed else "the whole-model check"
+        _stderr().print(f"Error: not equivalent: {detail} exceed the tolerance; nothing was written",
+                        markup=False, highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def verify(
+    deploy: Annotated[Path, typer.Argument(help="Deploy checkpoint written by repvgg convert.")],
+    against: Annotated[Optional[Path], typer.Option("--against", help="Recompute from this train-form source.")] = None,
+    bn_eps: EpsOption = None,
+    rtol: RtolOption = None,
+    atol: AtolOption = 0.0,
+    entry: EntryOption = None,
+    allow_pickle: PickleOption = False,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Whole-model probe N,C,H,W (pickled models).")] = None,
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Re-check a deploy artifact: structure, integrity and numerical equivalence."""
+    from .api import verify_file
+    from .render import verify_json, verify_table
+    from .verify import Tolerance
+
+    report = verify_file(deploy, against=against, bn_eps=bn_eps, tolerance=Tolerance(rtol=rtol, atol=atol),
+                         allow_pickle=allow_pickle, entry=entry, input_shape=_parse_shape(input_shape))
+    if as_json:
+        _print_json(verify_json(report, str(deploy), str(against) if against else None))
+    else:
+        console = _stdout()
+        title = f"verify {deploy}" + (f" against {against}" if against else " (recorded probes)")
+        console.print(verify_table(report, title))
+        for problem in report.problems:
+            console.print(f"problem: {problem}", markup=False, highlight=False)
+        for note in report.notes:
+            console.print(note, markup=False, highlight=False)
+        if report.model_check is not None:
+            mc = report.model_check
+            console.print(f"whole model: rel err {mc.rel_err:.2e} (rtol {mc.rtol:g}) {'ok' if mc.ok else 'FAIL'}",
+                          highlight=False)
+        if report.ok:
+            console.print(f"{len(report.blocks)} block(s) verified: equivalent", highlight=False)
+    if not report.ok:
+        failed = [c.name or "<root>" for c in report.failures]
+        parts = []
+        if failed:
+            parts.append(f"block(s) {', '.join(failed[:5])} failed")
+        if report.problems:
+            parts.append(report.problems[0])
+        if report.model_check is not None and not report.model_check.ok:
+            parts.append("the whole-model outputs differ")
+        _stderr().print(f"Error: verification failed: {'; '.join(parts)}", markup=False, highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def inspect(
+    path: Annotated[Path, typer.Argument(help="Any checkpoint: train, deploy or neither.")],
+    entry: EntryOption = None,
+    allow_pickle: PickleOption = False,
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """What is in a checkpoint: format, entry, dtypes, blocks by family, train or deploy form."""
+    from .checkpoint import load_checkpoint
+    from .inspection import summarize
+    from .render import summary_json, summary_tree
+
+    summary = summarize(load_checkpoint(path, allow_pickle=allow_pickle, entry=entry))
+    if as_json:
+        _print_json(summary_json(summary))
+    else:
+        _stdout().print(summary_tree(summary))
+
+
+@app.command()
+@handle_errors
+def families(
+    as_json: JsonOption = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as Markdown (the README's).")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """List every supported block family with its train and deploy key patterns."""
+    from .render import families_markdown, families_rows, families_table
+
+    if as_json:
+        _print_json({"command": "families", "families": families_rows()})
+    elif markdown:
+        typer.echo(families_markdown())
+    else:
+        _stdout().print(families_table())
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="repvgg")

@@ -1,0 +1,425 @@
+"""Walk a checkpoint (key tree) or a live model (module tree), fuse every block, check each.
+
+Key tree: a plain state dict, no model code. Each family finds its blocks by their keys; the
+deploy state dict has every block's keys replaced by its fused conv's, every other key passed
+through as the very same tensor, and the family's training-only keys (e.g. RepVGGplus aux
+heads) dropped and reported.
+
+Module tree: a live model. Each family recognises its blocks by structure, reads eps, stride,
+groups, padding and dilation from the modules, and switches the block to its deploy form so
+that the model's own ``forward`` takes the fused path. The whole model is then compared with
+its train form on seeded random inputs.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .errors import InputError, RepvggError, UnsupportedError
+from .checkpoint import tensor_sha256
+from .families import FAMILIES, Block, Family, find_blocks
+from .fusion import FusedConv, fuse_branches
+from .verify import (
+    BlockCheck,
+    ModelCheck,
+    Tolerance,
+    block_seed,
+    check_block,
+    compare_outputs,
+    encode_tensor,
+    infer_input_shape,
+    model_outputs,
+    reference_probe,
+)
+
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Options of a conversion.
+
+    Attributes:
+        bn_eps: BN eps for the key tree (a state dict does not store it); None: the family default.
+        tolerance: pass/fail tolerance of the checks.
+        seed: seeds every probe input.
+        input_shape: whole-model probe shape (module tree); None: inferred from the first conv.
+    """
+
+    bn_eps: float | None = None
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    seed: int = 0
+    input_shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """One fused block: what it was, the conv it became (in the shipped dtype) and its check."""
+
+    block: Block
+    fused: FusedConv
+    check: BlockCheck
+    reference: Tensor
+    params_before: int
+    params_after: int
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """The outcome of a conversion. Nothing has been written yet."""
+
+    mode: str
+    state_dict: "OrderedDict[str, Tensor]"
+    blocks: tuple[BlockResult, ...]
+    model: nn.Module | None = None
+    dropped_keys: tuple[str, ...] = ()
+    passthrough_keys: int = 0
+    model_check: ModelCheck | None = None
+    notes: tuple[str, ...] = ()
+    options: ConvertOptions = field(default_factory=ConvertOptions)
+
+    @property
+    def failures(self) -> tuple[BlockResult, ...]:
+        return tuple(r for r in self.blocks if not r.check.ok)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and (self.model_check is None or self.model_check.ok)
+
+    @property
+    def params_before(self) -> int:
+        return sum(r.params_before for r in self.blocks)
+
+    @property
+    def params_after(self) -> int:
+        return sum(r.params_after for r in self.blocks)
+
+
+def _count_params(tensors: list[Tensor | None]) -> int:
+    return sum(int(t.numel()) for t in tensors if isinstance(t, Tensor))
+
+
+def _block_params(block: Block, state: Mapping[str, Tensor] | None) -> int:
+    if state is not None:
+        return _count_params([state[k] for k in block.source_keys if not k.endswith(BUFFER_SUFFIXES)])
+    b = block.branches
+    tensors: list[Tensor | None] = []
+    for conv in b.convs:
+        tensors += [conv.weight, conv.bias]
+        if conv.bn is not None:
+            tensors += [conv.bn.weight, conv.bn.bias]
+    if b.identity is not None and b.identity.bn is not None:
+        tensors += [b.identity.bn.weight, b.identity.bn.bias]
+    if b.post_bn is not None:
+        tensors += [b.post_bn.weight, b.post_bn.bias]
+    return _count_params(tensors)
+
+
+def _in_block(message: str, block: str) -> str:
+    return message if message.startswith("block ") else f"block {block or '<root>'}: {message}"
+
+
+def fuse_block(block: Block, options: ConvertOptions, state: Mapping[str, Tensor] | None = None) -> BlockResult:
+    """Fuse one block, cast to its source dtype and check it against its train form.
+
+    Args:
+        block: a block found by a family.
+        options: tolerance and seed.
+        state: the source state dict (key tree), to count parameters exactly.
+    Returns:
+        A :class:`BlockResult`.
+    """
+    try:
+        fused64 = fuse_branches(block.branches)
+        shipped = fused64.to(block.dtype)
+        check = check_block(block.name, block.branches, fused64, shipped, options.seed, options.tolerance)
+        reference = reference_probe(block.branches, block_seed(options.seed, block.name))
+    except RepvggError as error:
+        raise type(error)(_in_block(error.message, block.name), error.hint) from None
+    return BlockResult(
+        block=block,
+        fused=shipped,
+        check=check,
+        reference=reference,
+        params_before=_block_params(block, state),
+        params_after=int(shipped.weight.numel() + shipped.bias.numel()),
+    )
+
+
+# -- key tree ----------------------------------------------------------------------------------
+
+
+def dropped_keys_for(state: Mapping[str, Tensor], blocks: list[Block]) -> list[str]:
+    """Training-only keys of the families present (e.g. RepVGGplus aux heads)."""
+    present = {b.family for b in blocks}
+    keys = list(state.keys())
+    dropped: set[str] = set()
+    for family in FAMILIES:
+        if family.name in present and hasattr(family, "dropped_keys"):
+            dropped.update(family.dropped_keys(keys))
+    return [k for k in keys if k in dropped]
+
+
+def convert_state_dict(state: Mapping[str, Tensor], options: ConvertOptions | None = None) -> ConversionResult:
+    """Fuse every block of a state dict (key tree): no model code needed.
+
+    Args:
+        state: a train-form state dict (prefixes already stripped).
+        options: eps, tolerance, seed.
+    Returns:
+        A :class:`ConversionResult` whose ``state_dict`` loads with ``strict=True`` into the
+        deploy form of each family's model.
+    """
+    options = options or ConvertOptions()
+    blocks = find_blocks(state, options.bn_eps)
+    results = [fuse_block(b, options, state) for b in blocks]
+    dropped = dropped_keys_for(state, blocks)
+    first_key = {r.block.source_keys[0]: r for r in results if r.block.source_keys}
+    consumed = {k for r in results for k in r.block.source_keys}
+    dropped_set = set(dropped)
+    deploy: OrderedDict[str, Tensor] = OrderedDict()
+    passthrough = 0
+    for key, value in state.items():
+        if key in first_key:
+            for new_key, tensor in first_key[key].block.deploy_state(first_key[key].fused).items():
+                if new_key in state and new_key not in consumed:
+                    raise UnsupportedError(
+                        f"block {first_key[key].block.name or '<root>'}: the file already has the deploy key "
+                        f"{new_key} next to the train-form branches (a half-converted checkpoint?)"
+                    )
+                deploy[new_key] = tensor
+        elif key in consumed or key in dropped_set:
+            continue
+        else:
+            deploy[key] = value
+            passthrough += 1
+    return ConversionResult(
+        mode="key tree",
+        state_dict=deploy,
+        blocks=tuple(results),
+        dropped_keys=tuple(dropped),
+        passthrough_keys=passthrough,
+        options=options,
+    )
+
+
+# -- module tree -------------------------------------------------------------------------------
+
+
+def find_module_blocks(model: nn.Module, families: tuple[Family, ...] = FAMILIES) -> list[tuple[str, nn.Module, Family]]:
+    """Every train-form block of a live model, outermost first; a block's insides are not searched."""
+    found: list[tuple[str, nn.Module, Family]] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") or p == "" for p in inside):
+            continue
+        matching = [f for f in families if f.matches_module(module)]
+        if len(matching) > 1:
+            raise UnsupportedError(
+                f"module {name or '<root>'} is claimed by two families: {matching[0].name} and {matching[1].name}"
+            )
+        if matching:
+            found.append((name, module, matching[0]))
+            inside.append(name)
+    return found
+
+
+def _replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def reparameterize(
+    model: nn.Module,
+    options: ConvertOptions | None = None,
+    check_model: bool = True,
+) -> ConversionResult:
+    """Switch every block of a live model to its deploy form, in place, and check it.
+
+    Args:
+        model: a train-form model (put in eval mode; its BN running statistics are used).
+        options: tolerance, seed, whole-model input shape.
+        check_model: compare the whole model's eval output before and after on seeded inputs.
+    Returns:
+        A :class:`ConversionResult` with ``model`` (the same object, unless the root itself was
+        a block) and its deploy ``state_dict``.
+    """
+    options = options or ConvertOptions()
+    model.eval()
+    reference: list[Tensor] | None = None
+    x: Tensor | None = None
+    notes: list[str] = []
+    shape: tuple[int, ...] | None = None
+    if check_model:
+        try:
+            shape = options.input_shape or infer_input_shape(model)
+        except ValueError as error:
+            raise InputError(str(error)) from None
+        generator = torch.Generator().manual_seed(options.seed)
+        x = torch.randn(*shape, generator=generator, dtype=torch.float64)
+        try:
+            reference, _ = model_outputs(model, x)
+        except RuntimeError as error:
+            raise InputError(f"the train-form model cannot run on input {shape}: {error}",
+                             hint="pass --input-shape N,C,H,W") from None
+
+    results: list[BlockResult] = []
+    for name, module, family in find_module_blocks(model):
+        try:
+            block = family.parse_module(name, module)
+        except RepvggError as error:
+            raise type(error)(_in_block(error.message, name), error.hint) from None
+        result = fuse_block(block, options)
+        replacement = family.to_deploy_module(module, result.fused)
+        if replacement is not module:
+            if name:
+                _replace_submodule(model, name, replacement)
+            else:
+                model = replacement
+        results.append(result)
+
+    model_check = None
+    if check_model and x is not None and reference is not None and shape is not None:
+        candidate, dtype = model_outputs(model, x)
+        err, scale = compare_outputs(reference, candidate)
+        rtol = options.tolerance.rtol_for(_model_dtype(model))
+        model_check = ModelCheck(
+            input_shape=tuple(shape), dtype=dtype, max_abs_err=err, scale=scale,
+            rtol=rtol, atol=options.tolerance.atol, outputs=len(reference),
+        )
+    state = OrderedDict((k, v.detach()) for k, v in model.state_dict().items())
+    return ConversionResult(
+        mode="module tree",
+        state_dict=state,
+        blocks=tuple(results),
+        model=model,
+        model_check=model_check,
+        notes=tuple(notes),
+        options=options,
+    )
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+# -- metadata ----------------------------------------------------------------------------------
+
+
+def block_record(result: BlockResult, seed: int) -> dict:
+    """What the deploy file records about one block, so ``verify`` can re-check it on its own."""
+    block, fused, check = result.block, result.fused, result.check
+    return {
+        "name": block.name,
+        "family": block.family,
+        "deploy_prefix": block.deploy_prefix,
+        "branches": list(block.branch_labels),
+        "in_channels": fused.in_channels,
+        "out_channels": fused.out_channels,
+        "kernel": list(fused.kernel_size),
+        "groups": fused.groups,
+        "stride": list(fused.stride),
+        "padding": list(fused.padding),
+        "dilation": list(fused.dilation),
+        "padding_mode": fused.padding_mode,
+        "dtype": str(fused.weight.dtype).replace("torch.", ""),
+        "eps": sorted({bn.eps for bn in _bns(block)}),
+        "eps_from": block.eps_note,
+        "params_before": result.params_before,
+        "params_after": result.params_after,
+        "max_abs_err": check.max_abs_err,
+        "rel_err": check.rel_err,
+        "cast_abs_err": check.cast_abs_err,
+        "probe": {
+            "seed": block_seed(seed, block.name),
+            "shape": list(result.reference.shape),
+            "reference": encode_tensor(result.reference),
+        },
+    }
+
+
+def _bns(block: Block) -> list:
+    b = block.branches
+    bns = [c.bn for c in b.convs if c.bn is not None]
+    if b.identity is not None and b.identity.bn is not None:
+        bns.append(b.identity.bn)
+    if b.post_bn is not None:
+        bns.append(b.post_bn)
+    return bns
+
+
+def build_metadata(result: ConversionResult, source_name: str, source_sha256: str, entry: str | None,
+                   stripped: tuple[str, ...]) -> dict:
+    """The metadata recorded in a deploy file (deterministic: no time, no absolute paths)."""
+    options = result.options
+    metadata = {
+        "tool": "repvgg_cli",
+        "version": __version__,
+        "mode": result.mode,
+        "source": {"name": source_name, "sha256": source_sha256, "entry": entry, "stripped_prefixes": list(stripped)},
+        "options": {
+            "bn_eps": options.bn_eps,
+            "rtol": options.tolerance.rtol,
+            "atol": options.tolerance.atol,
+            "seed": options.seed,
+        },
+        "blocks": [block_record(r, options.seed) for r in result.blocks],
+        "dropped_keys": list(result.dropped_keys),
+        "tensors": {k: tensor_sha256(v) for k, v in result.state_dict.items()},
+    }
+    if result.model_check is not None:
+        mc = result.model_check
+        metadata["model_check"] = {
+            "input_shape": list(mc.input_shape), "dtype": mc.dtype, "max_abs_err": mc.max_abs_err,
+            "rel_err": mc.rel_err,
+        }
+    return metadata
+
+
+def load_factory(spec: str) -> Callable[[], nn.Module]:
+    """Resolve ``MODULE:CALLABLE`` (e.g. ``mypkg.models:build_repvgg``) to the callable."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise InputError(f"--model {spec!r}: expected MODULE:CALLABLE, e.g. mypkg.models:build_model")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 - any import failure is the user's input
+        raise InputError(f"--model {spec!r}: cannot import {module_name}: {error}") from None
+    target: object = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise InputError(f"--model {spec!r}: {module_name} has no attribute {attr}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise InputError(f"--model {spec!r}: {attr} is not callable")
+    return target  # type: ignore[return-value]
+
+
+def build_model(spec: str, state: Mapping[str, Tensor]) -> nn.Module:
+    """Build the train-form model with ``spec`` and load ``state`` into it strictly."""
+    factory = load_factory(spec)
+    try:
+        model = factory()
+    except Exception as error:  # noqa: BLE001
+        raise InputError(f"--model {spec!r}: calling it failed: {error}") from None
+    if not isinstance(model, nn.Module):
+        raise InputError(f"--model {spec!r} returned a {type(model).__name__}, not an nn.Module")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) if len(first) > 1 else first[0]
+        raise InputError(f"the checkpoint does not load into --model {spec}: {detail[:300]}") from None
+    return model

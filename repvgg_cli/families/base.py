@@ -1,0 +1,325 @@
+"""What every block family provides, and the shared helpers families are built from.
+
+A family knows one naming convention (the "zoo" in DESIGN.md). It recognises its blocks in a
+state dict (key tree) or in a live model (module tree), turns each into the neutral
+:class:`~repvgg_cli.fusion.Branches`, and knows the deploy form: which keys the fused conv gets
+in a state dict and how a live block is switched so that its own ``forward`` uses the fused conv.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError, UnsupportedError
+from ..fusion import BatchNorm, Branches, ConvBranch, FusedConv
+
+BN_STAT_KEYS = ("running_mean", "running_var")
+BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def join(prefix: str, *parts: str) -> str:
+    """Join key parts with dots, skipping empty ones (a block may sit at the root)."""
+    return ".".join(p for p in (prefix, *parts) if p)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One re-parameterizable block found in a checkpoint or model.
+
+    Attributes:
+        name: the block's key prefix / module path ("" for a root block).
+        family: the family's registry name.
+        branches: the neutral description fed to the fusion.
+        source_keys: state-dict keys the block replaces (key tree; module tree: its parameters).
+        deploy_prefix: where the fused conv's ``weight``/``bias`` live in the deploy form.
+        dtype: the dtype of the source tensors (the fused conv is written in it).
+        eps_note: where BN eps came from ("module", "family default", "--bn-eps").
+        notes: anything else worth reporting about this block.
+    """
+
+    name: str
+    family: str
+    branches: Branches
+    source_keys: tuple[str, ...]
+    deploy_prefix: str
+    dtype: torch.dtype = torch.float32
+    eps_note: str = "module"
+    notes: tuple[str, ...] = ()
+
+    @property
+    def branch_labels(self) -> tuple[str, ...]:
+        labels = [
+            f"{c.kernel_size[0]}x{c.kernel_size[1]}" + ("+bn" if c.bn is not None else "")
+            for c in self.branches.convs
+        ]
+        if self.branches.identity is not None:
+            labels.append("id" + ("+bn" if self.branches.identity.bn is not None else ""))
+        return tuple(labels)
+
+    def deploy_state(self, fused: FusedConv) -> dict[str, Tensor]:
+        """The deploy-form state-dict entries for this block's fused conv."""
+        return {
+            join(self.deploy_prefix, "weight"): fused.weight,
+            join(self.deploy_prefix, "bias"): fused.bias,
+        }
+
+
+@dataclass
+class KeyView:
+    """The keys of a state dict under one prefix, recording which ones a family read."""
+
+    state: Mapping[str, Tensor]
+    prefix: str
+    read: set[str] = field(default_factory=set)
+
+    def key(self, local: str) -> str:
+        return join(self.prefix, local)
+
+    def has(self, local: str) -> bool:
+        return self.key(local) in self.state
+
+    def has_any(self, local_prefix: str) -> bool:
+        start = self.key(local_prefix) + "."
+        return any(k.startswith(start) for k in self.state)
+
+    def tensor(self, local: str, required: bool = True) -> Tensor | None:
+        full = self.key(local)
+        if full not in self.state:
+            if required:
+                raise InputError(f"block {self.prefix or '<root>'}: key {full} is missing")
+            return None
+        value = self.state[full]
+        if not isinstance(value, Tensor):
+            raise InputError(
+                f"block {self.prefix or '<root>'}: key {full} holds a {type(value).__name__}, not a tensor"
+            )
+        self.read.add(full)
+        return value
+
+    def mark(self, local: str) -> None:
+        """Mark a key as owned by the block without reading it (e.g. num_batches_tracked)."""
+        if self.has(local):
+            self.read.add(self.key(local))
+
+    def owned_under(self, *local_prefixes: str) -> set[str]:
+        """Every key under the given sub-prefixes (the block's branch modules)."""
+        starts = tuple(self.key(p) + "." if self.key(p) else "" for p in local_prefixes)
+        return {k for k in self.state if k.startswith(starts)}
+
+
+def conv_weight(view: KeyView, local: str) -> Tensor:
+    weight = view.tensor(local)
+    assert weight is not None
+    if weight.dim() != 4:
+        raise InputError(
+            f"block {view.prefix or '<root>'}: {view.key(local)} has shape {tuple(weight.shape)}; "
+            "a conv weight has 4 dimensions"
+        )
+    if not weight.is_floating_point():
+        raise InputError(f"block {view.prefix or '<root>'}: {view.key(local)} has dtype {weight.dtype}")
+    return weight
+
+
+def conv_branch_from_keys(view: KeyView, conv: str, bn: str | None, eps: float) -> ConvBranch:
+    """A conv (``<conv>.weight``, optional ``<conv>.bias``) followed by an optional BN at ``bn``."""
+    weight = conv_weight(view, join(conv, "weight"))
+    bias = view.tensor(join(conv, "bias"), required=False)
+    return ConvBranch(weight=weight, bias=bias, bn=bn_from_keys(view, bn, eps) if bn else None)
+
+
+def bn_from_keys(view: KeyView, local: str, eps: float) -> BatchNorm:
+    """Read a BatchNorm's tensors from ``<local>.{weight,bias,running_mean,running_var}``."""
+    if not view.has(join(local, "running_mean")) or not view.has(join(local, "running_var")):
+        if view.has(join(local, "weight")) or view.has(join(local, "running_var")) or view.has(join(local, "running_mean")):
+            raise UnsupportedError(
+                f"block {view.prefix or '<root>'}: BatchNorm {view.key(local)} has no running "
+                "statistics (track_running_stats=False?); it normalises with batch statistics "
+                "and cannot be folded into a conv",
+            )
+        raise InputError(f"block {view.prefix or '<root>'}: BatchNorm {view.key(local)} is missing")
+    view.mark(join(local, "num_batches_tracked"))
+    return BatchNorm(
+        running_mean=view.tensor(join(local, "running_mean")),
+        running_var=view.tensor(join(local, "running_var")),
+        eps=eps,
+        weight=view.tensor(join(local, "weight"), required=False),
+        bias=view.tensor(join(local, "bias"), required=False),
+    )
+
+
+def is_batch_norm(module: object) -> bool:
+    """BatchNorm1d/2d/3d, SyncBatchNorm and their subclasses (e.g. timm's BatchNormAct2d)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def bn_from_module(bn: nn.Module, where: str) -> BatchNorm:
+    """The eval-mode parameters of a live BN module, eps included."""
+    if not is_batch_norm(bn):
+        raise UnsupportedError(f"{where} is a {type(bn).__name__}, not a BatchNorm")
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        raise UnsupportedError(
+            f"{where} has track_running_stats=False: it normalises with batch statistics "
+            "and cannot be folded into a conv"
+        )
+    return BatchNorm(
+        running_mean=bn.running_mean,
+        running_var=bn.running_var,
+        eps=float(bn.eps),
+        weight=bn.weight if bn.affine else None,
+        bias=bn.bias if bn.affine else None,
+    )
+
+
+def conv_branch_from_module(conv: nn.Module, bn: nn.Module | None, where: str) -> ConvBranch:
+    """A live ``nn.Conv2d`` (+ optional BN) as a :class:`ConvBranch` with its own geometry."""
+    if not isinstance(conv, nn.Conv2d):
+        raise UnsupportedError(f"{where} is a {type(conv).__name__}, not a Conv2d")
+    if isinstance(conv.padding, str):
+        raise UnsupportedError(f"{where} uses padding={conv.padding!r}; numeric padding is needed")
+    return ConvBranch(
+        weight=conv.weight,
+        bias=conv.bias,
+        bn=bn_from_module(bn, f"{where} BN") if bn is not None else None,
+        padding=tuple(conv.padding),
+        dilation=tuple(conv.dilation),
+    )
+
+
+def geometry_from_conv(conv: nn.Conv2d) -> dict:
+    """The block geometry read off its main conv, as keyword arguments of :class:`Branches`."""
+    return dict(
+        groups=int(conv.groups),
+        stride=tuple(conv.stride),
+        padding=tuple(conv.padding),
+        dilation=tuple(conv.dilation),
+        padding_mode=conv.padding_mode,
+        in_channels=int(conv.in_channels),
+    )
+
+
+def conv_from_fused(fused: FusedConv, like: Tensor) -> nn.Conv2d:
+    """A fresh ``nn.Conv2d`` holding ``fused``, with the dtype and device of ``like``."""
+    conv = nn.Conv2d(
+        fused.in_channels,
+        fused.out_channels,
+        fused.kernel_size,
+        stride=fused.stride,
+        padding=fused.padding,
+        dilation=fused.dilation,
+        groups=fused.groups,
+        bias=True,
+        padding_mode=fused.padding_mode,
+        device="meta",
+    )
+    conv.weight = nn.Parameter(fused.weight.to(device=like.device, dtype=like.dtype).clone())
+    conv.bias = nn.Parameter(fused.bias.to(device=like.device, dtype=like.dtype).clone())
+    return conv
+
+
+def source_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """The dtype the fused conv is written in: the main weight's."""
+    for t in tensors:
+        if isinstance(t, Tensor) and t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+class Family:
+    """Base class of a block family. Subclasses set the class attributes and the parse methods.
+
+    Key tree: :meth:`find_prefixes` yields candidate block prefixes (by default every prefix
+    that has ``anchor`` under it); :meth:`parse_keys` turns one into a :class:`Block`.
+    Module tree: :meth:`matches_module`, :meth:`parse_module` and :meth:`to_deploy_module`.
+    """
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    source: ClassVar[str]
+    anchor: ClassVar[str]
+    train_keys: ClassVar[str]
+    deploy_keys: ClassVar[str]
+    after_sum: ClassVar[str] = "nothing"
+    default_eps: ClassVar[float] = 1e-5
+    deploy_anchor: ClassVar[str | None] = None
+
+    def find_prefixes(self, keys: list[str]) -> list[str]:
+        suffix = "." + self.anchor
+        found = []
+        for key in keys:
+            if key == self.anchor:
+                found.append("")
+            elif key.endswith(suffix):
+                found.append(key[: -len(suffix)])
+        return found
+
+    def find_deploy_prefixes(self, keys: list[str]) -> list[str]:
+        """Prefixes of blocks already in this family's deploy form (for inspect/verify)."""
+        if self.deploy_anchor is None:
+            return []
+        suffix = "." + self.deploy_anchor
+        return [k[: -len(suffix)] for k in keys if k.endswith(suffix)] + (
+            [""] if self.deploy_anchor in keys else []
+        )
+
+    def eps(self, override: float | None) -> tuple[float, str]:
+        if override is not None:
+            return override, "--bn-eps"
+        return self.default_eps, "family default"
+
+    def parse_keys(self, view: KeyView, eps_override: float | None) -> Block:  # pragma: no cover
+        raise NotImplementedError
+
+    def matches_module(self, module: nn.Module) -> bool:  # pragma: no cover
+        raise NotImplementedError
+
+    def parse_module(self, name: str, module: nn.Module) -> Block:  # pragma: no cover
+        raise NotImplementedError
+
+    def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:  # pragma: no cover
+        """Switch a live block to its deploy form; return the module to put in its parent."""
+        raise NotImplementedError
+
+    # -- helpers for subclasses -------------------------------------------------------------
+
+    def finish_key_block(
+        self,
+        view: KeyView,
+        owned: set[str],
+        branches: Branches,
+        deploy_prefix: str,
+        eps_note: str,
+        dtype: torch.dtype,
+        notes: tuple[str, ...] = (),
+    ) -> Block:
+        """Check the family read every key it owns (no stray keys), then build the Block."""
+        stray = sorted(owned - view.read)
+        if stray:
+            raise UnsupportedError(
+                f"block {view.prefix or '<root>'} ({self.name}): unexpected key {stray[0]}"
+                + (f" and {len(stray) - 1} more" if len(stray) > 1 else "")
+            )
+        ordered = tuple(k for k in view.state if k in view.read)
+        return Block(
+            name=view.prefix,
+            family=self.name,
+            branches=branches,
+            source_keys=ordered,
+            deploy_prefix=deploy_prefix,
+            dtype=dtype,
+            eps_note=eps_note,
+            notes=notes,
+        )
+
+    def module_keys(self, name: str, module: nn.Module, *children: str) -> tuple[str, ...]:
+        """The state-dict keys of the given child modules (the block's branches)."""
+        keys = []
+        for child in children:
+            sub = getattr(module, child, None)
+            if isinstance(sub, nn.Module):
+                keys.extend(join(name, child, k) for k in sub.state_dict().keys())
+        return tuple(keys)

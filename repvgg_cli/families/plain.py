@@ -1,0 +1,90 @@
+"""The plain block of tutorials and blog posts.
+
+Follows the form most RepVGG write-ups teach (Ding et al., "RepVGG: Making VGG-style ConvNets
+Great Again", CVPR 2021, Fig. 4): ``bn3x3(conv3x3(x)) + bn1x1(conv1x1(x)) + identity(x)``, with
+nothing after the sum. Its deploy form is the block replaced by one ``nn.Conv2d``: deploy keys
+``<block>.weight`` and ``<block>.bias``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import UnsupportedError
+from ..fusion import Branches, FusedConv, IdentityBranch
+from .base import (
+    Block,
+    Family,
+    KeyView,
+    bn_from_keys,
+    bn_from_module,
+    conv_branch_from_keys,
+    conv_branch_from_module,
+    conv_from_fused,
+    geometry_from_conv,
+    is_batch_norm,
+    source_dtype,
+)
+
+PARTS = ("conv3x3", "bn3x3", "conv1x1", "bn1x1", "identity")
+
+
+class PlainBlock(Family):
+    name = "plain"
+    title = "plain block (tutorials, blog posts)"
+    source = "Ding et al., RepVGG (CVPR 2021), the form most tutorials copy"
+    anchor = "conv3x3.weight"
+    train_keys = "conv3x3, bn3x3, conv1x1, bn1x1, [identity (BN)]"
+    deploy_keys = "<block>.weight, <block>.bias (the block becomes a Conv2d)"
+    after_sum = "nothing"
+
+    def parse_keys(self, view: KeyView, eps_override: float | None) -> Block | None:
+        if not view.has("conv1x1.weight"):
+            return None
+        eps, eps_note = self.eps(eps_override)
+        dense = conv_branch_from_keys(view, "conv3x3", "bn3x3", eps)
+        point = conv_branch_from_keys(view, "conv1x1", "bn1x1", eps)
+        identity = None
+        if view.has_any("identity"):
+            identity = IdentityBranch(bn=bn_from_keys(view, "identity", eps))
+        branches = Branches(convs=(dense, point), identity=identity)
+        return self.finish_key_block(
+            view,
+            owned=view.owned_under(""),  # the whole block becomes one conv: nothing else may live here
+            branches=branches,
+            deploy_prefix=view.prefix,
+            eps_note=eps_note,
+            dtype=source_dtype(dense.weight),
+        )
+
+    def matches_module(self, module: nn.Module) -> bool:
+        return all(isinstance(getattr(module, p, None), nn.Module) for p in PARTS[:4]) and isinstance(
+            module.conv3x3, nn.Conv2d
+        )
+
+    def parse_module(self, name: str, module: nn.Module) -> Block:
+        where = name or "<root>"
+        dense = conv_branch_from_module(module.conv3x3, module.bn3x3, f"{where}.conv3x3")
+        point = conv_branch_from_module(module.conv1x1, module.bn1x1, f"{where}.conv1x1")
+        identity_module = getattr(module, "identity", None)
+        identity = None
+        if is_batch_norm(identity_module):
+            identity = IdentityBranch(bn=bn_from_module(identity_module, f"{where}.identity"))
+        elif isinstance(identity_module, nn.Identity):
+            identity = IdentityBranch()
+        elif identity_module is not None:
+            raise UnsupportedError(
+                f"{where}.identity is a {type(identity_module).__name__}; a BatchNorm, nn.Identity or None is expected"
+            )
+        branches = Branches(convs=(dense, point), identity=identity, **geometry_from_conv(module.conv3x3))
+        return Block(
+            name=name,
+            family=self.name,
+            branches=branches,
+            source_keys=self.module_keys(name, module, *PARTS),
+            deploy_prefix=name,
+            dtype=source_dtype(module.conv3x3.weight),
+        )
+
+    def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:
+        return conv_from_fused(fused, like=module.conv3x3.weight)

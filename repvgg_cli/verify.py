@@ -1,0 +1,482 @@
+"""Numerical equivalence: per block always, whole model when there is a model.
+
+The reference is computed independently of :mod:`repvgg_cli.fusion`: every train-form branch
+is run as the ops it stands for (``conv2d`` then eval-mode ``batch_norm``), in float64, and
+summed. The fused conv is run with the tensors actually shipped (cast to the source dtype).
+This module returns numbers; callers decide pass/fail from :attr:`BlockCheck.ok`.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .fusion import BatchNorm, Branches, FusedConv
+
+FLOAT64 = torch.float64
+
+DEFAULT_RTOL: dict[torch.dtype, float] = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-5,
+    torch.float16: 4e-3,
+    torch.bfloat16: 3e-2,
+}
+"""Default relative tolerance by the dtype the fused tensors are shipped in."""
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """The default ``--rtol`` for fused tensors stored as ``dtype``."""
+    return DEFAULT_RTOL.get(dtype, 1e-5)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass iff ``max_abs_err <= atol + rtol * max(|reference|)``. ``rtol=None``: by dtype."""
+
+    rtol: float | None = None
+    atol: float = 0.0
+
+    def rtol_for(self, dtype: torch.dtype) -> float:
+        return self.rtol if self.rtol is not None else default_rtol(dtype)
+
+
+@dataclass(frozen=True)
+class BlockCheck:
+    """The comparison of one block's fused conv against its train-form branches."""
+
+    name: str
+    max_abs_err: float
+    scale: float
+    rtol: float
+    atol: float
+    cast_abs_err: float = 0.0
+    problem: str | None = None
+
+    @property
+    def rel_err(self) -> float:
+        return self.max_abs_err / self.scale if self.scale > 0 else self.max_abs_err
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None and self.max_abs_err <= self.atol + self.rtol * self.scale
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """Whole-model comparison: train-form eval output vs deploy-form eval output."""
+
+    input_shape: tuple[int, ...]
+    dtype: str
+    max_abs_err: float
+    scale: float
+    rtol: float
+    atol: float
+    outputs: int = 1
+    problem: str | None = None
+
+    @property
+    def rel_err(self) -> float:
+        return self.max_abs_err / self.scale if self.scale > 0 else self.max_abs_err
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None and self.max_abs_err <= self.atol + self.rtol * self.scale
+
+
+# -- reference semantics of the train form ---------------------------------------------------
+
+
+def _bn_eval(x: Tensor, bn: BatchNorm) -> Tensor:
+    def f64(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().to(FLOAT64)
+
+    return F.batch_norm(
+        x, f64(bn.running_mean), f64(bn.running_var), f64(bn.weight), f64(bn.bias), training=False, eps=bn.eps
+    )
+
+
+def _pad_for(branches: Branches, padding: tuple[int, int], x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """Apply non-zero padding modes by hand (conv2d only pads with zeros)."""
+    if branches.padding_mode == "zeros" or padding == (0, 0):
+        return x, padding
+    mode = {"reflect": "reflect", "replicate": "replicate", "circular": "circular"}[branches.padding_mode]
+    return F.pad(x, (padding[1], padding[1], padding[0], padding[0]), mode=mode), (0, 0)
+
+
+def reference_forward(branches: Branches, x: Tensor) -> Tensor:
+    """The train-form block's eval output, branch by branch, in float64.
+
+    Args:
+        branches: the block's neutral description (source tensors).
+        x: input ``(N, C_in, H, W)``; cast to float64.
+    Returns:
+        ``sum(scale_b * BN_b(conv_b(x))) [+ scale_id * BN_id(x)]``, then the post-sum BN if any.
+    """
+    x = x.to(FLOAT64)
+    groups = branches.resolved_groups
+    total: Tensor | None = None
+    kernel = branches.kernel_size
+    block_padding = branches.resolved_padding
+    for conv in branches.convs:
+        kh, kw = conv.kernel_size
+        padding = conv.padding
+        if padding is None:
+            padding = tuple(
+                block_padding[d] - branches.dilation[d] * (kernel[d] - (kh, kw)[d]) // 2 for d in range(2)
+            )
+        xin, pad = _pad_for(branches, padding, x)
+        y = F.conv2d(
+            xin,
+            conv.weight.detach().to(FLOAT64),
+            None if conv.bias is None else conv.bias.detach().to(FLOAT64),
+            stride=branches.stride,
+            padding=pad,
+            dilation=conv.dilation if (kh, kw) != (1, 1) else (1, 1),
+            groups=groups,
+        )
+        if conv.bn is not None:
+            y = _bn_eval(y, conv.bn)
+        if conv.scale is not None:
+            y = y * conv.scale.detach().to(FLOAT64).reshape(1, -1, 1, 1)
+        total = y if total is None else total + y
+    if branches.identity is not None:
+        y = x
+        if branches.identity.bn is not None:
+            y = _bn_eval(y, branches.identity.bn)
+        if branches.identity.scale is not None:
+            y = y * branches.identity.scale.detach().to(FLOAT64).reshape(1, -1, 1, 1)
+        total = y if total is None else total + y
+    assert total is not None
+    if branches.post_bn is not None:
+        total = _bn_eval(total, branches.post_bn)
+    return total
+
+
+def fused_forward(fused: FusedConv, x: Tensor, stride: tuple[int, int] | None = None) -> Tensor:
+    """The deploy-form conv's output in float64 (its tensors upcast exactly from what ships)."""
+    x = x.to(FLOAT64)
+    padding = fused.padding
+    if fused.padding_mode != "zeros" and padding != (0, 0):
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]), mode=fused.padding_mode)
+        padding = (0, 0)
+    return F.conv2d(
+        x,
+        fused.weight.detach().to(FLOAT64),
+        fused.bias.detach().to(FLOAT64),
+        stride=fused.stride if stride is None else stride,
+        padding=padding,
+        dilation=fused.dilation,
+        groups=fused.groups,
+    )
+
+
+# -- probes ----------------------------------------------------------------------------------
+
+
+def block_seed(seed: int, name: str) -> int:
+    """A per-block seed that does not depend on the order blocks are visited in."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (2**63)
+
+
+def block_probe(in_channels: int, kernel_size: tuple[int, int], dilation: tuple[int, int], seed: int, batch: int = 2) -> Tensor:
+    """A seeded float64 input just large enough for the centre output to see every kernel tap."""
+    h = dilation[0] * (kernel_size[0] - 1) + 1
+    w = dilation[1] * (kernel_size[1] - 1) + 1
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, in_channels, h, w, generator=generator, dtype=FLOAT64)
+
+
+def _centre(y: Tensor) -> Tensor:
+    return y[:, :, y.shape[2] // 2, y.shape[3] // 2]
+
+
+def reference_probe(branches: Branches, seed: int) -> Tensor:
+    """The train-form output at the centre pixel for the block's seeded probe: ``(batch, C_out)``."""
+    stride1 = Branches(**{**branches.__dict__, "stride": (1, 1)})
+    x = block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation, seed)
+    return _centre(reference_forward(stride1, x))
+
+
+def fused_probe(fused: FusedConv, seed: int) -> Tensor:
+    """The deploy-form output at the centre pixel for the same seeded probe."""
+    x = block_probe(fused.in_channels, fused.kernel_size, fused.dilation, seed)
+    return _centre(fused_forward(fused, x, stride=(1, 1)))
+
+
+def encode_tensor(t: Tensor) -> str:
+    """float64 little-endian bytes, base64: compact and exact for metadata."""
+    data = t.detach().to(FLOAT64).contiguous().numpy().astype("<f8").tobytes()
+    return base64.b64encode(data).decode("ascii")
+
+
+def decode_tensor(text: str, shape: Iterable[int]) -> Tensor:
+    import numpy as np
+
+    data = np.frombuffer(base64.b64decode(text.encode("ascii")), dtype="<f8").copy()
+    return torch.from_numpy(data).reshape(tuple(shape))
+
+
+def compare(reference: Tensor, candidate: Tensor) -> tuple[float, float]:
+    """``(max_abs_err, scale)`` where scale is ``max(|reference|)``."""
+    if reference.shape != candidate.shape:
+        raise ValueError(f"shapes differ: {tuple(reference.shape)} vs {tuple(candidate.shape)}")
+    diff = (reference.to(FLOAT64) - candidate.to(FLOAT64)).abs()
+    err = float(diff.max()) if diff.numel() else 0.0
+    if not torch.isfinite(candidate).all():
+        err = float("inf")
+    scale = float(reference.abs().max()) if reference.numel() else 0.0
+    return err, scale
+
+
+def check_block(
+    name: str,
+    branches: Branches,
+    fused64: FusedConv,
+    shipped: FusedConv,
+    seed: int,
+    tolerance: Tolerance,
+) -> BlockCheck:
+    """Compare the shipped fused conv against the train-form branches on a seeded input.
+
+    Args:
+        name: the block's name (seeds the probe and labels the result).
+        branches: the train-form description (source tensors).
+        fused64: the float64 fusion result (to measure what the cast to the shipped dtype adds).
+        shipped: the fused conv in the dtype that is written.
+        seed: the run's seed.
+        tolerance: rtol/atol; rtol None means by the shipped dtype.
+    Returns:
+        A :class:`BlockCheck` with the max abs error relative to the output scale.
+    """
+    kh, kw = branches.kernel_size
+    size = 2 * max(kh, kw) + 1
+    generator = torch.Generator().manual_seed(block_seed(seed, name))
+    x = torch.randn(2, branches.resolved_in_channels, size, size, generator=generator, dtype=FLOAT64)
+    reference = reference_forward(branches, x)
+    output = fused_forward(shipped, x)
+    err, scale = compare(reference, output)
+    cast_err, _ = compare(fused_forward(fused64, x), output)
+    return BlockCheck(
+        name=name,
+        max_abs_err=err,
+        scale=scale,
+        rtol=tolerance.rtol_for(shipped.weight.dtype),
+        atol=tolerance.atol,
+        cast_abs_err=cast_err,
+    )
+
+
+# -- whole model -----------------------------------------------------------------------------
+
+
+def flatten_outputs(value: object) -> list[Tensor]:
+    """Every tensor in a model output (tensor, tuple/list, dict), in a stable order."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in flatten_outputs(v)]
+    if isinstance(value, dict):
+        return [t for k in sorted(value, key=str) for t in flatten_outputs(value[k])]
+    return []
+
+
+def infer_input_shape(model: nn.Module, spatial: int = 64, batch: int = 2) -> tuple[int, ...]:
+    """``(batch, C, spatial, spatial)`` with C the first Conv2d's input channels."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return (batch, int(module.in_channels), spatial, spatial)
+    raise ValueError("the model has no Conv2d to infer an input shape from; pass --input-shape")
+
+
+def model_outputs(model: nn.Module, x: Tensor) -> tuple[list[Tensor], str]:
+    """Eval-mode outputs of a float64 copy of ``model`` (float32 if float64 is not supported).
+
+    The model itself is left as it was: the copy is cast, run and dropped.
+    """
+    last_error: Exception | None = None
+    for dtype in (FLOAT64, torch.float32):
+        probe = copy.deepcopy(model).to(dtype).eval()
+        try:
+            with torch.no_grad():
+                out = flatten_outputs(probe(x.to(dtype)))
+            return [t.detach().to(FLOAT64) for t in out], str(dtype).replace("torch.", "")
+        except Exception as error:  # noqa: BLE001 - a model's forward may fail in float64; try float32
+            last_error = error
+        finally:
+            del probe
+    raise RuntimeError(f"the model's forward failed: {last_error}")
+
+
+def compare_outputs(reference: list[Tensor], candidate: list[Tensor]) -> tuple[float, float]:
+    if len(reference) != len(candidate):
+        raise ValueError(f"the models return {len(reference)} vs {len(candidate)} tensors")
+    err, scale = 0.0, 0.0
+    for r, c in zip(reference, candidate):
+        e, s = compare(r, c)
+        err, scale = max(err, e), max(scale, s)
+    return err, scale
+
+
+# -- deploy files ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The re-check of a deploy artifact: per-block results and file-level problems."""
+
+    blocks: tuple[BlockCheck, ...]
+    problems: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    against: str | None = None
+    model_check: ModelCheck | None = None
+
+    @property
+    def failures(self) -> tuple[BlockCheck, ...]:
+        return tuple(b for b in self.blocks if not b.ok)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.failures and (self.model_check is None or self.model_check.ok)
+
+
+def _fused_from_file(state, record: dict) -> tuple[FusedConv | None, str | None]:
+    """The fused conv stored for one recorded block, or the reason it cannot be read."""
+    prefix = record["deploy_prefix"]
+    names = {part: f"{prefix}.{part}" if prefix else part for part in ("weight", "bias")}
+    for key in names.values():
+        if key not in state:
+            return None, f"key {key} is missing"
+        if not isinstance(state[key], Tensor) or not state[key].is_floating_point():
+            return None, f"key {key} is not a floating-point tensor"
+    weight, bias = state[names["weight"]], state[names["bias"]]
+    groups = int(record["groups"])
+    expected_w = (record["out_channels"], record["in_channels"] // groups, *record["kernel"])
+    if tuple(weight.shape) != tuple(expected_w):
+        return None, f"{names['weight']} has shape {tuple(weight.shape)}, convert wrote {tuple(expected_w)}"
+    if tuple(bias.shape) != (record["out_channels"],):
+        return None, f"{names['bias']} has shape {tuple(bias.shape)}, convert wrote ({record['out_channels']},)"
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        return None, f"{prefix or '<root>'} holds NaN or Inf"
+    fused = FusedConv(
+        weight=weight, bias=bias, stride=tuple(record["stride"]), padding=tuple(record["padding"]),
+        dilation=tuple(record["dilation"]), groups=groups, padding_mode=record.get("padding_mode", "zeros"),
+    )
+    return fused, None
+
+
+def verify_deploy(state, metadata: dict, tolerance: Tolerance | None = None) -> VerifyReport:
+    """Re-check a deploy state dict on its own, from what convert recorded in it.
+
+    Checks structure (no train-form block left, every recorded key present with the recorded
+    shape, finite values), integrity (every tensor's sha256 as written) and equivalence (the
+    stored fused conv on each block's seeded probe against the recorded train-form output).
+
+    Args:
+        state: the deploy state dict.
+        metadata: the ``repvgg_cli`` metadata convert wrote into the file.
+        tolerance: rtol/atol (rtol None: by each block's dtype).
+    Returns:
+        A :class:`VerifyReport`.
+    """
+    from .checkpoint import tensor_sha256
+    from .errors import RepvggError
+    from .families import find_blocks
+
+    tolerance = tolerance or Tolerance()
+    problems: list[str] = []
+    try:
+        left = find_blocks(state)
+    except RepvggError as error:
+        left = []
+        problems.append(f"a train-form block is left, and malformed: {error.message}")
+    problems += [f"unfused {b.family} block left: {b.name or '<root>'}" for b in left]
+
+    recorded_hashes: dict = metadata.get("tensors", {})
+    written = list(recorded_hashes)
+    missing = [k for k in written if k not in state]
+    extra = [k for k in state if k not in recorded_hashes]
+    if missing:
+        problems.append(f"{len(missing)} key(s) convert wrote are missing, e.g. {missing[0]}")
+    if extra:
+        problems.append(f"{len(extra)} key(s) convert did not write, e.g. {extra[0]}")
+    block_keys: dict[str, str] = {}
+    for record in metadata.get("blocks", []):
+        prefix = record["deploy_prefix"]
+        for part in ("weight", "bias"):
+            block_keys[f"{prefix}.{part}" if prefix else part] = record["name"]
+    changed = [k for k in written if k in state and isinstance(state[k], Tensor)
+               and tensor_sha256(state[k]) != recorded_hashes[k]]
+    for key in changed:
+        if key not in block_keys:
+            problems.append(f"tensor {key} differs from what convert wrote (sha256)")
+
+    checks: list[BlockCheck] = []
+    for record in metadata.get("blocks", []):
+        name = record["name"]
+        fused, problem = _fused_from_file(state, record)
+        if fused is None:
+            checks.append(BlockCheck(name, float("inf"), 0.0, tolerance.rtol_for(torch.float32), tolerance.atol,
+                                     problem=problem))
+            continue
+        probe = record["probe"]
+        reference = decode_tensor(probe["reference"], probe["shape"])
+        err, scale = compare(reference, fused_probe(fused, int(probe["seed"])))
+        tampered = [k for k in changed if block_keys.get(k) == name]
+        checks.append(BlockCheck(
+            name, err, scale, tolerance.rtol_for(fused.weight.dtype), tolerance.atol,
+            problem=f"{tampered[0]} differs from what convert wrote (sha256)" if tampered else None,
+        ))
+    return VerifyReport(blocks=tuple(checks), problems=tuple(problems))
+
+
+def verify_against(deploy_state, train_state, bn_eps: float | None = None,
+                   tolerance: Tolerance | None = None, dropped: tuple[str, ...] = (), seed: int = 0) -> VerifyReport:
+    """Re-check a deploy state dict against the train-form source it came from.
+
+    Every block of the source is recomputed from its train-form tensors and compared with the
+    fused conv stored in the deploy file; every other source key must be present and identical.
+    """
+    from .families import find_blocks
+    from .fusion import fuse_branches
+
+    tolerance = tolerance or Tolerance()
+    blocks = find_blocks(train_state, bn_eps)
+    problems: list[str] = []
+    checks: list[BlockCheck] = []
+    accounted: set[str] = set()
+    for block in blocks:
+        fused64 = fuse_branches(block.branches)
+        record = {
+            "deploy_prefix": block.deploy_prefix, "groups": fused64.groups, "out_channels": fused64.out_channels,
+            "in_channels": fused64.in_channels, "kernel": list(fused64.kernel_size), "stride": list(fused64.stride),
+            "padding": list(fused64.padding), "dilation": list(fused64.dilation), "padding_mode": fused64.padding_mode,
+        }
+        accounted.update(block.deploy_state(fused64))
+        shipped, problem = _fused_from_file(deploy_state, record)
+        if shipped is None:
+            checks.append(BlockCheck(block.name, float("inf"), 0.0, tolerance.rtol_for(torch.float32),
+                                     tolerance.atol, problem=problem))
+            continue
+        checks.append(check_block(block.name, block.branches, fused64, shipped, seed, tolerance))
+    consumed = {k for b in blocks for k in b.source_keys} | set(dropped)
+    for key, value in train_state.items():
+        if key in consumed:
+            continue
+        accounted.add(key)
+        if key not in deploy_state:
+            problems.append(f"key {key} of the source is missing")
+        elif not (isinstance(value, Tensor) and isinstance(deploy_state[key], Tensor)
+                  and value.shape == deploy_state[key].shape and value.dtype == deploy_state[key].dtype
+                  and torch.equal(value, deploy_state[key])):
+            problems.append(f"key {key} differs from the source")
+    extra = [k for k in deploy_state if k not in accounted]
+    if extra:
+        problems.append(f"{len(extra)} key(s) neither from the source nor a fused block, e.g. {extra[0]}")
+    return VerifyReport(blocks=tuple(checks), problems=tuple(problems))
