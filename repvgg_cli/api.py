@@ -24,6 +24,7 @@ from .convert import (
     reparameterize,
 )
 from .errors import InputError
+from .families import FamilyOptions
 from .verify import ModelCheck, Tolerance, VerifyReport, compare_outputs, infer_input_shape, model_outputs
 from .verify import verify_against, verify_deploy
 
@@ -129,13 +130,17 @@ def verify_file(
         report = verify_deploy(loaded.state_dict, metadata, tolerance)
         return VerifyReport(**{**report.__dict__, "notes": loaded.notes})
     source = load_checkpoint(against, allow_pickle=allow_pickle, entry=None)
-    if bn_eps is None and metadata is not None:
-        bn_eps = (metadata.get("options") or {}).get("bn_eps")
+    recorded = (metadata or {}).get("options") or {}
+    family_options = FamilyOptions(
+        bn_eps=bn_eps if bn_eps is not None else recorded.get("bn_eps"),
+        fold_post_bn=bool(recorded.get("fold_post_bn", False)),
+        no_identity=tuple(recorded.get("no_identity", ())),
+    )
     dropped = tuple((metadata or {}).get("dropped_keys", ()))
     train_state = source.state_dict
     if source.model is not None and loaded.model is not None:
         train_state = source.model.state_dict()
-    report = verify_against(loaded.state_dict, train_state, bn_eps, tolerance, dropped=dropped)
+    report = verify_against(loaded.state_dict, train_state, family_options, tolerance, dropped=dropped)
     model_check = None
     if source.model is not None and loaded.model is not None:
         model_check = _compare_models(source.model, loaded.model, input_shape, tolerance)

@@ -153,6 +153,13 @@ def convert(
     input_shape: Annotated[
         Optional[str], typer.Option("--input-shape", help="Whole-model probe N,C,H,W (module tree). Default: from the first conv, 64x64.")
     ] = None,
+    fold_post_bn: Annotated[
+        bool, typer.Option("--fold-post-bn", help="Fold a post-sum BN (QARepVGG) into the conv where nothing nonlinear sits between.")
+    ] = False,
+    no_identity: Annotated[
+        Optional[list[str]],
+        typer.Option("--no-identity", help="Glob of block names without a hidden (parameter-free) identity branch; repeatable."),
+    ] = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Also write the report to FILE.json or FILE.md.")] = None,
     as_json: JsonOption = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output (atomically).")] = False,
@@ -167,7 +174,8 @@ def convert(
     if report is not None and report.suffix not in (".json", ".md"):
         raise InputError(f"--report {report}: use a .json or .md file name")
     options = ConvertOptions(bn_eps=bn_eps, tolerance=Tolerance(rtol=rtol, atol=atol), seed=seed,
-                             input_shape=_parse_shape(input_shape))
+                             input_shape=_parse_shape(input_shape), fold_post_bn=fold_post_bn,
+                             no_identity=tuple(no_identity or ()))
     outcome = convert_file(source, output, options, allow_pickle=allow_pickle, entry=entry, model_spec=model,
                            force=force, progress=_progress, log=lambda line: _stderr().print(line, markup=False))
     result = outcome.result

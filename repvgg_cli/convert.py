@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from . import __version__
 from .errors import InputError, RepvggError, UnsupportedError
 from .checkpoint import tensor_sha256
-from .families import FAMILIES, Block, Family, find_blocks
+from .families import FAMILIES, Block, Family, FamilyOptions, find_blocks
 from .fusion import FusedConv, fuse_branches
 from .verify import (
     BlockCheck,
@@ -56,6 +56,12 @@ class ConvertOptions:
     tolerance: Tolerance = field(default_factory=Tolerance)
     seed: int = 0
     input_shape: tuple[int, ...] | None = None
+    fold_post_bn: bool = False
+    no_identity: tuple[str, ...] = ()
+
+    @property
+    def family_options(self) -> FamilyOptions:
+        return FamilyOptions(bn_eps=self.bn_eps, fold_post_bn=self.fold_post_bn, no_identity=self.no_identity)
 
 
 @dataclass(frozen=True)
@@ -177,7 +183,7 @@ def convert_state_dict(state: Mapping[str, Tensor], options: ConvertOptions | No
         deploy form of each family's model.
     """
     options = options or ConvertOptions()
-    blocks = find_blocks(state, options.bn_eps)
+    blocks = find_blocks(state, options.family_options)
     results = [fuse_block(b, options, state) for b in blocks]
     dropped = dropped_keys_for(state, blocks)
     first_key = {r.block.source_keys[0]: r for r in results if r.block.source_keys}
@@ -273,7 +279,7 @@ def reparameterize(
     results: list[BlockResult] = []
     for name, module, family in find_module_blocks(model):
         try:
-            block = family.parse_module(name, module)
+            block = family.parse_module(name, module, options.family_options)
         except RepvggError as error:
             raise type(error)(_in_block(error.message, name), error.hint) from None
         result = fuse_block(block, options)
@@ -369,6 +375,8 @@ def build_metadata(result: ConversionResult, source_name: str, source_sha256: st
         "source": {"name": source_name, "sha256": source_sha256, "entry": entry, "stripped_prefixes": list(stripped)},
         "options": {
             "bn_eps": options.bn_eps,
+            "fold_post_bn": options.fold_post_bn,
+            "no_identity": list(options.no_identity),
             "rtol": options.tolerance.rtol,
             "atol": options.tolerance.atol,
             "seed": options.seed,

@@ -436,18 +436,18 @@ def verify_deploy(state, metadata: dict, tolerance: Tolerance | None = None) -> 
     return VerifyReport(blocks=tuple(checks), problems=tuple(problems))
 
 
-def verify_against(deploy_state, train_state, bn_eps: float | None = None,
+def verify_against(deploy_state, train_state, family_options=None,
                    tolerance: Tolerance | None = None, dropped: tuple[str, ...] = (), seed: int = 0) -> VerifyReport:
     """Re-check a deploy state dict against the train-form source it came from.
 
     Every block of the source is recomputed from its train-form tensors and compared with the
     fused conv stored in the deploy file; every other source key must be present and identical.
     """
-    from .families import find_blocks
+    from .families import FamilyOptions, find_blocks
     from .fusion import fuse_branches
 
     tolerance = tolerance or Tolerance()
-    blocks = find_blocks(train_state, bn_eps)
+    blocks = find_blocks(train_state, family_options or FamilyOptions())
     problems: list[str] = []
     checks: list[BlockCheck] = []
     accounted: set[str] = set()

@@ -7,13 +7,38 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from ..errors import UnsupportedError
-from .base import Block, Family, KeyView
+from .base import Block, Family, FamilyOptions, KeyView, join
 from .official import OfficialRepVGG
 from .plain import PlainBlock
+from .timm_repvgg import TimmRepVggBlock
+from .timm_mobileone import TimmMobileOneBlock
+from .apple_mobileone import AppleMobileOneBlock
+from .fastvit_large_kernel import FastVitLargeKernel
+from .fastvit_repmixer import FastVitRepMixer
+from .fastvit_repcpe import FastVitRepCPE
+from .yolov7_repconv import Yolov7RepConv
+from .ultralytics_repconv import UltralyticsRepConv
+from .ultralytics_repvggdw import UltralyticsRepVGGDW
+from .qarepvgg import QARepVGG
+from .mmpretrain_repvgg import MmpretrainRepVGG
+from .acnet import ACNetBlock
 
 FAMILIES: tuple[Family, ...] = (
+    # A family whose blocks enclose another family's (see Family.encloses) comes first.
     PlainBlock(),
     OfficialRepVGG(),
+    FastVitRepMixer(),
+    FastVitLargeKernel(),
+    FastVitRepCPE(),
+    TimmRepVggBlock(),
+    TimmMobileOneBlock(),
+    AppleMobileOneBlock(),
+    Yolov7RepConv(),
+    UltralyticsRepConv(),
+    UltralyticsRepVGGDW(),
+    QARepVGG(),
+    MmpretrainRepVGG(),
+    ACNetBlock(),
 )
 
 
@@ -27,7 +52,7 @@ def family_by_name(name: str) -> Family:
 
 def find_blocks(
     state: Mapping[str, Tensor],
-    bn_eps: float | None = None,
+    options: FamilyOptions | None = None,
     families: tuple[Family, ...] = FAMILIES,
 ) -> list[Block]:
     """Every train-form block in a state dict, in key order.
@@ -35,12 +60,17 @@ def find_blocks(
     Raises:
         UnsupportedError: two blocks claim one key; a block's keys are malformed.
     """
+    options = options or FamilyOptions()
     keys = list(state.keys())
     owner: dict[str, Block] = {}
     blocks: list[Block] = []
+    by_name = {f.name: f for f in families}
     for family in families:
         for prefix in family.find_prefixes(keys):
-            block = family.parse_keys(KeyView(state, prefix), bn_eps)
+            anchor = join(prefix, family.anchor)
+            if anchor in owner and family.name in by_name[owner[anchor].family].encloses:
+                continue  # part of an enclosing block (e.g. the MobileOne blocks inside a RepMixer)
+            block = family.parse_keys(KeyView(state, prefix), options)
             if block is None:
                 continue
             for key in block.source_keys:
@@ -57,4 +87,4 @@ def find_blocks(
     return blocks
 
 
-__all__ = ["Block", "FAMILIES", "Family", "family_by_name", "find_blocks"]
+__all__ = ["Block", "FAMILIES", "Family", "FamilyOptions", "family_by_name", "find_blocks"]

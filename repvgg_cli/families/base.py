@@ -28,6 +28,22 @@ def join(prefix: str, *parts: str) -> str:
 
 
 @dataclass(frozen=True)
+class FamilyOptions:
+    """What a family may need beyond the tensors themselves.
+
+    Attributes:
+        bn_eps: BN eps for the key tree (state dicts do not store it); None: the family default.
+        fold_post_bn: fold a post-sum BN (QARepVGG) into the conv where that is valid.
+        no_identity: glob patterns of block names that have no parameter-free identity branch
+            (the key tree cannot see an ``nn.Identity``; see the QARepVGG family's rule).
+    """
+
+    bn_eps: float | None = None
+    fold_post_bn: bool = False
+    no_identity: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Block:
     """One re-parameterizable block found in a checkpoint or model.
 
@@ -246,6 +262,8 @@ class Family:
     after_sum: ClassVar[str] = "nothing"
     default_eps: ClassVar[float] = 1e-5
     deploy_anchor: ClassVar[str | None] = None
+    encloses: ClassVar[tuple[str, ...]] = ()
+    """Families whose blocks may sit inside this family's blocks and are fused as part of them."""
 
     def find_prefixes(self, keys: list[str]) -> list[str]:
         suffix = "." + self.anchor
@@ -266,18 +284,20 @@ class Family:
             [""] if self.deploy_anchor in keys else []
         )
 
-    def eps(self, override: float | None) -> tuple[float, str]:
-        if override is not None:
-            return override, "--bn-eps"
+    def eps(self, options: FamilyOptions) -> tuple[float, str]:
+        """The BN eps for the key tree and where it came from."""
+        if options.bn_eps is not None:
+            return options.bn_eps, "--bn-eps"
         return self.default_eps, "family default"
 
-    def parse_keys(self, view: KeyView, eps_override: float | None) -> Block:  # pragma: no cover
+    def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:  # pragma: no cover
+        """The block at ``view.prefix``, or None when the keys there are not this family's."""
         raise NotImplementedError
 
     def matches_module(self, module: nn.Module) -> bool:  # pragma: no cover
         raise NotImplementedError
 
-    def parse_module(self, name: str, module: nn.Module) -> Block:  # pragma: no cover
+    def parse_module(self, name: str, module: nn.Module, options: FamilyOptions) -> Block:  # pragma: no cover
         raise NotImplementedError
 
     def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:  # pragma: no cover

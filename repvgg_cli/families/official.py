@@ -18,6 +18,7 @@ from ..fusion import Branches, FusedConv, IdentityBranch
 from .base import (
     Block,
     Family,
+    FamilyOptions,
     KeyView,
     bn_from_keys,
     bn_from_module,
@@ -52,10 +53,10 @@ class OfficialRepVGG(Family):
         """Training-only keys to drop when this family's blocks are converted (RepVGGplus aux heads)."""
         return [k for k in keys if AUX_COMPONENT.search(k)]
 
-    def parse_keys(self, view: KeyView, eps_override: float | None) -> Block | None:
+    def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
         if not view.has("rbr_1x1.conv.weight"):
             return None  # e.g. QARepVGG: a plain rbr_1x1 conv, another family's business
-        eps, eps_note = self.eps(eps_override)
+        eps, eps_note = self.eps(options)
         dense = conv_branch_from_keys(view, "rbr_dense.conv", "rbr_dense.bn", eps)
         point = conv_branch_from_keys(view, "rbr_1x1.conv", "rbr_1x1.bn", eps)
         identity = None
@@ -73,7 +74,7 @@ class OfficialRepVGG(Family):
     def matches_module(self, module: nn.Module) -> bool:
         return _has_conv_bn(getattr(module, "rbr_dense", None)) and _has_conv_bn(getattr(module, "rbr_1x1", None))
 
-    def parse_module(self, name: str, module: nn.Module) -> Block:
+    def parse_module(self, name: str, module: nn.Module, options: FamilyOptions) -> Block:
         where = name or "<root>"
         dense = conv_branch_from_module(module.rbr_dense.conv, module.rbr_dense.bn, f"{where}.rbr_dense")
         point = conv_branch_from_module(module.rbr_1x1.conv, module.rbr_1x1.bn, f"{where}.rbr_1x1")

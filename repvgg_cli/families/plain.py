@@ -15,6 +15,7 @@ from ..fusion import Branches, FusedConv, IdentityBranch
 from .base import (
     Block,
     Family,
+    FamilyOptions,
     KeyView,
     bn_from_keys,
     bn_from_module,
@@ -38,10 +39,10 @@ class PlainBlock(Family):
     deploy_keys = "<block>.weight, <block>.bias (the block becomes a Conv2d)"
     after_sum = "nothing"
 
-    def parse_keys(self, view: KeyView, eps_override: float | None) -> Block | None:
+    def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
         if not view.has("conv1x1.weight"):
             return None
-        eps, eps_note = self.eps(eps_override)
+        eps, eps_note = self.eps(options)
         dense = conv_branch_from_keys(view, "conv3x3", "bn3x3", eps)
         point = conv_branch_from_keys(view, "conv1x1", "bn1x1", eps)
         identity = None
@@ -62,7 +63,7 @@ class PlainBlock(Family):
             module.conv3x3, nn.Conv2d
         )
 
-    def parse_module(self, name: str, module: nn.Module) -> Block:
+    def parse_module(self, name: str, module: nn.Module, options: FamilyOptions) -> Block:
         where = name or "<root>"
         dense = conv_branch_from_module(module.conv3x3, module.bn3x3, f"{where}.conv3x3")
         point = conv_branch_from_module(module.conv1x1, module.bn1x1, f"{where}.conv1x1")

@@ -1,0 +1,22 @@
+"""timm MobileOneBlock (byobnet, fastvit). (Not implemented yet: recognises nothing.)"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Block, Family, FamilyOptions, KeyView
+
+
+class TimmMobileOneBlock(Family):
+    name = "timm_mobileone"
+    title = "timm MobileOneBlock (byobnet, fastvit)"
+    source = ""
+    anchor = "\0never"
+    train_keys = ""
+    deploy_keys = ""
+
+    def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
+        return None
+
+    def matches_module(self, module: nn.Module) -> bool:
+        return False

@@ -1,0 +1,93 @@
+"""The contract every registered family must meet, run over the registry automatically.
+
+Each family has a module in tests/family_zoo/ named after it, holding a small train-form model
+with randomised BN statistics (``train_model``), the same model's own deploy form
+(``deploy_model``), the BN ``EPS`` it trains with and an ``INPUT_SHAPE``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+from repvgg_cli.convert import ConvertOptions, convert_state_dict, reparameterize
+from repvgg_cli.families import FAMILIES
+
+NAMES = [f.name for f in FAMILIES]
+
+
+def zoo_for(name: str):
+    try:
+        return importlib.import_module(f"tests.family_zoo.{name}")
+    except ModuleNotFoundError:
+        pytest.fail(f"family {name!r} has no toy models in tests/family_zoo/{name}.py")
+
+
+def outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = model.eval()(x)
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+def assert_close(reference: list[torch.Tensor], candidate: list[torch.Tensor], rtol: float) -> float:
+    assert len(reference) == len(candidate)
+    worst = 0.0
+    for r, c in zip(reference, candidate):
+        rel = float((r.double() - c.double()).abs().max() / r.double().abs().max().clamp_min(1e-30))
+        worst = max(worst, rel)
+    assert worst <= rtol, f"relative error {worst:.3e} > {rtol:g}"
+    return worst
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_key_tree_loads_strictly_into_deploy_form_and_matches(name):
+    z = zoo_for(name)
+    torch.manual_seed(0)
+    train = z.train_model().double()
+    state = train.state_dict()
+    result = convert_state_dict(state, ConvertOptions(bn_eps=z.EPS))
+    assert result.ok, [(r.block.name, r.check.rel_err) for r in result.failures]
+    assert result.blocks, "the toy model has no block of this family"
+    assert {r.block.family for r in result.blocks} == {name}
+    deploy = z.deploy_model().double()
+    deploy.load_state_dict(result.state_dict, strict=True)
+    x = torch.randn(*z.INPUT_SHAPE, dtype=torch.float64)
+    assert_close(outputs(train, x), outputs(deploy, x), rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_module_tree_switches_blocks_and_matches(name):
+    z = zoo_for(name)
+    torch.manual_seed(0)
+    train = z.train_model()
+    x = torch.randn(*z.INPUT_SHAPE)
+    reference = outputs(train, x)
+    result = reparameterize(copy.deepcopy(train), ConvertOptions(input_shape=z.INPUT_SHAPE))
+    assert result.ok and result.model_check is not None and result.model_check.ok
+    assert result.blocks and {r.block.family for r in result.blocks} == {name}
+    assert_close(reference, outputs(result.model, x), rtol=1e-5)
+    deploy = z.deploy_model()
+    deploy.load_state_dict(result.state_dict, strict=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_wrong_eps_is_caught(name):
+    """Fusing with an eps far from the model's must break equivalence (when the blocks have BNs)."""
+    z = zoo_for(name)
+    train = z.train_model().double()
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in train.modules())
+    result = convert_state_dict(train.state_dict(), ConvertOptions(bn_eps=z.EPS * 1e3 + 0.5))
+    deploy = z.deploy_model().double()
+    deploy.load_state_dict(result.state_dict, strict=True)
+    x = torch.randn(*z.INPUT_SHAPE, dtype=torch.float64)
+    if has_bn:
+        with pytest.raises(AssertionError):
+            assert_close(outputs(train, x), outputs(deploy, x), rtol=1e-6)
+    else:
+        assert_close(outputs(train, x), outputs(deploy, x), rtol=1e-9)
