@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -52,7 +53,9 @@ AtolOption = Annotated[float, typer.Option("--atol", help="Absolute tolerance ad
 
 
 def _stdout() -> Console:
-    return Console(soft_wrap=False)
+    """Tables to stdout; piped output gets a wide fixed width instead of Rich's 80 columns."""
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(soft_wrap=False, width=width)
 
 
 def _stderr() -> Console:

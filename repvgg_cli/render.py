@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.table import Table
 from rich.tree import Tree
 
@@ -20,7 +21,7 @@ def _num(value: float) -> float | None:
 
 
 def _err(value: float) -> str:
-    return "inf" if not math.isfinite(value) else f"{value:.2e}"
+    return "inf" if not math.isfinite(value) else f"{value:.1e}"
 
 
 def _status(ok: bool) -> str:
@@ -62,7 +63,7 @@ def conversion_json(result: "ConversionResult", source: str | None = None, outpu
         blocks.append({
             "name": r.block.name, "family": r.block.family, "branches": list(r.block.branch_labels),
             "in_channels": f.in_channels, "out_channels": f.out_channels, "kernel": list(f.kernel_size),
-            "groups": f.groups, "stride": list(f.stride), "dtype": str(f.weight.dtype).replace("torch.", ""),
+            "groups": f.groups if _groups(f, r.block) != "?" else None, "stride": list(f.stride), "dtype": str(f.weight.dtype).replace("torch.", ""),
             "eps_from": r.block.eps_note,
             "params_before": r.params_before, "params_after": r.params_after,
             "max_abs_err": _num(r.check.max_abs_err), "rel_err": _num(r.check.rel_err),
@@ -84,18 +85,34 @@ def conversion_json(result: "ConversionResult", source: str | None = None, outpu
     }
 
 
+def _branches(labels: tuple[str, ...]) -> str:
+    return " ".join(label.replace("+bn", "") for label in labels)
+
+
+def _groups(fused, block) -> str:
+    known = block.branches.groups is not None or block.branches.identity is not None
+    return str(fused.groups) if known else "?"
+
+
 def conversion_table(result: "ConversionResult", title: str = "Fused blocks") -> Table:
-    """Per-block table: block, family, branches, kernel, groups, params, errors, status."""
-    table = Table(title=title, title_justify="left", show_lines=False)
-    for column, justify in (("block", "left"), ("family", "left"), ("branches", "left"), ("kernel", "right"),
-                            ("groups", "right"), ("params before → after", "right"), ("max abs err", "right"),
-                            ("rel err", "right"), ("", "left")):
-        table.add_column(column, justify=justify, no_wrap=column == "block")
+    """Per-block table: block, family, branches, kernel, groups, params before→after, errors, status."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, caption="g ?: groups not stored in a state dict "
+                  "(the fused kernel does not depend on them)" if any(
+                      _groups(r.fused, r.block) == "?" for r in result.blocks) else None, caption_justify="left")
+    table.add_column("block", overflow="fold", min_width=min(12, max((len(r.block.name) for r in result.blocks), default=5)))
+    table.add_column("family", no_wrap=True)
+    table.add_column("branches", overflow="fold")
+    table.add_column("k", justify="right", no_wrap=True)
+    table.add_column("g", justify="right", no_wrap=True)
+    table.add_column("params", justify="right", no_wrap=True)
+    table.add_column("max abs", justify="right", no_wrap=True)
+    table.add_column("rel err", justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True, min_width=4)
     for r in result.blocks:
         f = r.fused
         table.add_row(
-            r.block.name or "<root>", r.block.family, " + ".join(r.block.branch_labels), _pair(f.kernel_size),
-            str(f.groups), f"{r.params_before:,} → {r.params_after:,}", _err(r.check.max_abs_err),
+            r.block.name or "<root>", r.block.family, _branches(r.block.branch_labels), _pair(f.kernel_size),
+            _groups(f, r.block), f"{r.params_before:,}→{r.params_after:,}", _err(r.check.max_abs_err),
             _err(r.check.rel_err), _status(r.check.ok),
         )
     return table
@@ -183,7 +200,7 @@ def verify_json(report: "VerifyReport", path: str, against: str | None) -> dict[
 
 
 def verify_table(report: "VerifyReport", title: str) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     for column in ("block", "max abs err", "rel err", "rtol", "", "problem"):
         table.add_column(column, justify="right" if "err" in column or column == "rtol" else "left",
                          no_wrap=column == "block")
