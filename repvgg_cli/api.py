@@ -18,6 +18,7 @@ from .checkpoint import (
 from .convert import (
     ConversionResult,
     ConvertOptions,
+    Progress,
     build_metadata,
     build_model,
     convert_state_dict,
@@ -28,7 +29,6 @@ from .families import FamilyOptions
 from .verify import ModelCheck, Tolerance, VerifyReport, compare_outputs, infer_input_shape, model_outputs
 from .verify import verify_against, verify_deploy
 
-ProgressFactory = Callable[[int], tuple[object, Callable[[str], None]]]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def convert_file(
     entry: str | None = None,
     model_spec: str | None = None,
     force: bool = False,
-    progress: ProgressFactory | None = None,
+    progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
 ) -> ConvertOutcome:
     """Load ``source``, fuse and verify every block, and write ``output`` only if all checks pass.
@@ -75,9 +75,9 @@ def convert_file(
             log(note)
     if loaded.model is not None or model_spec is not None:
         model = loaded.model if loaded.model is not None else build_model(model_spec, loaded.state_dict)
-        result = reparameterize(model, options)
+        result = reparameterize(model, options, progress=progress)
     else:
-        result = convert_state_dict(loaded.state_dict, options)
+        result = convert_state_dict(loaded.state_dict, options, progress=progress)
     result = ConversionResult(**{**result.__dict__, "notes": tuple(loaded.notes) + result.notes})
     if not result.ok:
         return ConvertOutcome(result, loaded, written=False)

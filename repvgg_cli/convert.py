@@ -172,7 +172,35 @@ def dropped_keys_for(state: Mapping[str, Tensor], blocks: list[Block]) -> list[s
     return [k for k in keys if k in dropped]
 
 
-def convert_state_dict(state: Mapping[str, Tensor], options: ConvertOptions | None = None) -> ConversionResult:
+Progress = Callable[[int], tuple[object, Callable[[str], None]]]
+"""``total -> (context manager or None, advance(block_name))``: how callers show progress."""
+
+
+def _fuse_all(items: list, fuse: Callable, progress: Progress | None) -> list:
+    if progress is None:
+        return [fuse(item) for item in items]
+    context, advance = progress(len(items))
+    results = []
+    with context if context is not None else _nothing():
+        for item in items:
+            results.append(fuse(item))
+            advance(item[0] if isinstance(item, tuple) else item.name)
+    return results
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def convert_state_dict(
+    state: Mapping[str, Tensor],
+    options: ConvertOptions | None = None,
+    progress: Progress | None = None,
+) -> ConversionResult:
     """Fuse every block of a state dict (key tree): no model code needed.
 
     Args:
@@ -184,7 +212,7 @@ def convert_state_dict(state: Mapping[str, Tensor], options: ConvertOptions | No
     """
     options = options or ConvertOptions()
     blocks = find_blocks(state, options.family_options)
-    results = [fuse_block(b, options, state) for b in blocks]
+    results = _fuse_all(blocks, lambda b: fuse_block(b, options, state), progress)
     dropped = dropped_keys_for(state, blocks)
     first_key = {r.block.source_keys[0]: r for r in results if r.block.source_keys}
     consumed = {k for r in results for k in r.block.source_keys}
@@ -246,6 +274,7 @@ def reparameterize(
     model: nn.Module,
     options: ConvertOptions | None = None,
     check_model: bool = True,
+    progress: Progress | None = None,
 ) -> ConversionResult:
     """Switch every block of a live model to its deploy form, in place, and check it.
 
@@ -276,8 +305,10 @@ def reparameterize(
             raise InputError(f"the train-form model cannot run on input {shape}: {error}",
                              hint="pass --input-shape N,C,H,W") from None
 
-    results: list[BlockResult] = []
-    for name, module, family in find_module_blocks(model):
+    root: list[nn.Module] = [model]
+
+    def switch(found: tuple[str, nn.Module, Family]) -> BlockResult:
+        name, module, family = found
         try:
             block = family.parse_module(name, module, options.family_options)
         except RepvggError as error:
@@ -286,10 +317,13 @@ def reparameterize(
         replacement = family.to_deploy_module(module, result.fused)
         if replacement is not module:
             if name:
-                _replace_submodule(model, name, replacement)
+                _replace_submodule(root[0], name, replacement)
             else:
-                model = replacement
-        results.append(result)
+                root[0] = replacement
+        return result
+
+    results = _fuse_all(find_module_blocks(model), switch, progress)
+    model = root[0]
 
     model_check = None
     if check_model and x is not None and reference is not None and shape is not None:
