@@ -1,22 +1,156 @@
-"""ultralytics RepConv. (Not implemented yet: recognises nothing.)"""
+"""ultralytics' RepConv (RT-DETR, YOLOv8/v9 RepC3 / RepNCSPELAN4 blocks).
+
+Follows ultralytics/ultralytics ``ultralytics/nn/modules/conv.py``, class ``RepConv`` (after
+RepVGG, Ding et al., CVPR 2021), and the ``fuse`` of ``ultralytics/nn/tasks.py``:
+
+* ``conv1`` = ``Conv(c1, c2, k, s, p, g, act=False)``: ``conv1.conv`` (k×k, no bias) + ``conv1.bn``
+* ``conv2`` = ``Conv(c1, c2, 1, s, p - k // 2, g, act=False)``: ``conv2.conv`` + ``conv2.bn``
+* ``bn``    = identity BatchNorm2d, only with ``bn=True`` and in == out, stride 1 (usually None)
+
+``forward`` is ``act(conv1(x) + conv2(x) + bn(x))`` with ``act`` SiLU. The deploy form
+(``fuse_convs`` + ``forward = forward_fuse``) is one Conv2d with bias at ``conv``; ``conv1``,
+``conv2`` and ``bn`` are deleted and ``act`` is kept. ultralytics sets every BN to eps 1e-3
+(momentum 0.03) in ``initialize_weights``, so the key tree's default eps is 1e-3.
+
+Telling it apart: ultralytics' plain ``Conv`` also has ``.conv``/``.bn`` but no ``conv1``/``conv2``;
+``LightConv`` has ``conv1``/``conv2`` in series with a 1×1 ``conv1``; RepConv's ``conv1`` is the
+k×k kernel (k > 1) and ``conv2`` the 1×1, both reading the same input (same input channels per
+group, same output channels). A state dict cannot tell a fused RepConv (``conv.{weight,bias}``)
+from a fused plain ``Conv``, so ``inspect`` does not claim deploy-form blocks of this family.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
-from .base import Block, Family, FamilyOptions, KeyView
+from ..errors import UnsupportedError
+from ..fusion import Branches, FusedConv, IdentityBranch
+from .base import (
+    Block,
+    Family,
+    FamilyOptions,
+    KeyView,
+    bn_from_keys,
+    bn_from_module,
+    conv_branch_from_keys,
+    conv_branch_from_module,
+    conv_from_fused,
+    geometry_from_conv,
+    is_batch_norm,
+    join,
+    source_dtype,
+)
+
+BRANCHES = ("conv1", "conv2", "bn")
+LEFTOVERS = ("nm", "id_tensor")
+
+
+def is_ultralytics_conv(module: object) -> bool:
+    """ultralytics' ``Conv`` in train form: a ``conv`` Conv2d followed by a ``bn`` BatchNorm."""
+    return isinstance(getattr(module, "conv", None), nn.Conv2d) and is_batch_norm(getattr(module, "bn", None))
+
+
+def four_dim(value: object) -> bool:
+    return isinstance(value, Tensor) and value.dim() == 4
+
+
+def odd_square_larger_than_one(kernel: tuple[int, int]) -> bool:
+    return kernel[0] == kernel[1] and kernel[0] > 1 and kernel[0] % 2 == 1
+
+
+def parallel_kxk_and_1x1(big: Tensor, small: Tensor) -> bool:
+    """Two conv weights that read the same input: a k×k (k odd, > 1) and a 1×1 with equal outputs."""
+    return (
+        odd_square_larger_than_one((int(big.shape[2]), int(big.shape[3])))
+        and tuple(small.shape[2:]) == (1, 1)
+        and big.shape[0] == small.shape[0]
+        and big.shape[1] == small.shape[1]
+    )
+
+
+def switch_forward_to_fused(module: nn.Module) -> None:
+    """ultralytics' ``m.forward = m.forward_fuse``: a bound method stored on the instance."""
+    module.forward = module.forward_fuse
 
 
 class UltralyticsRepConv(Family):
     name = "ultralytics_repconv"
-    title = "ultralytics RepConv"
-    source = ""
-    anchor = "\0never"
-    train_keys = ""
-    deploy_keys = ""
+    title = "ultralytics RepConv (RT-DETR, YOLOv8/v9)"
+    source = "ultralytics/ultralytics ultralytics/nn/modules/conv.py RepConv; nn/tasks.py fuse"
+    anchor = "conv1.conv.weight"
+    deploy_anchor = "conv.weight"
+    train_keys = "conv1.{conv,bn} (kxk), conv2.{conv,bn} (1x1), [bn (identity BN)]"
+    deploy_keys = "conv.{weight,bias}"
+    after_sum = "act (SiLU) - kept"
+    default_eps = 1e-3
+
+    def find_deploy_prefixes(self, keys: list[str]) -> list[str]:
+        """None: a fused RepConv's ``conv.{weight,bias}`` is also what every fused plain ``Conv`` has."""
+        return []
 
     def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
-        return None
+        if not view.has("conv2.conv.weight") or view.has_any("conv"):
+            return None  # no 1x1 branch, or a `conv` beside conv1 (e.g. RepVGGDW): not a RepConv
+        big, small = view.state[view.key("conv1.conv.weight")], view.state[view.key("conv2.conv.weight")]
+        if four_dim(big) and four_dim(small) and not parallel_kxk_and_1x1(big, small):
+            return None  # e.g. LightConv: a 1x1 conv1 then a kxk conv2, in series
+        eps, eps_note = self.eps(options)
+        dense = conv_branch_from_keys(view, "conv1.conv", "conv1.bn", eps)
+        point = conv_branch_from_keys(view, "conv2.conv", "conv2.bn", eps)
+        identity = None
+        if view.has_any("bn"):
+            identity = IdentityBranch(bn=bn_from_keys(view, "bn", eps))
+        return self.finish_key_block(
+            view,
+            owned=view.owned_under(*BRANCHES),
+            branches=Branches(convs=(dense, point), identity=identity),
+            deploy_prefix=join(view.prefix, "conv"),
+            eps_note=eps_note,
+            dtype=source_dtype(dense.weight),
+        )
 
     def matches_module(self, module: nn.Module) -> bool:
-        return False
+        conv1, conv2 = getattr(module, "conv1", None), getattr(module, "conv2", None)
+        if not (is_ultralytics_conv(conv1) and is_ultralytics_conv(conv2)):
+            return False
+        if isinstance(getattr(module, "conv", None), nn.Module) or not callable(getattr(module, "forward_fuse", None)):
+            return False
+        return parallel_kxk_and_1x1(conv1.conv.weight, conv2.conv.weight)
+
+    def parse_module(self, name: str, module: nn.Module, options: FamilyOptions) -> Block:
+        where = name or "<root>"
+        conv1, conv2 = module.conv1, module.conv2
+        if (conv1.conv.stride, conv1.conv.groups) != (conv2.conv.stride, conv2.conv.groups):
+            raise UnsupportedError(
+                f"{where}: conv1 has stride {conv1.conv.stride}, groups {conv1.conv.groups} but conv2 has "
+                f"stride {conv2.conv.stride}, groups {conv2.conv.groups}; the branches cannot be summed"
+            )
+        dense = conv_branch_from_module(conv1.conv, conv1.bn, f"{where}.conv1")
+        point = conv_branch_from_module(conv2.conv, conv2.bn, f"{where}.conv2")
+        identity_module = getattr(module, "bn", None)
+        identity = None
+        if is_batch_norm(identity_module):
+            identity = IdentityBranch(bn=bn_from_module(identity_module, f"{where}.bn"))
+        elif identity_module is not None:
+            raise UnsupportedError(
+                f"{where}.bn is a {type(identity_module).__name__}; a BatchNorm or None is expected"
+            )
+        branches = Branches(convs=(dense, point), identity=identity, **geometry_from_conv(conv1.conv))
+        return Block(
+            name=name,
+            family=self.name,
+            branches=branches,
+            source_keys=self.module_keys(name, module, *BRANCHES),
+            deploy_prefix=join(name, "conv"),
+            dtype=source_dtype(conv1.conv.weight),
+        )
+
+    def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:
+        """What ultralytics' ``fuse`` leaves: ``conv`` set, conv1/conv2/bn gone, ``forward_fuse`` used."""
+        conv = conv_from_fused(fused, like=module.conv1.conv.weight).requires_grad_(False)
+        for attribute in BRANCHES + LEFTOVERS:
+            if hasattr(module, attribute):
+                delattr(module, attribute)
+        module.conv = conv
+        switch_forward_to_fused(module)
+        return module

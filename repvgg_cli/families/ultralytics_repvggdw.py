@@ -1,22 +1,131 @@
-"""ultralytics RepVGGDW. (Not implemented yet: recognises nothing.)"""
+"""ultralytics' RepVGGDW (YOLOv10's large-kernel depthwise block, inside ``CIB`` with ``lk=True``).
+
+Follows ultralytics/ultralytics ``ultralytics/nn/modules/block.py``, class ``RepVGGDW`` (Wang et al.,
+"YOLOv10: Real-Time End-to-End Object Detection", 2024), and the ``fuse`` of ``nn/tasks.py``:
+
+* ``conv``  = ``Conv(ed, ed, 7, 1, 3, g=ed, act=False)``: ``conv.conv`` (7×7 depthwise) + ``conv.bn``
+* ``conv1`` = ``Conv(ed, ed, 3, 1, 1, g=ed, act=False)``: ``conv1.conv`` (3×3 depthwise) + ``conv1.bn``
+
+``forward`` is ``act(conv(x) + conv1(x))`` with ``act`` SiLU; there is no identity branch.
+``RepVGGDW.fuse`` folds both BNs, adds the centred 3×3 into the 7×7 and puts that plain Conv2d
+(with bias) at ``conv``, then deletes ``conv1``; ``tasks.py`` switches ``forward`` to
+``forward_fuse`` (``act(conv(x))``). Deploy keys: ``conv.weight``, ``conv.bias``. BN eps 1e-3
+(ultralytics' ``initialize_weights``) is the key tree's default.
+
+Telling it apart: a ``conv`` and a ``conv1`` ultralytics ``Conv`` (no ``conv2``: that is RepConv),
+both depthwise, ``conv``'s kernel larger than ``conv1``'s. The fused ``conv.{weight,bias}`` looks like
+any fused depthwise ``Conv``, so ``inspect`` does not claim deploy-form blocks of this family.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
-from .base import Block, Family, FamilyOptions, KeyView
+from ..errors import UnsupportedError
+from ..fusion import Branches, FusedConv
+from .base import (
+    Block,
+    Family,
+    FamilyOptions,
+    KeyView,
+    conv_branch_from_keys,
+    conv_branch_from_module,
+    conv_from_fused,
+    geometry_from_conv,
+    join,
+    source_dtype,
+)
+from .ultralytics_repconv import four_dim, is_ultralytics_conv, switch_forward_to_fused
+
+BRANCHES = ("conv", "conv1")
+
+
+def _odd_square(weight: Tensor) -> bool:
+    kh, kw = int(weight.shape[2]), int(weight.shape[3])
+    return kh == kw and kh % 2 == 1
+
+
+def large_and_small_depthwise(large: Tensor, small: Tensor) -> bool:
+    """A larger and a smaller odd square depthwise kernel (one input channel each) with equal outputs."""
+    return (
+        _odd_square(large)
+        and _odd_square(small)
+        and large.shape[2] > small.shape[2]
+        and large.shape[1] == 1
+        and small.shape[1] == 1
+        and large.shape[0] == small.shape[0]
+    )
 
 
 class UltralyticsRepVGGDW(Family):
     name = "ultralytics_repvggdw"
-    title = "ultralytics RepVGGDW"
-    source = ""
-    anchor = "\0never"
-    train_keys = ""
-    deploy_keys = ""
+    title = "ultralytics RepVGGDW (YOLOv10)"
+    source = "ultralytics/ultralytics ultralytics/nn/modules/block.py RepVGGDW; nn/tasks.py fuse"
+    anchor = "conv1.conv.weight"
+    deploy_anchor = "conv.weight"
+    train_keys = "conv.{conv,bn} (7x7 depthwise), conv1.{conv,bn} (3x3 depthwise)"
+    deploy_keys = "conv.{weight,bias}"
+    after_sum = "act (SiLU) - kept"
+    default_eps = 1e-3
+
+    def find_deploy_prefixes(self, keys: list[str]) -> list[str]:
+        """None: a fused RepVGGDW's ``conv.{weight,bias}`` is also what a fused depthwise ``Conv`` has."""
+        return []
 
     def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
-        return None
+        if not view.has("conv.conv.weight") or view.has_any("conv2"):
+            return None  # RepConv has conv1/conv2 and no `conv`
+        large, small = view.state[view.key("conv.conv.weight")], view.state[view.key("conv1.conv.weight")]
+        if not (four_dim(large) and four_dim(small) and large_and_small_depthwise(large, small)):
+            return None
+        eps, eps_note = self.eps(options)
+        main = conv_branch_from_keys(view, "conv.conv", "conv.bn", eps)
+        side = conv_branch_from_keys(view, "conv1.conv", "conv1.bn", eps)
+        channels = int(large.shape[0])  # depthwise, ed -> ed: groups = channels
+        branches = Branches(convs=(main, side), groups=channels, in_channels=channels)
+        return self.finish_key_block(
+            view,
+            owned=view.owned_under(*BRANCHES),
+            branches=branches,
+            deploy_prefix=join(view.prefix, "conv"),
+            eps_note=eps_note,
+            dtype=source_dtype(main.weight),
+        )
 
     def matches_module(self, module: nn.Module) -> bool:
-        return False
+        main, side = getattr(module, "conv", None), getattr(module, "conv1", None)
+        if not (is_ultralytics_conv(main) and is_ultralytics_conv(side)):
+            return False
+        if isinstance(getattr(module, "conv2", None), nn.Module) or not callable(getattr(module, "forward_fuse", None)):
+            return False
+        large, small = main.conv, side.conv
+        depthwise = all(c.groups == c.in_channels == c.out_channels for c in (large, small))
+        return depthwise and large_and_small_depthwise(large.weight, small.weight)
+
+    def parse_module(self, name: str, module: nn.Module, options: FamilyOptions) -> Block:
+        where = name or "<root>"
+        large, small = module.conv, module.conv1
+        if large.conv.stride != small.conv.stride:
+            raise UnsupportedError(
+                f"{where}: conv has stride {large.conv.stride} but conv1 has {small.conv.stride}; "
+                "the branches cannot be summed"
+            )
+        main = conv_branch_from_module(large.conv, large.bn, f"{where}.conv")
+        side = conv_branch_from_module(small.conv, small.bn, f"{where}.conv1")
+        branches = Branches(convs=(main, side), **geometry_from_conv(large.conv))
+        return Block(
+            name=name,
+            family=self.name,
+            branches=branches,
+            source_keys=self.module_keys(name, module, *BRANCHES),
+            deploy_prefix=join(name, "conv"),
+            dtype=source_dtype(large.conv.weight),
+        )
+
+    def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:
+        """What ultralytics' ``RepVGGDW.fuse`` + ``tasks.py`` leave: a plain Conv2d at ``conv``, no ``conv1``."""
+        conv = conv_from_fused(fused, like=module.conv.conv.weight).requires_grad_(False)
+        del module.conv1
+        module.conv = conv
+        switch_forward_to_fused(module)
+        return module
