@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from . import __version__
 from .errors import InputError, RepvggError, UnsupportedError
 from .checkpoint import tensor_sha256
-from .families import FAMILIES, Block, Family, FamilyOptions, find_blocks
+from .families import FAMILIES, Block, Family, FamilyOptions, find_blocks, unrecognised_blocks
 from .fusion import FusedConv, fuse_branches
 from .verify import (
     BlockCheck,
@@ -58,10 +58,13 @@ class ConvertOptions:
     input_shape: tuple[int, ...] | None = None
     fold_post_bn: bool = False
     no_identity: tuple[str, ...] = ()
+    avg_branch: tuple[str, ...] = ()
+    fuse_conv_bn: bool = False
 
     @property
     def family_options(self) -> FamilyOptions:
-        return FamilyOptions(bn_eps=self.bn_eps, fold_post_bn=self.fold_post_bn, no_identity=self.no_identity)
+        return FamilyOptions(bn_eps=self.bn_eps, fold_post_bn=self.fold_post_bn, no_identity=self.no_identity,
+                             avg_branch=self.avg_branch)
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class ConversionResult:
     model_check: ModelCheck | None = None
     notes: tuple[str, ...] = ()
     options: ConvertOptions = field(default_factory=ConvertOptions)
+    unrecognised: tuple[tuple[str, str], ...] = ()
 
     @property
     def failures(self) -> tuple[BlockResult, ...]:
@@ -240,6 +244,7 @@ def convert_state_dict(
         dropped_keys=tuple(dropped),
         passthrough_keys=passthrough,
         options=options,
+        unrecognised=tuple(unrecognised_blocks(state, consumed | dropped_set)),
     )
 
 
@@ -324,6 +329,8 @@ def reparameterize(
 
     results = _fuse_all(find_module_blocks(model), switch, progress)
     model = root[0]
+    if options.fuse_conv_bn:
+        results += [fuse_pair(model, pair, options) for pair in find_conv_bn_pairs(model)]
 
     model_check = None
     if check_model and x is not None and reference is not None and shape is not None:
@@ -343,7 +350,69 @@ def reparameterize(
         model_check=model_check,
         notes=tuple(notes),
         options=options,
+        unrecognised=tuple(unrecognised_blocks(state, set())),
     )
+
+
+# -- plain conv -> BN pairs (--fuse-conv-bn) ----------------------------------------------------
+
+CONV_BN = "conv+bn"
+
+
+@dataclass(frozen=True)
+class ConvBnPair:
+    """A conv whose output goes straight into a BN: in a Sequential, or a ``conv``/``bn`` module
+    with a ``forward_fuse`` (ultralytics' ``Conv``) that skips the BN."""
+
+    name: str
+    owner: nn.Module
+    conv_attr: str
+    bn_attr: str
+    switch_forward: bool
+
+
+def find_conv_bn_pairs(model: nn.Module) -> list[ConvBnPair]:
+    """Conv→BN pairs that run in sequence and that no block family owns (after blocks are fused)."""
+    from .families.base import is_batch_norm
+
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Sequential):
+            children = list(module._modules.items())
+            for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+                if isinstance(conv, nn.Conv2d) and is_batch_norm(bn):
+                    pairs.append(ConvBnPair(_join(name, conv_name), module, conv_name, bn_name, False))
+        elif (isinstance(getattr(module, "conv", None), nn.Conv2d) and is_batch_norm(getattr(module, "bn", None))
+              and callable(getattr(module, "forward_fuse", None))):
+            pairs.append(ConvBnPair(_join(name, "conv"), module, "conv", "bn", True))
+    return pairs
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def fuse_pair(model: nn.Module, pair: ConvBnPair, options: ConvertOptions) -> BlockResult:
+    """Fold one conv→BN pair, check it like a block, and switch the owner to the fused conv."""
+    from .families.base import bn_from_module, conv_branch_from_module, conv_from_fused, geometry_from_conv
+    from .fusion import Branches
+
+    conv = getattr(pair.owner, pair.conv_attr)
+    bn = getattr(pair.owner, pair.bn_attr)
+    branch = conv_branch_from_module(conv, bn, pair.name)
+    block = Block(
+        name=pair.name, family=CONV_BN, branches=Branches(convs=(branch,), **geometry_from_conv(conv)),
+        source_keys=(), deploy_prefix=pair.name, dtype=conv.weight.dtype,
+    )
+    result = fuse_block(block, options)
+    bn_from_module(bn, pair.name)  # refuses track_running_stats=False with its reason
+    setattr(pair.owner, pair.conv_attr, conv_from_fused(result.fused, like=conv.weight))
+    if pair.switch_forward:
+        delattr(pair.owner, pair.bn_attr)
+        pair.owner.forward = pair.owner.forward_fuse
+    else:
+        setattr(pair.owner, pair.bn_attr, nn.Identity())
+    return result
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -411,6 +480,7 @@ def build_metadata(result: ConversionResult, source_name: str, source_sha256: st
             "bn_eps": options.bn_eps,
             "fold_post_bn": options.fold_post_bn,
             "no_identity": list(options.no_identity),
+            "avg_branch": list(options.avg_branch),
             "rtol": options.tolerance.rtol,
             "atol": options.tolerance.atol,
             "seed": options.seed,

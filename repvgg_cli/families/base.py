@@ -36,11 +36,14 @@ class FamilyOptions:
         fold_post_bn: fold a post-sum BN (QARepVGG) into the conv where that is valid.
         no_identity: glob patterns of block names that have no parameter-free identity branch
             (the key tree cannot see an ``nn.Identity``; see the QARepVGG family's rule).
+        avg_branch: glob patterns of block names that have a parameter-free avg-pool branch
+            (YOLOv6 QARepVGGBlockV2; invisible in a state dict).
     """
 
     bn_eps: float | None = None
     fold_post_bn: bool = False
     no_identity: tuple[str, ...] = ()
+    avg_branch: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,11 @@ class OfficialRepVGG(Family):
     deploy_keys = "rbr_reparam.{weight,bias}"
     after_sum = "se, then nonlinearity (RepVGGplus: nonlinearity, then post_se) - kept"
 
+    def find_deploy_prefixes(self, keys: list[str]) -> list[str]:
+        """Deploy-form blocks, except QARepVGG's (its deploy form keeps a post-sum ``bn``)."""
+        present = set(keys)
+        return [p for p in super().find_deploy_prefixes(keys) if join(p, "bn.running_var") not in present]
+
     def dropped_keys(self, keys: list[str]) -> list[str]:
         """Training-only keys to drop when this family's blocks are converted (RepVGGplus aux heads)."""
         return [k for k in keys if AUX_COMPONENT.search(k)]

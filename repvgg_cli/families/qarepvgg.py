@@ -24,7 +24,7 @@ The identity is taken to be present iff the 1×1 weight is square (out == in, gr
 as in YOLOv6) unless the block's name (its key prefix) matches a glob of ``options.no_identity``
 (``--no-identity PATTERN``), e.g. for a strided block with in == out. A V2 avg-pool branch is
 taken to be present (together with the identity) only where the block's name matches a glob of
-``options.avg_branch`` when the options carry that field; otherwise blocks are read as V1. The
+``options.avg_branch`` (CLI ``--avg-branch GLOB``); otherwise blocks are read as V1. The
 module tree sees both directly.
 """
 
@@ -119,7 +119,7 @@ class QARepVGG(Family):
             identity = IdentityBranch()
             notes.append("identity branch assumed: the 1x1 weight is square (in == out, groups 1)")
         convs = [dense, point]
-        if identity is not None and _matches(view.prefix, tuple(getattr(options, "avg_branch", ()))):
+        if identity is not None and _matches(view.prefix, options.avg_branch):
             in_per_group = int(dense.weight.shape[1])
             convs.append(ConvBranch(weight=avg_pool_kernel(int(dense.weight.shape[0]), in_per_group,
                                                            dense.kernel_size)))
