@@ -35,7 +35,6 @@ from .verify import (
     encode_tensor,
     infer_input_shape,
     model_outputs,
-    reference_probe,
 )
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -149,14 +148,13 @@ def fuse_block(block: Block, options: ConvertOptions, state: Mapping[str, Tensor
         fused64 = fuse_branches(block.branches)
         shipped = fused64.to(block.dtype)
         check = check_block(block.name, block.branches, fused64, shipped, options.seed, options.tolerance)
-        reference = reference_probe(block.branches, block_seed(options.seed, block.name))
     except RepvggError as error:
         raise type(error)(_in_block(error.message, block.name), error.hint) from None
     return BlockResult(
         block=block,
         fused=shipped,
         check=check,
-        reference=reference,
+        reference=check.reference,
         params_before=_block_params(block, state),
         params_after=int(shipped.weight.numel() + shipped.bias.numel()),
     )
@@ -198,6 +196,17 @@ class _nothing:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def block_notes(results: list[BlockResult]) -> tuple[str, ...]:
+    """What families noted about individual blocks, each note once with the blocks it concerns."""
+    by_note: dict[str, list[str]] = {}
+    for r in results:
+        for note in r.block.notes:
+            by_note.setdefault(note, []).append(r.block.name or "<root>")
+    return tuple(
+        f"{note} ({', '.join(names[:4])}{' …' if len(names) > 4 else ''})" for note, names in by_note.items()
+    )
 
 
 def convert_state_dict(
@@ -244,6 +253,7 @@ def convert_state_dict(
         dropped_keys=tuple(dropped),
         passthrough_keys=passthrough,
         options=options,
+        notes=block_notes(results),
         unrecognised=tuple(unrecognised_blocks(state, consumed | dropped_set)),
     )
 
@@ -348,7 +358,7 @@ def reparameterize(
         blocks=tuple(results),
         model=model,
         model_check=model_check,
-        notes=tuple(notes),
+        notes=tuple(notes) + block_notes(results),
         options=options,
         unrecognised=tuple(unrecognised_blocks(state, set())),
     )
