@@ -160,16 +160,8 @@ class ACNetBlock(Family):
             for attribute in ("stride", "groups", "padding_mode"):
                 if getattr(module.square_conv, attribute) != getattr(getattr(module, label), attribute):
                     raise UnsupportedError(f"{where}.{label} and square_conv differ in {attribute}")
-        if min(ver_padding + hor_padding) >= 0:
-            convs = (square, dataclasses.replace(ver, padding=ver_padding),
-                     dataclasses.replace(hor, padding=hor_padding))
-        else:
-            # A crop is a negative padding, which conv2d cannot express: describe the block with
-            # the centred padding k//2 (the kernels are the same); the deploy conv gets the
-            # square conv's own padding in to_deploy_module and the whole-model check covers it.
-            geometry["padding"] = None
-            convs = (dataclasses.replace(square, padding=None), dataclasses.replace(ver, padding=None),
-                     dataclasses.replace(hor, padding=None))
+        # A crop is a negative padding: the reference forward crops the input for it.
+        convs = (square, dataclasses.replace(ver, padding=ver_padding), dataclasses.replace(hor, padding=hor_padding))
         last_bn = getattr(module, "last_bn", None)
         post_bn = None
         if last_bn is not None:
@@ -189,9 +181,7 @@ class ACNetBlock(Family):
         )
 
     def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:
-        square: nn.Conv2d = module.square_conv
-        geometry = dataclasses.replace(fused, padding=tuple(int(p) for p in square.padding))
-        module.fused_conv = conv_from_fused(geometry, like=square.weight)
+        module.fused_conv = conv_from_fused(fused, like=module.square_conv.weight)
         for child in BRANCH_MODULES + CROP_MODULES:
             if hasattr(module, child):
                 delattr(module, child)
