@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from .checkpoint import LoadedCheckpoint
 from .errors import RepvggError
 from .families import FAMILIES, find_blocks
+from .families.base import join
 from .families.base import Block
 
 
@@ -24,6 +27,7 @@ class BlockInfo:
     groups: int | None
     identity: bool | None
     branches: tuple[str, ...] = ()
+    deploy_prefix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,18 +81,25 @@ def _deploy_blocks(state, metadata: dict | None) -> list[BlockInfo]:
     if metadata and metadata.get("blocks"):
         return [
             BlockInfo(r["name"], r["family"], "deploy", r.get("in_channels"), r["out_channels"],
-                      tuple(r["kernel"]), r.get("groups"), None, tuple(r.get("branches", ())))
+                      tuple(r["kernel"]), r.get("groups"), None, tuple(r.get("branches", ())), r["deploy_prefix"])
             for r in metadata["blocks"]
         ]
-    infos = []
     keys = list(state.keys())
+    by_prefix: dict[str, list] = {}
     for family in FAMILIES:
         for prefix in family.find_deploy_prefixes(keys):
-            w = state[f"{prefix}.{family.deploy_anchor}" if prefix else family.deploy_anchor]
-            if getattr(w, "dim", lambda: 0)() != 4:
-                continue
-            infos.append(BlockInfo(prefix, family.name, "deploy", None, int(w.shape[0]),
-                                   (int(w.shape[2]), int(w.shape[3])), None, None))
+            by_prefix.setdefault(prefix, []).append(family)
+    infos = []
+    for prefix, families in by_prefix.items():
+        anchor = families[0].deploy_anchor
+        w = state[f"{prefix}.{anchor}" if prefix else anchor]
+        if not isinstance(w, Tensor) or w.dim() != 4:
+            continue
+        names = [f.name for f in families]
+        leaf = anchor.rsplit(".", 1)[0]
+        label = names[0] if len(names) == 1 else f"one of {len(names)} families writing {leaf}"
+        infos.append(BlockInfo(prefix, label, "deploy", None, int(w.shape[0]), (int(w.shape[2]), int(w.shape[3])),
+                               None, None, (), join(prefix, anchor.rsplit(".", 1)[0])))
     return infos
 
 
@@ -111,11 +122,7 @@ def summarize(loaded: LoadedCheckpoint) -> CheckpointSummary:
         problems.append(error.message)
     deploy = _deploy_blocks(state, loaded.metadata)
     for info in deploy:
-        prefix = next((r["deploy_prefix"] for r in (loaded.metadata or {}).get("blocks", []) if r["name"] == info.name), None)
-        if prefix is None:
-            family = next(f for f in FAMILIES if f.name == info.family)
-            prefix = f"{info.name}.{family.deploy_anchor.rsplit('.', 1)[0]}" if info.name else family.deploy_anchor.rsplit(".", 1)[0]
-        in_blocks.update(k for k in (f"{prefix}.weight" if prefix else "weight", f"{prefix}.bias" if prefix else "bias"))
+        in_blocks.update(join(info.deploy_prefix or "", part) for part in ("weight", "bias"))
     if train and deploy:
         form = "mixed"
     elif train:
