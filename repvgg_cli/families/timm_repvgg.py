@@ -1,22 +1,193 @@
-"""timm RepVggBlock (byobnet). (Not implemented yet: recognises nothing.)"""
+"""timm's RepVggBlock (the ``repvgg_*`` models of timm's byobnet).
+
+Follows huggingface/pytorch-image-models ``timm/models/byobnet.py``, class ``RepVggBlock``
+(after Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 2021). Train form:
+``conv_kxk`` (a ``ConvNormAct``: ``conv`` then ``bn``, a ``BatchNormAct2d`` without activation),
+``conv_1x1`` (the same, 1×1) and ``identity`` (a ``BatchNormAct2d``, only when in == out and
+stride 1, else None). Forward: ``conv_1x1(x) + conv_kxk(x)``, then ``drop_path`` (a no-op in
+eval), plus ``identity(x)``; then ``attn`` (SE or Identity) and ``act``.
+
+Deploy form, as timm's ``RepVggBlock.reparameterize()`` leaves it: ``reparam_conv`` (a Conv2d with
+bias, geometry of ``conv_kxk.conv``) set; ``conv_kxk``, ``conv_1x1``, ``identity`` and
+``drop_path`` deleted; ``attn`` and ``act`` kept. Deploy keys: ``reparam_conv.{weight,bias}``.
+
+The helpers for timm's ``ConvNormAct`` branches live here and are shared with the MobileOne
+families.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
-from .base import Block, Family, FamilyOptions, KeyView
+from ..errors import UnsupportedError
+from ..fusion import Branches, ConvBranch, FusedConv, IdentityBranch
+from .base import (
+    Block,
+    Family,
+    FamilyOptions,
+    KeyView,
+    bn_from_keys,
+    bn_from_module,
+    conv_branch_from_keys,
+    conv_branch_from_module,
+    conv_from_fused,
+    geometry_from_conv,
+    is_batch_norm,
+    join,
+    source_dtype,
+)
+
+BRANCHES = ("conv_kxk", "conv_1x1", "identity")
+DEPLOY_DELETES = ("conv_kxk", "conv_1x1", "identity", "drop_path")
+
+
+# -- helpers shared with the MobileOne families ------------------------------------------------
+
+
+def conv_norm_branch_from_keys(view: KeyView, local: str, eps: float) -> ConvBranch:
+    """A conv+norm pair stored as ``<local>.conv.*`` and ``<local>.bn.*`` (the BN may be absent)."""
+    bn = join(local, "bn") if view.has_any(join(local, "bn")) else None
+    return conv_branch_from_keys(view, join(local, "conv"), bn, eps)
+
+
+def identity_from_keys(view: KeyView, local: str, eps: float) -> IdentityBranch | None:
+    """The identity BN at ``local`` when the state dict has one."""
+    if not view.has_any(local):
+        return None
+    return IdentityBranch(bn=bn_from_keys(view, local, eps))
+
+
+def is_conv_norm(module: object) -> bool:
+    """A ``ConvNormAct``-like pair: a ``conv`` Conv2d child and a ``bn`` child (BN, or empty)."""
+    if not isinstance(module, nn.Module) or not isinstance(getattr(module, "conv", None), nn.Conv2d):
+        return False
+    bn = getattr(module, "bn", None)
+    return is_batch_norm(bn) or isinstance(bn, (nn.Identity, nn.Sequential))
+
+
+def _check_plain_conv(conv: nn.Conv2d, where: str) -> None:
+    if type(conv).forward is not nn.Conv2d.forward:
+        raise UnsupportedError(
+            f"{where} is a {type(conv).__name__} with its own forward (e.g. timm's Conv2dSame, "
+            "dynamic 'same' padding); only a plain Conv2d can be fused"
+        )
+
+
+def _check_no_act(bn: nn.Module, where: str) -> None:
+    act = getattr(bn, "act", None)
+    if act is not None and not isinstance(act, nn.Identity):
+        raise UnsupportedError(
+            f"{where} applies {type(act).__name__} inside the branch; a branch with an activation "
+            "before the sum cannot be fused"
+        )
+
+
+def conv_norm_branch_from_module(module: nn.Module, where: str) -> ConvBranch:
+    """A live ``ConvNormAct`` (or ``Sequential(conv, bn)``) branch as a :class:`ConvBranch`."""
+    if not is_conv_norm(module):
+        raise UnsupportedError(f"{where} is a {type(module).__name__}, not a conv+BN pair")
+    _check_plain_conv(module.conv, f"{where}.conv")
+    aa = getattr(module, "aa", None)
+    if aa is not None and not isinstance(aa, nn.Identity):
+        raise UnsupportedError(f"{where} has an anti-aliasing layer ({type(aa).__name__}) after the BN")
+    bn = module.bn if is_batch_norm(module.bn) else None
+    if bn is not None:
+        _check_no_act(bn, f"{where}.bn")
+    elif isinstance(module.bn, nn.Sequential) and any(
+        not isinstance(m, (nn.Identity, nn.Dropout)) for m in module.bn
+    ):
+        raise UnsupportedError(f"{where}.bn holds layers that are not a BatchNorm")
+    return conv_branch_from_module(module.conv, bn, where)
+
+
+def identity_from_module(module: nn.Module | None, where: str) -> IdentityBranch | None:
+    """The skip branch: a BN (incl. timm's ``BatchNormAct2d`` without act), ``nn.Identity`` or None."""
+    if module is None:
+        return None
+    if is_batch_norm(module):
+        _check_no_act(module, where)
+        return IdentityBranch(bn=bn_from_module(module, where))
+    if isinstance(module, nn.Identity):
+        return IdentityBranch()
+    raise UnsupportedError(f"{where} is a {type(module).__name__}; a BatchNorm, nn.Identity or None is expected")
+
+
+def has_no_deploy_conv(module: nn.Module) -> bool:
+    """True while a block still is in train form (``reparam_conv`` absent or None)."""
+    return getattr(module, "reparam_conv", None) is None
+
+
+def delete_attributes(module: nn.Module, names: tuple[str, ...]) -> None:
+    """Delete the train-form attributes the project's own reparameterize deletes."""
+    for attribute in names:
+        if hasattr(module, attribute):
+            delattr(module, attribute)
+    if "id_tensor" in module.__dict__:
+        del module.__dict__["id_tensor"]
+
+
+def first_tensor(*tensors: Tensor | None) -> Tensor:
+    """The first tensor given (the dtype/device template of the fused conv)."""
+    for tensor in tensors:
+        if isinstance(tensor, Tensor):
+            return tensor
+    raise UnsupportedError("a block without any tensor")  # pragma: no cover - parse_module guards
+
+
+# -- the family --------------------------------------------------------------------------------
 
 
 class TimmRepVggBlock(Family):
     name = "timm_repvgg"
     title = "timm RepVggBlock (byobnet)"
-    source = ""
-    anchor = "\0never"
-    train_keys = ""
-    deploy_keys = ""
+    source = "huggingface/pytorch-image-models timm/models/byobnet.py RepVggBlock (after RepVGG, CVPR 2021)"
+    anchor = "conv_kxk.conv.weight"
+    deploy_anchor = "reparam_conv.weight"
+    train_keys = "conv_kxk.{conv,bn}, conv_1x1.{conv,bn}, [identity (BN)]"
+    deploy_keys = "reparam_conv.{weight,bias}"
+    after_sum = "attn (SE or Identity), then act - kept"
 
     def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
-        return None
+        has_point = view.has("conv_1x1.conv.weight")
+        if not has_point and (view.has_any("conv_1x1") or not view.has_any("identity")):
+            # e.g. timm's MobileVitBlock: conv_kxk (ConvNormAct) next to a plain conv_1x1 conv
+            return None
+        eps, eps_note = self.eps(options)
+        convs = [conv_norm_branch_from_keys(view, "conv_kxk", eps)]
+        if has_point:
+            convs.append(conv_norm_branch_from_keys(view, "conv_1x1", eps))
+        return self.finish_key_block(
+            view,
+            owned=view.owned_under(*BRANCHES),
+            branches=Branches(convs=tuple(convs), identity=identity_from_keys(view, "identity", eps)),
+            deploy_prefix=join(view.prefix, "reparam_conv"),
+            eps_note=eps_note,
+            dtype=source_dtype(convs[0].weight),
+        )
 
     def matches_module(self, module: nn.Module) -> bool:
-        return False
+        if not has_no_deploy_conv(module) or not hasattr(module, "identity"):
+            return False
+        point = getattr(module, "conv_1x1", False)
+        return is_conv_norm(getattr(module, "conv_kxk", None)) and (point is None or is_conv_norm(point))
+
+    def parse_module(self, name: str, module: nn.Module, options: FamilyOptions) -> Block:
+        where = name or "<root>"
+        convs = [conv_norm_branch_from_module(module.conv_kxk, f"{where}.conv_kxk")]
+        if module.conv_1x1 is not None:
+            convs.append(conv_norm_branch_from_module(module.conv_1x1, f"{where}.conv_1x1"))
+        identity = identity_from_module(module.identity, f"{where}.identity")
+        branches = Branches(convs=tuple(convs), identity=identity, **geometry_from_conv(module.conv_kxk.conv))
+        return Block(
+            name=name,
+            family=self.name,
+            branches=branches,
+            source_keys=self.module_keys(name, module, *BRANCHES),
+            deploy_prefix=join(name, "reparam_conv"),
+            dtype=source_dtype(module.conv_kxk.conv.weight),
+        )
+
+    def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:
+        module.reparam_conv = conv_from_fused(fused, like=module.conv_kxk.conv.weight)
+        delete_attributes(module, DEPLOY_DELETES)
+        return module
