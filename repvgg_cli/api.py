@@ -130,6 +130,10 @@ def verify_file(
         report = verify_deploy(loaded.state_dict, metadata, tolerance)
         return VerifyReport(**{**report.__dict__, "notes": loaded.notes})
     source = load_checkpoint(against, allow_pickle=allow_pickle, entry=None)
+    recorded_entry = ((metadata or {}).get("source") or {}).get("entry")
+    if recorded_entry and source.entry not in (None, recorded_entry) and recorded_entry in source.container_keys:
+        # convert was told --entry; the default pick (EMA first) would compare other weights
+        source = load_checkpoint(against, allow_pickle=allow_pickle, entry=recorded_entry)
     recorded = (metadata or {}).get("options") or {}
     family_options = FamilyOptions(
         bn_eps=bn_eps if bn_eps is not None else recorded.get("bn_eps"),

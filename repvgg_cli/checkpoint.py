@@ -97,12 +97,13 @@ def sniff_format(path: Path) -> str:
         raise InputError(f"{path}: cannot read: {error.strerror or error}") from None
     if len(head) == 0:
         raise InputError(f"{path} is empty")
+    # safetensors first: its first 8 bytes are the header length, which may begin with 0x80 or "PK".
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
     if head[:2] == b"PK":
         return "torch-zip"
     if head[:1] == b"\x80":
         return "torch-legacy"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
     raise InputError(
         f"{path} is not a checkpoint: neither a torch file (.pt/.pth) nor safetensors",
     )
@@ -330,10 +331,21 @@ def atomic_write(output: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as check:
             os.fsync(check.fileno())
+        os.chmod(tmp, _new_file_mode(output))
         os.replace(tmp, output)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _new_file_mode(output: Path) -> int:
+    """The mode ``open()`` would give a new file (mkstemp's is 0600); a replaced output keeps its own."""
+    try:
+        return output.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def metadata_json(metadata: Mapping) -> str:
@@ -362,10 +374,10 @@ def save_state_dict(
     """
     text = metadata_json(metadata)
     if output.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        tensors = _unshared(state)
-        atomic_write(output, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", METADATA_KEY: text}))
+        data = save(_unshared(state), metadata={"format": "pt", METADATA_KEY: text})
+        write_bytes_atomic(output, _sorted_safetensors_metadata(data))
         return
     deploy: OrderedDict[str, Tensor] = OrderedDict(state)
     versions = getattr(template, "_metadata", None)
@@ -384,13 +396,32 @@ def save_torch(output: Path, payload: Any) -> None:
     """``torch.save`` through an in-memory buffer (its zip's inner name is then always the same)."""
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    data = buffer.getvalue()
+    write_bytes_atomic(output, buffer.getvalue())
+
+
+def write_bytes_atomic(output: Path, data: bytes) -> None:
+    """Write ``data`` to ``output`` through :func:`atomic_write`."""
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
             handle.write(data)
 
     atomic_write(output, write)
+
+
+def _sorted_safetensors_metadata(data: bytes) -> bytes:
+    """Re-serialise a safetensors header with its ``__metadata__`` keys sorted.
+
+    safetensors keeps the metadata in a Rust HashMap, so two entries come out in a random order
+    from one save to the next; sorting them makes equal inputs give equal bytes.
+    """
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    if isinstance(header.get("__metadata__"), dict):
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + length :]
 
 
 def _unshared(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -127,6 +127,12 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
+def _first_names(names: list[str], shown: int = 5) -> str:
+    """``a, b, c`` or ``a, b, c, d, e and 3 more``: a one-line list that never hides how many."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def _progress(total: int):
     """A progress bar on stderr when there are many blocks; a no-op callback otherwise."""
     from rich.progress import Progress
@@ -176,6 +182,8 @@ def convert(
 
     if report is not None and report.suffix not in (".json", ".md"):
         raise InputError(f"--report {report}: use a .json or .md file name")
+    if report is not None and not report.parent.is_dir():
+        raise InputError(f"--report {report}: the folder {report.parent} does not exist")
     options = ConvertOptions(bn_eps=bn_eps, tolerance=Tolerance(rtol=rtol, atol=atol), seed=seed,
                              input_shape=_parse_shape(input_shape), fold_post_bn=fold_post_bn,
                              no_identity=tuple(no_identity or ()))
@@ -198,7 +206,7 @@ def convert(
         report.write_text(text, encoding="utf-8")
     if not result.ok:
         failed = [r.block.name or "<root>" for r in result.failures]
-        detail = f"block(s) {', '.join(failed[:5])}" if failed else "the whole-model check"
+        detail = f"block(s) {_first_names(failed)}" if failed else "the whole-model check"
         _stderr().print(f"Error: not equivalent: {detail} exceed the tolerance; nothing was written",
                         markup=False, highlight=False)
         raise typer.Exit(1)
@@ -245,7 +253,7 @@ def verify(
         failed = [c.name or "<root>" for c in report.failures]
         parts = []
         if failed:
-            parts.append(f"block(s) {', '.join(failed[:5])} failed")
+            parts.append(f"block(s) {_first_names(failed)} failed")
         if report.problems:
             parts.append(report.problems[0])
         if report.model_check is not None and not report.model_check.ok:
