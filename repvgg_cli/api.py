@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +48,6 @@ def convert_file(
     model_spec: str | None = None,
     force: bool = False,
     progress: Progress | None = None,
-    log: Callable[[str], None] | None = None,
 ) -> ConvertOutcome:
     """Load ``source``, fuse and verify every block, and write ``output`` only if all checks pass.
 
@@ -62,7 +60,6 @@ def convert_file(
         model_spec: ``MODULE:CALLABLE`` building the train-form model (module tree).
         force: replace an existing output (atomically).
         progress: optional progress-bar factory ``total -> (context, advance(name))``.
-        log: optional sink for progress notes (stderr in the CLI).
     Returns:
         A :class:`ConvertOutcome`; ``written`` is False when verification failed.
     """
@@ -70,9 +67,6 @@ def convert_file(
     options = options or ConvertOptions()
     check_output_path(output, [source], force)
     loaded = load_checkpoint(source, allow_pickle=allow_pickle, entry=entry)
-    if log:
-        for note in loaded.notes:
-            log(note)
     if loaded.model is not None or model_spec is not None:
         model = loaded.model if loaded.model is not None else build_model(model_spec, loaded.state_dict)
         result = reparameterize(model, options, progress=progress)
@@ -86,15 +80,8 @@ def convert_file(
         save_model(output, result.model, loaded, metadata)
     else:
         container = loaded.raw if loaded.entry is not None and output.suffix != ".safetensors" else None
-        save_state_dict(output, result.state_dict, metadata, container=container, entry=loaded.entry,
-                        template=_inner_state(loaded))
+        save_state_dict(output, result.state_dict, metadata, container=container, entry=loaded.entry)
     return ConvertOutcome(result, loaded, written=True)
-
-
-def _inner_state(loaded: LoadedCheckpoint):
-    if loaded.entry is not None and isinstance(loaded.raw, dict):
-        return loaded.raw.get(loaded.entry)
-    return loaded.raw
 
 
 def verify_file(
@@ -139,6 +126,7 @@ def verify_file(
         bn_eps=bn_eps if bn_eps is not None else recorded.get("bn_eps"),
         fold_post_bn=bool(recorded.get("fold_post_bn", False)),
         no_identity=tuple(recorded.get("no_identity", ())),
+        avg_branch=tuple(recorded.get("avg_branch", ())),
     )
     dropped = tuple((metadata or {}).get("dropped_keys", ()))
     train_state = source.state_dict

@@ -359,7 +359,6 @@ def save_state_dict(
     metadata: Mapping,
     container: Mapping | None = None,
     entry: str | None = None,
-    template: Any = None,
 ) -> None:
     """Write a deploy state dict atomically; the extension picks the format.
 
@@ -370,7 +369,6 @@ def save_state_dict(
         container: for ``.pt``: the source's container, so the output loads the same way
             (the state dict goes back into ``entry``; other weight entries are dropped).
         entry: the container entry the weights came from.
-        template: the source state dict object (its ``_metadata`` module versions are kept).
     """
     text = metadata_json(metadata)
     if output.suffix == ".safetensors":
@@ -380,8 +378,8 @@ def save_state_dict(
         write_bytes_atomic(output, _sorted_safetensors_metadata(data))
         return
     deploy: OrderedDict[str, Tensor] = OrderedDict(state)
-    versions = getattr(template, "_metadata", None)
-    deploy._metadata = OrderedDict(versions) if isinstance(versions, Mapping) else OrderedDict()  # type: ignore[attr-defined]
+    # Only our entry: the source's module versions name modules (and prefixes) that are gone.
+    deploy._metadata = OrderedDict()  # type: ignore[attr-defined]
     deploy._metadata[METADATA_KEY] = {"json": text}  # type: ignore[attr-defined]
     payload: Any = deploy
     if container is not None and entry is not None:

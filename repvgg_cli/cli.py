@@ -169,6 +169,13 @@ def convert(
         Optional[list[str]],
         typer.Option("--no-identity", help="Glob of block names without a hidden (parameter-free) identity branch; repeatable."),
     ] = None,
+    avg_branch: Annotated[
+        Optional[list[str]],
+        typer.Option("--avg-branch", help="Glob of block names with a hidden avg-pool branch (QARepVGGBlockV2); repeatable."),
+    ] = None,
+    fuse_conv_bn: Annotated[
+        bool, typer.Option("--fuse-conv-bn", help="Module tree: also fold the remaining conv→BN pairs that run in sequence.")
+    ] = False,
     report: Annotated[Optional[Path], typer.Option("--report", help="Also write the report to FILE.json or FILE.md.")] = None,
     as_json: JsonOption = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output (atomically).")] = False,
@@ -186,10 +193,13 @@ def convert(
         raise InputError(f"--report {report}: the folder {report.parent} does not exist")
     options = ConvertOptions(bn_eps=bn_eps, tolerance=Tolerance(rtol=rtol, atol=atol), seed=seed,
                              input_shape=_parse_shape(input_shape), fold_post_bn=fold_post_bn,
-                             no_identity=tuple(no_identity or ()))
+                             no_identity=tuple(no_identity or ()), avg_branch=tuple(avg_branch or ()),
+                             fuse_conv_bn=fuse_conv_bn)
     outcome = convert_file(source, output, options, allow_pickle=allow_pickle, entry=entry, model_spec=model,
-                           force=force, progress=_progress, log=lambda line: _stderr().print(line, markup=False))
+                           force=force, progress=_progress)
     result = outcome.result
+    for note in outcome.loaded.notes:
+        _stderr().print(note, markup=False, highlight=False)
     document = conversion_json(result, str(source), str(output), written=outcome.written)
     if as_json:
         _print_json(document)
@@ -197,7 +207,8 @@ def convert(
         console = _stdout()
         console.print(conversion_table(result))
         for line in conversion_totals(result):
-            console.print(line, highlight=False)
+            if line not in outcome.loaded.notes:  # those went to stderr already
+                console.print(line, highlight=False)
         if outcome.written:
             console.print(f"wrote {output}", highlight=False, markup=False)
     if report is not None:

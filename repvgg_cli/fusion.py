@@ -84,6 +84,13 @@ class Branches:
     padding_mode: str = "zeros"
     post_bn: BatchNorm | None = None
     in_channels: int | None = None
+    geometry_known: bool = False
+    """True when stride/groups/padding were read from live modules (module tree), not assumed."""
+
+    @property
+    def groups_known(self) -> bool:
+        """Groups are known from the modules, or pinned down by an identity branch."""
+        return self.geometry_known or self.groups is not None or self.identity is not None
 
     @property
     def kernel_size(self) -> Pair:
@@ -311,6 +318,24 @@ def _check_alignment(branches: Branches, kernel_size: Pair) -> None:
             )
 
 
+def _add_centred(target: Tensor, kernel: Tensor) -> None:
+    """``target += center_kernel(kernel)`` without allocating the padded kernel."""
+    big_h, big_w = target.shape[2], target.shape[3]
+    kh, kw = kernel.shape[2], kernel.shape[3]
+    dh, dw = big_h - kh, big_w - kw
+    if dh < 0 or dw < 0 or dh % 2 or dw % 2:
+        raise UnsupportedError(f"a {kh}x{kw} kernel cannot be centred in a {big_h}x{big_w} kernel")
+    target[:, :, dh // 2 : dh // 2 + kh, dw // 2 : dw // 2 + kw] += kernel
+
+
+def _raise_non_finite(branches: Branches) -> None:
+    """Name the branch whose weight holds NaN/Inf (checked once on the sum, diagnosed only then)."""
+    for index, conv in enumerate(branches.convs):
+        if not torch.isfinite(conv.weight.detach()).all():
+            raise InputError(f"branch {index} weight holds NaN or Inf")
+    raise InputError("the fused weight overflows (NaN or Inf): the branch weights or BN scales are too large")
+
+
 def fuse_branches(branches: Branches) -> FusedConv:
     """Fuse every branch of a block into one conv.
 
@@ -333,7 +358,7 @@ def fuse_branches(branches: Branches) -> FusedConv:
         )
     in_per_group = per_group_values.pop() if per_group_values else branches.resolved_in_channels // groups
 
-    weight = torch.zeros(out, in_per_group, *kernel_size, dtype=FLOAT64)
+    weight: Tensor | None = None
     bias = torch.zeros(out, dtype=FLOAT64)
     for index, conv in enumerate(branches.convs):
         what = f"branch {index}"
@@ -344,16 +369,22 @@ def fuse_branches(branches: Branches) -> FusedConv:
             raise UnsupportedError(
                 f"{what} has {int(w.shape[0])} output channels; the block has {out}"
             )
-        if not torch.isfinite(w).all():
-            raise InputError(f"{what} weight holds NaN or Inf")
         if conv.bn is not None:
             w, b = fold_batch_norm(w, conv.bias, conv.bn)
         else:
             b = _check_vector(conv.bias, out, f"{what} bias")
             b = torch.zeros(out, dtype=FLOAT64) if b is None else b
         w, b = _apply_scale(w, b, conv.scale, what)
-        weight += center_kernel(w, kernel_size)
+        if weight is None and tuple(w.shape[2:]) == kernel_size:
+            # The first full-size branch becomes the accumulator (a copy if it is the source itself).
+            weight = w.clone() if w.data_ptr() == conv.weight.data_ptr() else w
+        else:
+            if weight is None:
+                weight = torch.zeros(out, in_per_group, *kernel_size, dtype=FLOAT64)
+            _add_centred(weight, w)
         bias += b
+    if weight is None:
+        weight = torch.zeros(out, in_per_group, *kernel_size, dtype=FLOAT64)
 
     if branches.identity is not None:
         # resolved_in_channels assumes in == out when an identity is present, so also check the
@@ -366,14 +397,28 @@ def fuse_branches(branches: Branches) -> FusedConv:
             raise UnsupportedError(
                 f"an identity branch needs in == out channels, not {shown} -> {out}"
             )
-        w = identity_kernel(out, in_per_group, kernel_size)
-        b = torch.zeros(out, dtype=FLOAT64)
-        if branches.identity.bn is not None:
-            w, b = fold_batch_norm(w, None, branches.identity.bn)
-        w, b = _apply_scale(w, b, branches.identity.scale, "identity")
-        weight += w
+        identity_bn = branches.identity.bn
+        if identity_bn is not None and identity_bn.num_features != out:
+            raise UnsupportedError(
+                f"the identity BatchNorm has {identity_bn.num_features} channels but the block has {out}: "
+                "an identity branch needs in == out"
+            )
+        kh, kw = kernel_size
+        if kh % 2 == 0 or kw % 2 == 0:
+            raise UnsupportedError(f"an identity branch cannot be centred in an even {kh}x{kw} kernel")
+        if identity_bn is not None:
+            diagonal, b = bn_scale_shift(identity_bn, out, "identity BatchNorm")
+        else:
+            diagonal, b = torch.ones(out, dtype=FLOAT64), torch.zeros(out, dtype=FLOAT64)
+        s = _check_vector(branches.identity.scale, out, "identity scale")
+        if s is not None:
+            diagonal, b = diagonal * s, b * s
+        rows = torch.arange(out)
+        weight[rows, rows % in_per_group, kh // 2, kw // 2] += diagonal
         bias += b
 
+    if not torch.isfinite(weight).all():
+        _raise_non_finite(branches)
     if branches.post_bn is not None:
         scale, shift = bn_scale_shift(branches.post_bn, out, "post-sum BatchNorm")
         weight = weight * scale.reshape(-1, 1, 1, 1)

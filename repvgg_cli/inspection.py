@@ -63,7 +63,7 @@ class CheckpointSummary:
 
 def _train_info(block: Block) -> BlockInfo:
     b = block.branches
-    known_groups = b.groups is not None or b.identity is not None
+    known_groups = b.groups_known
     return BlockInfo(
         name=block.name,
         family=block.family,

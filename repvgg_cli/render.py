@@ -63,7 +63,8 @@ def conversion_json(result: "ConversionResult", source: str | None = None, outpu
         blocks.append({
             "name": r.block.name, "family": r.block.family, "branches": list(r.block.branch_labels),
             "in_channels": f.in_channels, "out_channels": f.out_channels, "kernel": list(f.kernel_size),
-            "groups": f.groups if _groups(f, r.block) != "?" else None, "stride": list(f.stride), "dtype": str(f.weight.dtype).replace("torch.", ""),
+            "groups": f.groups if r.block.branches.groups_known else None,
+            "stride": list(f.stride) if r.block.branches.geometry_known else None, "dtype": str(f.weight.dtype).replace("torch.", ""),
             "eps_from": r.block.eps_note,
             "params_before": r.params_before, "params_after": r.params_after,
             "max_abs_err": _num(r.check.max_abs_err), "rel_err": _num(r.check.rel_err),
@@ -90,8 +91,7 @@ def _branches(labels: tuple[str, ...]) -> str:
 
 
 def _groups(fused, block) -> str:
-    known = block.branches.groups is not None or block.branches.identity is not None
-    return str(fused.groups) if known else "?"
+    return str(fused.groups) if block.branches.groups_known else "?"
 
 
 def conversion_table(result: "ConversionResult", title: str = "Fused blocks") -> Table:

@@ -368,8 +368,8 @@ def _fused_from_file(state, record: dict) -> tuple[FusedConv | None, str | None]
         if not isinstance(state[key], Tensor) or not state[key].is_floating_point():
             return None, f"key {key} is not a floating-point tensor"
     weight, bias = state[names["weight"]], state[names["bias"]]
-    groups = int(record["groups"])
-    expected_w = (record["out_channels"], record["in_channels"] // groups, *record["kernel"])
+    groups = int(record["groups"] or 1)  # unknown groups: convert checked with 1 (the kernel does not depend on them)
+    expected_w = (record["out_channels"], record["in_per_group"], *record["kernel"])
     if tuple(weight.shape) != tuple(expected_w):
         return None, f"{names['weight']} has shape {tuple(weight.shape)}, convert wrote {tuple(expected_w)}"
     if tuple(bias.shape) != (record["out_channels"],):
@@ -377,7 +377,7 @@ def _fused_from_file(state, record: dict) -> tuple[FusedConv | None, str | None]
     if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
         return None, f"{prefix or '<root>'} holds NaN or Inf"
     fused = FusedConv(
-        weight=weight, bias=bias, stride=tuple(record["stride"]), padding=tuple(record["padding"]),
+        weight=weight, bias=bias, stride=tuple(record["stride"] or (1, 1)), padding=tuple(record["padding"]),
         dilation=tuple(record["dilation"]), groups=groups, padding_mode=record.get("padding_mode", "zeros"),
     )
     return fused, None
@@ -467,7 +467,7 @@ def verify_against(deploy_state, train_state, family_options=None,
         fused64 = fuse_branches(block.branches)
         record = {
             "deploy_prefix": block.deploy_prefix, "groups": fused64.groups, "out_channels": fused64.out_channels,
-            "in_channels": fused64.in_channels, "kernel": list(fused64.kernel_size), "stride": list(fused64.stride),
+            "in_per_group": int(fused64.weight.shape[1]), "kernel": list(fused64.kernel_size), "stride": list(fused64.stride),
             "padding": list(fused64.padding), "dilation": list(fused64.dilation), "padding_mode": fused64.padding_mode,
         }
         accounted.update(block.deploy_state(fused64))

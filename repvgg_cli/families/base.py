@@ -218,6 +218,7 @@ def geometry_from_conv(conv: nn.Conv2d) -> dict:
         dilation=tuple(conv.dilation),
         padding_mode=conv.padding_mode,
         in_channels=int(conv.in_channels),
+        geometry_known=True,
     )
 
 

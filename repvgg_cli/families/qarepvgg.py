@@ -85,8 +85,8 @@ class QARepVGG(Family):
     anchor = "rbr_dense.conv.weight"
     deploy_anchor = "rbr_reparam.weight"
     train_keys = (
-        "rbr_dense.{conv,bn}, rbr_1x1 (plain conv), bn (post-sum); identity (and V2 avg-pool) have no keys: "
-        "present iff the 1x1 weight is square, unless --no-identity matches"
+        "rbr_dense.{conv,bn}, rbr_1x1 (plain conv), bn (post-sum); the identity has no keys: present iff "
+        "the 1x1 weight is square, unless --no-identity matches; V2's avg-pool only where --avg-branch matches"
     )
     deploy_keys = "rbr_reparam.{weight,bias} + bn kept (--fold-post-bn: rbr_reparam only)"
     after_sum = "se, bn, nonlinearity (ReLU) - kept; bn folded with --fold-post-bn"
