@@ -315,3 +315,6 @@ def families(
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="repvgg")
+
+
+from . import cli_tools  # noqa: E402,F401 - registers the bench and export commands
