@@ -9,7 +9,6 @@ into place with ``os.replace``: a failure leaves no partial file and an existing
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -372,10 +371,8 @@ def save_state_dict(
     """
     text = metadata_json(metadata)
     if output.suffix == ".safetensors":
-        from safetensors.torch import save
-
-        data = save(_unshared(state), metadata={"format": "pt", METADATA_KEY: text})
-        write_bytes_atomic(output, _sorted_safetensors_metadata(data))
+        header_metadata = {"format": "pt", METADATA_KEY: text}
+        atomic_write(output, lambda tmp: write_safetensors(tmp, state, header_metadata))
         return
     deploy: OrderedDict[str, Tensor] = OrderedDict(state)
     # Only our entry: the source's module versions name modules (and prefixes) that are gone.
@@ -391,50 +388,59 @@ def save_state_dict(
 
 
 def save_torch(output: Path, payload: Any) -> None:
-    """``torch.save`` through an in-memory buffer (its zip's inner name is then always the same)."""
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    write_bytes_atomic(output, buffer.getvalue())
+    """``torch.save`` streamed into the temporary file.
 
-
-def write_bytes_atomic(output: Path, data: bytes) -> None:
-    """Write ``data`` to ``output`` through :func:`atomic_write`."""
+    Given an open file (not a path), torch names the zip's inner folder ``archive`` whatever the
+    file is called, so the bytes do not depend on the temporary file's random name.
+    """
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
-            handle.write(data)
+            torch.save(payload, handle)
 
     atomic_write(output, write)
 
 
-def _sorted_safetensors_metadata(data: bytes) -> bytes:
-    """Re-serialise a safetensors header with its ``__metadata__`` keys sorted.
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.complex64: "C64",
+}
 
-    safetensors keeps the metadata in a Rust HashMap, so two entries come out in a random order
-    from one save to the next; sorting them makes equal inputs give equal bytes.
+
+def write_safetensors(path: Path, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file, streaming each tensor's bytes (no copy of the whole model).
+
+    The format (8-byte little-endian header length, a JSON header of dtype/shape/offsets per
+    tensor plus ``__metadata__``, then the raw bytes) is written here rather than through
+    ``safetensors.torch.save_file`` for two reasons: that function first copies every tensor
+    into a Python ``bytes`` object (doubling peak memory), and it stores ``__metadata__`` in a
+    hash map whose order changes from run to run. Tensors keep the state dict's order; the
+    metadata keys are sorted; the files read back with ``safetensors.safe_open``.
     """
-    length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + length])
-    if isinstance(header.get("__metadata__"), dict):
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + data[8 + length :]
-
-
-def _unshared(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Contiguous tensors, each with storage of its own (safetensors refuses shared storage)."""
-    seen: set[int] = set()
-    tensors: dict[str, Tensor] = {}
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    tensors: list[Tensor] = []
     for key, tensor in state.items():
-        tensor = tensor.detach().contiguous()
-        pointer = tensor.untyped_storage().data_ptr()
-        if tensor.numel() and (pointer in seen or tensor.untyped_storage().nbytes() != tensor.nbytes):
-            tensor = tensor.clone()
-            pointer = tensor.untyped_storage().data_ptr()
-        seen.add(pointer)
-        tensors[key] = tensor
-    return tensors
+        if not isinstance(tensor, Tensor):
+            raise InputError(f"cannot write {key}: a {type(tensor).__name__}, not a tensor")
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise InputError(f"cannot write {key} as safetensors: dtype {tensor.dtype} has no safetensors code")
+        tensor = tensor.detach().cpu().contiguous()
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+        tensors.append(tensor)
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little"))
+        handle.write(text)
+        for tensor in tensors:
+            if tensor.numel():
+                handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
 
 
 def save_model(output: Path, model: nn.Module, loaded: "LoadedCheckpoint", metadata: Mapping) -> None:

@@ -554,17 +554,43 @@ def test_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch, suffix:
 
 
 def test_failed_serialisation_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:
-    import safetensors.torch
+    real_write = checkpoint.write_safetensors
 
-    def broken_save(*args, **kwargs):
+    def broken_write(path, state, metadata):
+        real_write(path, state, metadata)
+        with open(path, "r+b") as handle:
+            handle.truncate(100)  # half written, then the disk fails
         raise RuntimeError("serialisation failed")
 
-    monkeypatch.setattr(safetensors.torch, "save", broken_save)
-    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    monkeypatch.setattr(checkpoint, "write_safetensors", broken_write)
     output = tmp_path / "deploy.safetensors"
     with pytest.raises(RuntimeError, match="serialisation failed"):
         save_state_dict(output, plain_state(), {"n": 1})
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool]
+)
+def test_safetensors_writer_round_trips_through_the_safetensors_library(tmp_path: Path, dtype) -> None:
+    from safetensors import safe_open
+
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 4, 2, 2, generator=gen) * 10
+    shared = base.to(dtype)
+    state = {"a.weight": shared, "a.view": shared[1], "empty": torch.zeros(0, 3).to(dtype), "scalar": shared[0, 0, 0, 0]}
+    path = tmp_path / "x.safetensors"
+    checkpoint.write_safetensors(path, state, {"z": "1", "a": "2"})
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata() == {"a": "2", "z": "1"}
+        assert sorted(handle.keys()) == sorted(state)
+        for key, value in state.items():
+            loaded = handle.get_tensor(key)
+            assert loaded.dtype == dtype and loaded.shape == value.shape
+            assert torch.equal(loaded, value)
+    first = path.read_bytes()
+    checkpoint.write_safetensors(path, dict(state), {"a": "2", "z": "1"})
+    assert path.read_bytes() == first
 
 
 def test_atomic_write_cleans_up_when_interrupted(tmp_path: Path) -> None:
