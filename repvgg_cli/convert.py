@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,7 @@ from . import __version__
 from .errors import InputError, RepvggError, UnsupportedError
 from .checkpoint import tensor_sha256
 from .families import FAMILIES, Block, Family, FamilyOptions, find_blocks, unrecognised_blocks
-from .fusion import FusedConv, fuse_branches
+from .fusion import FusedConv, as_float64, as_meta, fuse_branches, map_branch_tensors
 from .verify import (
     BlockCheck,
     ModelCheck,
@@ -145,17 +145,21 @@ def fuse_block(block: Block, options: ConvertOptions, state: Mapping[str, Tensor
         A :class:`BlockResult`.
     """
     try:
-        fused64 = fuse_branches(block.branches)
+        branches64 = map_branch_tensors(block.branches, as_float64)  # one upcast, shared by fusion and check
+        fused64 = fuse_branches(branches64)
         shipped = fused64.to(block.dtype)
-        check = check_block(block.name, block.branches, fused64, shipped, options.seed, options.tolerance)
+        check = check_block(block.name, branches64, fused64, shipped, options.seed, options.tolerance)
     except RepvggError as error:
         raise type(error)(_in_block(error.message, block.name), error.hint) from None
+    params_before = _block_params(block, state)
+    # Keep shapes, dtypes and eps for the report, not the source tensors: they can be freed.
+    light = replace(block, branches=map_branch_tensors(block.branches, as_meta))
     return BlockResult(
-        block=block,
+        block=light,
         fused=shipped,
         check=check,
         reference=check.reference,
-        params_before=_block_params(block, state),
+        params_before=params_before,
         params_after=int(shipped.weight.numel() + shipped.bias.numel()),
     )
 

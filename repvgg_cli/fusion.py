@@ -10,7 +10,7 @@ the caller casts the result to the dtype it ships (see :meth:`FusedConv.to`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,8 @@ class ConvBranch:
 
     ``padding`` and ``dilation`` are the branch's own; ``padding=None`` means "aligned with
     the main kernel by construction" and is not checked. ``scale`` is a per-output-channel
-    factor applied last (layer scale, or -1 for a subtracted branch).
+    factor applied last (layer scale, or -1 for a subtracted branch). ``padding_mode=None``
+    means "the block's" (a branch that pads with another mode cannot be fused).
     """
 
     weight: Tensor
@@ -52,6 +53,7 @@ class ConvBranch:
     padding: Pair | None = None
     dilation: Pair = (1, 1)
     scale: Tensor | None = None
+    padding_mode: str | None = None
 
     @property
     def kernel_size(self) -> Pair:
@@ -153,8 +155,8 @@ class FusedConv:
     def to(self, dtype: torch.dtype) -> "FusedConv":
         """A copy with fresh, contiguous tensors of ``dtype`` (safetensors refuses shared storage)."""
         return FusedConv(
-            weight=self.weight.detach().to(dtype).clone().contiguous(),
-            bias=self.bias.detach().to(dtype).clone().contiguous(),
+            weight=_fresh(self.weight, dtype),
+            bias=_fresh(self.bias, dtype),
             stride=self.stride,
             padding=self.padding,
             dilation=self.dilation,
@@ -173,6 +175,43 @@ class FusedConv:
     @property
     def kernel_size(self) -> Pair:
         return (int(self.weight.shape[2]), int(self.weight.shape[3]))
+
+
+def _fresh(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` as ``dtype`` in new, contiguous memory (one copy, never shared with the input)."""
+    out = tensor.detach().to(dtype=dtype)
+    if out.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+        return out.clone(memory_format=torch.contiguous_format)
+    return out.contiguous()
+
+
+def map_branch_tensors(branches: Branches, fn) -> Branches:
+    """The same description with ``fn`` applied to every tensor (weights, biases, BN, scales)."""
+
+    def t(value):
+        return fn(value) if isinstance(value, Tensor) else value
+
+    def bn(value: BatchNorm | None) -> BatchNorm | None:
+        if value is None:
+            return None
+        return replace(value, running_mean=t(value.running_mean), running_var=t(value.running_var),
+                       weight=t(value.weight), bias=t(value.bias))
+
+    convs = tuple(replace(c, weight=t(c.weight), bias=t(c.bias), bn=bn(c.bn), scale=t(c.scale))
+                  for c in branches.convs)
+    identity = None if branches.identity is None else replace(
+        branches.identity, bn=bn(branches.identity.bn), scale=t(branches.identity.scale))
+    return replace(branches, convs=convs, identity=identity, post_bn=bn(branches.post_bn))
+
+
+def as_float64(tensor: Tensor) -> Tensor:
+    """Floating tensors upcast to float64 (on the CPU); other dtypes left for validation to refuse."""
+    return tensor.detach().to(device="cpu", dtype=FLOAT64) if tensor.is_floating_point() else tensor
+
+
+def as_meta(tensor: Tensor) -> Tensor:
+    """A data-free stand-in with the same shape and dtype (to report on a block after freeing it)."""
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
 
 
 def _as_float64(tensor: Tensor, what: str) -> Tensor:
@@ -299,10 +338,18 @@ def _check_alignment(branches: Branches, kernel_size: Pair) -> None:
             raise UnsupportedError(
                 f"branch {index} has dilation {conv.dilation} but the block has {branches.dilation}"
             )
+        expected_padding = [padding[d] - branches.dilation[d] * (kernel_size[d] - (kh, kw)[d]) // 2 for d in range(2)]
+        if conv.padding_mode not in (None, branches.padding_mode) and max(expected_padding) > 0:
+            # Reflect/replicate/circular padding of branches with one mode fuses exactly (the padded
+            # pixels do not depend on the amount of padding); two modes differ at the border.
+            raise UnsupportedError(
+                f"branch {index} ({kh}x{kw}) pads with padding_mode={conv.padding_mode!r} but the block's "
+                f"main conv with {branches.padding_mode!r}; one fused conv has one padding mode"
+            )
         if conv.padding is None:
             continue
         for dim, (big, small) in enumerate(zip(kernel_size, (kh, kw))):
-            expected = padding[dim] - branches.dilation[dim] * (big - small) // 2
+            expected = expected_padding[dim]
             if conv.padding[dim] != expected:
                 raise UnsupportedError(
                     f"branch {index} ({kh}x{kw}) has padding {conv.padding}, which does not "
@@ -417,7 +464,7 @@ def fuse_branches(branches: Branches) -> FusedConv:
         weight[rows, rows % in_per_group, kh // 2, kw // 2] += diagonal
         bias += b
 
-    if not torch.isfinite(weight).all():
+    if not torch.isfinite(weight.sum()):  # NaN/Inf anywhere propagates into the sum; no mask is built
         _raise_non_finite(branches)
     if branches.post_bn is not None:
         scale, shift = bn_scale_shift(branches.post_bn, out, "post-sum BatchNorm")
