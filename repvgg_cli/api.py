@@ -71,7 +71,8 @@ def convert_file(
         model = loaded.model if loaded.model is not None else build_model(model_spec, loaded.state_dict)
         result = reparameterize(model, options, progress=progress)
     else:
-        result = convert_state_dict(loaded.state_dict, options, progress=progress)
+        _forget_raw_weights(loaded)
+        result = convert_state_dict(loaded.state_dict, options, progress=progress, release=True)
     result = ConversionResult(**{**result.__dict__, "notes": tuple(loaded.notes) + result.notes})
     if not result.ok:
         return ConvertOutcome(result, loaded, written=False)
@@ -82,6 +83,14 @@ def convert_file(
         container = loaded.raw if loaded.entry is not None and output.suffix != ".safetensors" else None
         save_state_dict(output, result.state_dict, metadata, container=container, entry=loaded.entry)
     return ConvertOutcome(result, loaded, written=True)
+
+
+def _forget_raw_weights(loaded: LoadedCheckpoint) -> None:
+    """Drop the loaded object's own references to the weights (``state_dict`` keeps them), so a
+    block's source tensors are freed as soon as it is fused. Other container entries stay."""
+    inner = loaded.raw.get(loaded.entry) if loaded.entry is not None and isinstance(loaded.raw, dict) else loaded.raw
+    if isinstance(inner, dict) and inner is not loaded.state_dict:
+        inner.clear()
 
 
 def verify_file(

@@ -24,6 +24,7 @@ from . import __version__
 from .errors import InputError, RepvggError, UnsupportedError
 from .checkpoint import tensor_sha256
 from .families import FAMILIES, Block, Family, FamilyOptions, find_blocks, unrecognised_blocks
+from .families.base import join
 from .fusion import FusedConv, as_float64, as_meta, fuse_branches, map_branch_tensors
 from .verify import (
     BlockCheck,
@@ -183,14 +184,17 @@ Progress = Callable[[int], tuple[object, Callable[[str], None]]]
 
 
 def _fuse_all(items: list, fuse: Callable, progress: Progress | None) -> list:
-    if progress is None:
-        return [fuse(item) for item in items]
-    context, advance = progress(len(items))
+    """``[fuse(item) for item in items]``, emptying ``items`` as it goes (so each block's source
+    tensors can be freed once it is fused), advancing the progress bar if there is one."""
+    context, advance = progress(len(items)) if progress is not None else (None, None)
     results = []
     with context if context is not None else _nothing():
-        for item in items:
+        while items:
+            item = items.pop(0)
             results.append(fuse(item))
-            advance(item[0] if isinstance(item, tuple) else item.name)
+            if advance is not None:
+                advance(item[0] if isinstance(item, tuple) else item.name)
+            del item
     return results
 
 
@@ -217,38 +221,51 @@ def convert_state_dict(
     state: Mapping[str, Tensor],
     options: ConvertOptions | None = None,
     progress: Progress | None = None,
+    release: bool = False,
 ) -> ConversionResult:
     """Fuse every block of a state dict (key tree): no model code needed.
 
     Args:
         state: a train-form state dict (prefixes already stripped).
         options: eps, tolerance, seed.
+        progress: optional progress-bar factory.
+        release: remove each block's source keys from ``state`` once it is fused, so their
+            tensors can be freed (for callers that own ``state``, like the CLI).
     Returns:
         A :class:`ConversionResult` whose ``state_dict`` loads with ``strict=True`` into the
         deploy form of each family's model.
     """
     options = options or ConvertOptions()
+    keys = list(state.keys())
     blocks = find_blocks(state, options.family_options)
-    results = _fuse_all(blocks, lambda b: fuse_block(b, options, state), progress)
     dropped = dropped_keys_for(state, blocks)
-    first_key = {r.block.source_keys[0]: r for r in results if r.block.source_keys}
-    consumed = {k for r in results for k in r.block.source_keys}
     dropped_set = set(dropped)
+    consumed = {k for b in blocks for k in b.source_keys}
+    for block in blocks:
+        for name in (join(block.deploy_prefix, "weight"), join(block.deploy_prefix, "bias")):
+            if name in state and name not in consumed:
+                raise UnsupportedError(
+                    f"block {block.name or '<root>'}: the file already has the deploy key {name} next to "
+                    "the train-form branches (a half-converted checkpoint?)"
+                )
+    unrecognised = tuple(unrecognised_blocks(state, consumed | dropped_set))
+
+    def fuse(block: Block) -> BlockResult:
+        result = fuse_block(block, options, state)
+        if release:
+            for key in block.source_keys:
+                state.pop(key, None)  # type: ignore[attr-defined]
+        return result
+
+    results = _fuse_all(blocks, fuse, progress)
+    first_key = {r.block.source_keys[0]: r for r in results if r.block.source_keys}
     deploy: OrderedDict[str, Tensor] = OrderedDict()
     passthrough = 0
-    for key, value in state.items():
+    for key in keys:
         if key in first_key:
-            for new_key, tensor in first_key[key].block.deploy_state(first_key[key].fused).items():
-                if new_key in state and new_key not in consumed:
-                    raise UnsupportedError(
-                        f"block {first_key[key].block.name or '<root>'}: the file already has the deploy key "
-                        f"{new_key} next to the train-form branches (a half-converted checkpoint?)"
-                    )
-                deploy[new_key] = tensor
-        elif key in consumed or key in dropped_set:
-            continue
-        else:
-            deploy[key] = value
+            deploy.update(first_key[key].block.deploy_state(first_key[key].fused))
+        elif key not in consumed and key not in dropped_set:
+            deploy[key] = state[key]
             passthrough += 1
     return ConversionResult(
         mode="key tree",
@@ -258,7 +275,7 @@ def convert_state_dict(
         passthrough_keys=passthrough,
         options=options,
         notes=block_notes(results),
-        unrecognised=tuple(unrecognised_blocks(state, consumed | dropped_set)),
+        unrecognised=unrecognised,
     )
 
 
