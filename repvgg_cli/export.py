@@ -1,0 +1,418 @@
+"""ONNX export of the deploy-form model, checked against torch with onnxruntime before it is written.
+
+Where the model comes from (module tree only; an ONNX graph needs the model's forward):
+
+- a pickled model (``--allow-pickle``): train-form blocks are fused in place first (each block and
+  the whole model checked, as ``convert`` does); a model already in deploy form is exported as is;
+- a state dict and ``MODULE:CALLABLE`` building the **train-form** model: a train-form state dict
+  is loaded strictly and fused; a deploy state dict (e.g. written by ``repvgg convert``) is
+  loaded strictly into the factory's model after switching it to its deploy structure.
+
+The graph is made by ``torch.onnx.export(..., dynamo=False)`` (the TorchScript exporter: it needs
+no ``onnxscript``), kept in memory, checked with ``onnx.checker`` and run in onnxruntime on
+seeded random inputs against the torch deploy model; only a graph that passes is written, atomically.
+onnx and onnxruntime are an optional extra (``pip install "repvgg-cli[onnx]"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .bench import model_dtype
+from .checkpoint import LoadedCheckpoint, atomic_write, load_checkpoint
+from .convert import (
+    ConversionResult,
+    ConvertOptions,
+    build_model,
+    find_module_blocks,
+    load_factory,
+    reparameterize,
+)
+from .errors import InputError, OutputExistsError, UnsupportedError
+from .verify import Tolerance, compare, flatten_outputs, infer_input_shape
+
+DEFAULT_OPSET = 17
+EXPORTER = "torch.onnx.export(dynamo=False) (TorchScript exporter)"
+INPUT_NAME = "input"
+ONNX_HINT = 'install the optional extra: pip install "repvgg-cli[onnx]"'
+
+DEFAULT_ONNX_RTOL: dict[torch.dtype, float] = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-4,
+    torch.float16: 1e-2,
+    torch.bfloat16: 5e-2,
+}
+"""Default relative tolerance of onnxruntime vs torch, by the model's dtype (two float32 engines
+sum in different orders, so looser than the fused-block check)."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Options of an export.
+
+    Attributes:
+        opset: ONNX opset version.
+        input_shape: the traced input ``N,C,H,W``; None: ``1, C, 224, 224`` (C from the first conv).
+        dynamic_batch: make the batch dimension symbolic (checked with a second batch size).
+        rtol, atol: onnxruntime passes iff ``max_abs_err <= atol + rtol * max|torch|``; rtol None: by dtype.
+        seed: seeds the check inputs (``seed``, ``seed + 1``).
+        tolerance: the fusion checks' tolerance when the model is fused first.
+    """
+
+    opset: int = DEFAULT_OPSET
+    input_shape: tuple[int, ...] | None = None
+    dynamic_batch: bool = False
+    rtol: float | None = None
+    atol: float = 0.0
+    seed: int = 0
+    tolerance: Tolerance = field(default_factory=Tolerance)
+
+
+@dataclass(frozen=True)
+class OnnxCheck:
+    """onnxruntime vs the torch deploy model on one seeded input."""
+
+    seed: int
+    input_shape: tuple[int, ...]
+    max_abs_err: float
+    scale: float
+    rtol: float
+    atol: float
+    outputs: int = 1
+
+    @property
+    def rel_err(self) -> float:
+        return self.max_abs_err / self.scale if self.scale > 0 else self.max_abs_err
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_err <= self.atol + self.rtol * self.scale
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_file` did.
+
+    Attributes:
+        source, output: the files.
+        source_form: "pickled train model", "pickled deploy model", "train state dict" or "deploy state dict".
+        conversion: the fusion (blocks and checks) when the model was fused here; None when it
+            already was in deploy form.
+        checks: onnxruntime vs torch, one per seeded input.
+        opset, input_shape, dynamic_batch, dtype: as exported.
+        exporter: which torch exporter made the graph.
+        written: the output was written (every check passed).
+        size, sha256: of the ONNX bytes (written or not).
+        notes: loader notes (entry used, prefixes stripped, unpickling).
+    """
+
+    source: Path
+    output: Path
+    source_form: str
+    conversion: ConversionResult | None
+    checks: tuple[OnnxCheck, ...]
+    opset: int
+    input_shape: tuple[int, ...]
+    dynamic_batch: bool
+    dtype: str
+    exporter: str
+    written: bool
+    size: int
+    sha256: str
+    onnxruntime_version: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def max_abs_err(self) -> float:
+        return max((c.max_abs_err for c in self.checks), default=0.0)
+
+    @property
+    def rel_err(self) -> float:
+        return max((c.rel_err for c in self.checks), default=0.0)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks) and (self.conversion is None or self.conversion.ok)
+
+
+def require_onnx() -> tuple[Any, Any]:
+    """Import onnx and onnxruntime, or explain how to install them.
+
+    Raises:
+        InputError: either is missing (exit 2), with the pip hint.
+    """
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as error:
+        raise InputError(f"export needs onnx and onnxruntime: {error}", hint=ONNX_HINT) from None
+    return onnx, onnxruntime
+
+
+def check_onnx_output(output: Path, source: Path, force: bool) -> None:
+    """Refuse the source, an existing output without ``force``, a missing folder, a non-.onnx name."""
+    if output.suffix.lower() != ".onnx":
+        raise InputError(f"{output}: the output must be an .onnx file")
+    if output.exists() and source.exists() and os.path.samefile(output, source):
+        raise OutputExistsError(f"{output} is the source checkpoint; it is never overwritten")
+    if output.exists() and output.is_dir():
+        raise InputError(f"{output} is a directory")
+    if output.exists() and not force:
+        raise OutputExistsError(f"{output} exists", hint="pass --force to replace it")
+    if not output.parent.is_dir():
+        raise InputError(f"{output.parent} does not exist")
+
+
+def deploy_model_from(
+    loaded: LoadedCheckpoint,
+    model_spec: str | None,
+    options: ConvertOptions,
+) -> tuple[nn.Module, str, ConversionResult | None]:
+    """The deploy-form model of a loaded checkpoint (see the module docstring).
+
+    Returns:
+        ``(deploy model, source form, conversion or None)``.
+    """
+    if loaded.model is not None:
+        model = loaded.model.eval()
+        if not find_module_blocks(model):
+            return model, "pickled deploy model", None
+        result = reparameterize(model, options)
+        return result.model, "pickled train model", result
+    if model_spec is None:
+        raise InputError(
+            f"{loaded.path} holds a state dict, not a model: an ONNX export needs the model's code",
+            hint="pass --model MODULE:CALLABLE that builds the train-form model, or a pickled model with --allow-pickle",
+        )
+    factory_model = _call_factory(model_spec)
+    if set(loaded.state_dict) == set(factory_model.state_dict()):
+        model = build_model(model_spec, loaded.state_dict)
+        result = reparameterize(model, options)
+        return result.model, "train state dict", result
+    # A deploy state dict: switch a freshly built model to its deploy structure, then load strictly.
+    if not find_module_blocks(factory_model):
+        raise InputError(f"--model {model_spec}: the factory's model has no train-form block and the checkpoint "
+                         "does not load into it")
+    structure = reparameterize(factory_model.eval(), options, check_model=False).model
+    assert structure is not None
+    try:
+        structure.load_state_dict(loaded.state_dict, strict=True)
+    except RuntimeError as error:
+        lines = str(error).strip().splitlines()
+        detail = " ".join(line.strip() for line in lines[1:3]) if len(lines) > 1 else lines[0]
+        raise InputError(
+            f"{loaded.path} loads neither into --model {model_spec} (train form) nor into its deploy form: "
+            f"{detail[:300]}"
+        ) from None
+    return structure.eval(), "deploy state dict", None
+
+
+def _call_factory(spec: str) -> nn.Module:
+    factory = load_factory(spec)
+    try:
+        model = factory()
+    except Exception as error:  # noqa: BLE001 - the user's factory may raise anything
+        raise InputError(f"--model {spec!r}: calling it failed: {error}") from None
+    if not isinstance(model, nn.Module):
+        raise InputError(f"--model {spec!r} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def exporter_opsets() -> tuple[int, int]:
+    """The opsets the installed torch's TorchScript exporter supports (it only warns beyond them)."""
+    try:
+        from torch.onnx import _constants
+
+        return int(_constants.ONNX_MIN_OPSET), int(_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except (ImportError, AttributeError):
+        return 7, 20
+
+
+def _output_names(count: int) -> list[str]:
+    return ["output"] if count == 1 else [f"output{i}" for i in range(count)]
+
+
+def onnx_bytes(model: nn.Module, x: Tensor, opset: int, dynamic_batch: bool, outputs: int) -> bytes:
+    """Export ``model`` traced on ``x`` with the TorchScript exporter, into memory.
+
+    Raises:
+        UnsupportedError: the exporter refused the model or the opset.
+    """
+    names = _output_names(outputs)
+    dynamic_axes = {name: {0: "batch"} for name in [INPUT_NAME, *names]} if dynamic_batch else None
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter announces its own deprecation
+            torch.onnx.export(
+                model, (x,), buffer, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+                output_names=names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+            )
+    except Exception as error:  # noqa: BLE001 - the exporter raises many types for one cause
+        raise UnsupportedError(f"torch.onnx.export (opset {opset}) failed: {_first_line(error)}") from None
+    return buffer.getvalue()
+
+
+def validate_graph(onnx: Any, data: bytes) -> None:
+    """Run ``onnx.checker`` on the graph.
+
+    Raises:
+        UnsupportedError: the checker rejects it.
+    """
+    try:
+        onnx.checker.check_model(onnx.load_from_string(data))
+    except Exception as error:  # noqa: BLE001 - onnx raises ValidationError and friends
+        raise UnsupportedError(f"the exported ONNX graph is invalid: {_first_line(error)}") from None
+
+
+def with_metadata(onnx: Any, data: bytes, metadata: dict[str, str]) -> bytes:
+    """Add ``metadata_props`` (sorted, so equal inputs give equal bytes); the graph is unchanged."""
+    proto = onnx.load_from_string(data)
+    for key in sorted(metadata):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, metadata[key]
+    return proto.SerializeToString()
+
+
+def check_with_onnxruntime(
+    onnxruntime: Any,
+    data: bytes,
+    model: nn.Module,
+    shapes: list[tuple[int, ...]],
+    options: ExportOptions,
+    dtype: torch.dtype,
+) -> tuple[OnnxCheck, ...]:
+    """Run the graph in onnxruntime (CPU) and the torch model on the same seeded inputs.
+
+    Returns:
+        One :class:`OnnxCheck` per shape, seeded ``seed``, ``seed + 1``, …
+    """
+    session_options = onnxruntime.SessionOptions()
+    session_options.intra_op_num_threads = torch.get_num_threads()
+    session_options.log_severity_level = 3
+    try:
+        session = onnxruntime.InferenceSession(data, session_options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types
+        raise UnsupportedError(f"onnxruntime cannot load the exported graph (opset {options.opset}): "
+                               f"{_first_line(error)}") from None
+    rtol = options.rtol if options.rtol is not None else DEFAULT_ONNX_RTOL.get(dtype, 1e-4)
+    checks = []
+    for i, shape in enumerate(shapes):
+        seed = options.seed + i
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(dtype)
+        with torch.no_grad():
+            reference = [t.detach().cpu() for t in flatten_outputs(model(x))]
+        try:
+            produced = session.run(None, {INPUT_NAME: x.numpy()})
+        except Exception as error:  # noqa: BLE001
+            raise UnsupportedError(f"onnxruntime failed on input {shape}: {_first_line(error)}") from None
+        if len(produced) != len(reference):
+            raise UnsupportedError(f"the graph returns {len(produced)} tensors, torch returns {len(reference)}")
+        err, scale = 0.0, 0.0
+        for r, p in zip(reference, produced):
+            e, s = compare(r, torch.from_numpy(p))
+            err, scale = max(err, e), max(scale, s)
+        checks.append(OnnxCheck(seed, tuple(shape), err, scale, rtol, options.atol, len(reference)))
+    return tuple(checks)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
+
+
+def export_file(
+    source: str | Path,
+    output: str | Path,
+    options: ExportOptions | None = None,
+    allow_pickle: bool = False,
+    entry: str | None = None,
+    model_spec: str | None = None,
+    force: bool = False,
+) -> ExportResult:
+    """Export a checkpoint's deploy model to ONNX, check it in onnxruntime, write it only if it passes.
+
+    Args:
+        source: a pickled model (train or deploy form; needs ``allow_pickle``), or a train or deploy
+            state dict with ``model_spec``.
+        output: the ``.onnx`` file; must not exist unless ``force``.
+        options: opset, input shape, dynamic batch, tolerances, seed.
+        allow_pickle, entry: as for loading.
+        model_spec: ``MODULE:CALLABLE`` building the train-form model.
+        force: replace an existing output (atomically).
+    Returns:
+        An :class:`ExportResult`; ``written`` is False when a check failed.
+    Raises:
+        InputError: onnx/onnxruntime missing, bad input, existing output; UnsupportedError: the
+        exporter, onnx.checker or onnxruntime refused the graph.
+    """
+    source, output = Path(source), Path(output)
+    options = options or ExportOptions()
+    onnx, onnxruntime = require_onnx()
+    check_onnx_output(output, source, force)
+    if (options.rtol is not None and options.rtol < 0) or options.atol < 0:
+        raise InputError("--rtol and --atol must not be negative")
+    low, high = exporter_opsets()
+    if not low <= options.opset <= high:
+        raise InputError(f"--opset {options.opset}: torch {torch.__version__}'s TorchScript exporter supports "
+                         f"opsets {low} to {high}")
+    loaded = load_checkpoint(source, allow_pickle=allow_pickle, entry=entry)
+    convert_options = ConvertOptions(tolerance=options.tolerance, seed=options.seed, input_shape=options.input_shape)
+    model, form, conversion = deploy_model_from(loaded, model_spec, convert_options)
+    model.eval()
+    if options.input_shape is not None:
+        shape = tuple(options.input_shape)
+    else:
+        try:
+            shape = (1, infer_input_shape(model)[1], 224, 224)
+        except ValueError as error:
+            raise InputError(str(error)) from None
+    dtype = model_dtype(model)
+    if dtype not in (torch.float32, torch.float64, torch.float16):
+        raise UnsupportedError(f"export of a {str(dtype).replace('torch.', '')} model: onnxruntime is checked "
+                               "with numpy inputs, which have no such dtype", hint="cast the model to float32 first")
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(options.seed), dtype=torch.float32).to(dtype)
+    try:
+        with torch.no_grad():
+            outputs = len(flatten_outputs(model(x)))
+    except RuntimeError as error:
+        raise InputError(f"the deploy model cannot run on input {shape}: {_first_line(error)}",
+                         hint="pass --input-shape N,C,H,W") from None
+    if outputs == 0:
+        raise UnsupportedError("the model returns no tensor to export")
+    data = onnx_bytes(model, x, options.opset, options.dynamic_batch, outputs)
+    validate_graph(onnx, data)
+    shapes = [shape, shape]
+    if options.dynamic_batch:
+        shapes[1] = (shape[0] + 1, *shape[1:])
+    checks = check_with_onnxruntime(onnxruntime, data, model, shapes, options, dtype)
+    metadata = {
+        "repvgg_cli.version": __version__,
+        "repvgg_cli.source": source.name,
+        "repvgg_cli.source_sha256": loaded.sha256,
+        "repvgg_cli.source_form": form,
+        "repvgg_cli.onnxruntime_max_abs_err": repr(max(c.max_abs_err for c in checks)),
+        "repvgg_cli.onnxruntime_rel_err": repr(max(c.rel_err for c in checks)),
+    }
+    data = with_metadata(onnx, data, metadata)
+    result = ExportResult(
+        source=source, output=output, source_form=form, conversion=conversion, checks=checks,
+        opset=options.opset, input_shape=shape, dynamic_batch=options.dynamic_batch,
+        dtype=str(dtype).replace("torch.", ""), exporter=EXPORTER, written=False, size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(), onnxruntime_version=str(onnxruntime.__version__),
+        notes=loaded.notes,
+    )
+    if not result.ok:
+        return result
+    atomic_write(output, lambda tmp: tmp.write_bytes(data))
+    return ExportResult(**{**result.__dict__, "written": True})
