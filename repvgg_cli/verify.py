@@ -192,10 +192,17 @@ def block_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (2**63)
 
 
-def block_probe(in_channels: int, kernel_size: tuple[int, int], dilation: tuple[int, int], seed: int, batch: int = 1) -> Tensor:
-    """A seeded float64 input just large enough for the centre output to see every kernel tap."""
+def block_probe(in_channels: int, kernel_size: tuple[int, int], dilation: tuple[int, int], seed: int, batch: int = 1,
+                padding: tuple[int, int] | None = None, padding_mode: str = "zeros") -> Tensor:
+    """A seeded float64 input just large enough for the centre output to see every kernel tap.
+
+    With a reflect/replicate/circular ``padding_mode`` it is also larger than ``padding`` (reflect
+    padding must be smaller than the input).
+    """
     h = dilation[0] * (kernel_size[0] - 1) + 1
     w = dilation[1] * (kernel_size[1] - 1) + 1
+    if padding_mode != "zeros" and padding is not None:
+        h, w = max(h, padding[0] + 1), max(w, padding[1] + 1)
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, in_channels, h, w, generator=generator, dtype=FLOAT64)
 
@@ -207,13 +214,15 @@ def _centre(y: Tensor) -> Tensor:
 def reference_probe(branches: Branches, seed: int) -> Tensor:
     """The train-form output at the centre pixel for the block's seeded probe: ``(batch, C_out)``."""
     stride1 = Branches(**{**branches.__dict__, "stride": (1, 1)})
-    x = block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation, seed)
+    x = block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation, seed,
+                    padding=branches.resolved_padding, padding_mode=branches.padding_mode)
     return _centre(reference_forward(stride1, x))
 
 
 def fused_probe(fused: FusedConv, seed: int) -> Tensor:
     """The deploy-form output at the centre pixel for the same seeded probe."""
-    x = block_probe(fused.in_channels, fused.kernel_size, fused.dilation, seed)
+    x = block_probe(fused.in_channels, fused.kernel_size, fused.dilation, seed,
+                    padding=fused.padding, padding_mode=fused.padding_mode)
     return _centre(fused_forward(fused, x, stride=(1, 1)))
 
 
@@ -267,7 +276,8 @@ def check_block(
         A :class:`BlockCheck` with the max abs error relative to the output scale.
     """
     stride1 = Branches(**{**branches.__dict__, "stride": (1, 1)})
-    x = block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation, block_seed(seed, name))
+    x = block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation, block_seed(seed, name),
+                    padding=branches.resolved_padding, padding_mode=branches.padding_mode)
     reference = reference_forward(stride1, x)
     output = fused_forward(shipped, x, stride=(1, 1))
     err, scale = compare(reference, output)
@@ -455,6 +465,7 @@ def verify_against(deploy_state, train_state, family_options=None,
     Every block of the source is recomputed from its train-form tensors and compared with the
     fused conv stored in the deploy file; every other source key must be present and identical.
     """
+    from .errors import RepvggError
     from .families import FamilyOptions, find_blocks
     from .fusion import fuse_branches
 
@@ -464,7 +475,11 @@ def verify_against(deploy_state, train_state, family_options=None,
     checks: list[BlockCheck] = []
     accounted: set[str] = set()
     for block in blocks:
-        fused64 = fuse_branches(block.branches)
+        try:
+            fused64 = fuse_branches(block.branches)
+        except RepvggError as error:  # name the block, as convert does
+            message = error.message if error.message.startswith("block ") else f"block {block.name or '<root>'}: {error.message}"
+            raise type(error)(message, error.hint) from None
         record = {
             "deploy_prefix": block.deploy_prefix, "groups": fused64.groups, "out_channels": fused64.out_channels,
             "in_per_group": int(fused64.weight.shape[1]), "kernel": list(fused64.kernel_size), "stride": list(fused64.stride),

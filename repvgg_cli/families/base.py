@@ -131,6 +131,11 @@ class KeyView:
         return {k for k in self.state if k.startswith(starts)}
 
 
+def _finite(tensor: Tensor) -> bool:
+    """No NaN or Inf anywhere (a float64 sum: no mask is built, and finite values cannot overflow it)."""
+    return bool(torch.isfinite(tensor.detach().sum(dtype=torch.float64)))
+
+
 def conv_weight(view: KeyView, local: str) -> Tensor:
     weight = view.tensor(local)
     assert weight is not None
@@ -140,34 +145,91 @@ def conv_weight(view: KeyView, local: str) -> Tensor:
             "a conv weight has 4 dimensions"
         )
     if not weight.is_floating_point():
-        raise InputError(f"block {view.prefix or '<root>'}: {view.key(local)} has dtype {weight.dtype}")
+        raise InputError(f"block {view.prefix or '<root>'}: {view.key(local)} has dtype {weight.dtype}; "
+                         "a conv weight is floating point")
+    if not _finite(weight):
+        raise InputError(f"block {view.prefix or '<root>'}: {view.key(local)} holds NaN or Inf")
     return weight
+
+
+def channel_vector(view: KeyView, local: str, channels: int, of: str, required: bool = True) -> Tensor | None:
+    """A per-channel vector (conv bias, BN statistic or affine parameter), checked where it is read.
+
+    Args:
+        view: the block's keys.
+        local: the vector's key under the block.
+        channels: the length it must have.
+        of: what fixes that length, for the message (e.g. the conv weight's key).
+        required: raise when the key is absent (else return None).
+    """
+    vector = view.tensor(local, required=required)
+    if vector is None:
+        return None
+    where, key = f"block {view.prefix or '<root>'}", view.key(local)
+    if vector.dim() != 1:
+        raise InputError(f"{where}: {key} has shape {tuple(vector.shape)}; a per-channel vector has 1 dimension")
+    if not vector.is_floating_point():
+        raise InputError(f"{where}: {key} has dtype {vector.dtype}; a floating-point tensor is needed")
+    if vector.shape[0] != channels:
+        raise InputError(f"{where}: {key} has {vector.shape[0]} channels but {of} has {channels}")
+    if not _finite(vector):
+        raise InputError(f"{where}: {key} holds NaN or Inf")
+    return vector
 
 
 def conv_branch_from_keys(view: KeyView, conv: str, bn: str | None, eps: float) -> ConvBranch:
     """A conv (``<conv>.weight``, optional ``<conv>.bias``) followed by an optional BN at ``bn``."""
     weight = conv_weight(view, join(conv, "weight"))
-    bias = view.tensor(join(conv, "bias"), required=False)
-    return ConvBranch(weight=weight, bias=bias, bn=bn_from_keys(view, bn, eps) if bn else None)
+    of = f"{view.key(join(conv, 'weight'))} (output channels)"
+    bias = channel_vector(view, join(conv, "bias"), int(weight.shape[0]), of, required=False)
+    return ConvBranch(weight=weight, bias=bias, bn=bn_from_keys(view, bn, eps, int(weight.shape[0]), of) if bn else None)
 
 
-def bn_from_keys(view: KeyView, local: str, eps: float) -> BatchNorm:
-    """Read a BatchNorm's tensors from ``<local>.{weight,bias,running_mean,running_var}``."""
-    if not view.has(join(local, "running_mean")) or not view.has(join(local, "running_var")):
-        if view.has(join(local, "weight")) or view.has(join(local, "running_var")) or view.has(join(local, "running_mean")):
+def bn_from_keys(view: KeyView, local: str, eps: float, channels: int | None = None, of: str = "") -> BatchNorm:
+    """Read a BatchNorm's tensors from ``<local>.{weight,bias,running_mean,running_var}``.
+
+    Args:
+        view, local: the block's keys and the BN's prefix under it.
+        eps: the BN eps (a state dict does not store it).
+        channels, of: the number of channels the BN must have and what fixes it (e.g. its conv);
+            None: as many as its ``running_mean``.
+    """
+    where = f"block {view.prefix or '<root>'}"
+    present = [part for part in BN_KEYS[:4] if view.has(join(local, part))]
+    stats = [part for part in BN_STAT_KEYS if part in present]
+    if len(stats) == 1:
+        missing = next(part for part in BN_STAT_KEYS if part not in stats)
+        raise InputError(f"{where}: key {view.key(join(local, missing))} is missing "
+                         f"(BatchNorm {view.key(local)} has {stats[0]})")
+    if not stats:
+        if present:
             raise UnsupportedError(
-                f"block {view.prefix or '<root>'}: BatchNorm {view.key(local)} has no running "
+                f"{where}: BatchNorm {view.key(local)} has no running "
                 "statistics (track_running_stats=False?); it normalises with batch statistics "
                 "and cannot be folded into a conv",
             )
-        raise InputError(f"block {view.prefix or '<root>'}: BatchNorm {view.key(local)} is missing")
+        raise InputError(f"{where}: BatchNorm {view.key(local)} is missing")
+    affine = [part for part in ("weight", "bias") if part in present]
+    if len(affine) == 1:
+        missing = "bias" if affine == ["weight"] else "weight"
+        raise InputError(f"{where}: key {view.key(join(local, missing))} is missing "
+                         f"(BatchNorm {view.key(local)} has {affine[0]}; an affine BatchNorm has both)")
+    if channels is None:
+        mean = view.tensor(join(local, "running_mean"))
+        assert mean is not None
+        channels = int(mean.shape[0]) if mean.dim() == 1 else -1
+        of = view.key(join(local, "running_mean"))
+    vectors = {part: channel_vector(view, join(local, part), channels, of, required=part in BN_STAT_KEYS)
+               for part in ("running_mean", "running_var", "weight", "bias")}
+    if bool((vectors["running_var"].detach().to(torch.float64) < 0).any()):
+        raise InputError(f"{where}: {view.key(join(local, 'running_var'))} has negative values; a variance cannot be")
     view.mark(join(local, "num_batches_tracked"))
     return BatchNorm(
-        running_mean=view.tensor(join(local, "running_mean")),
-        running_var=view.tensor(join(local, "running_var")),
+        running_mean=vectors["running_mean"],
+        running_var=vectors["running_var"],
         eps=eps,
-        weight=view.tensor(join(local, "weight"), required=False),
-        bias=view.tensor(join(local, "bias"), required=False),
+        weight=vectors["weight"],
+        bias=vectors["bias"],
     )
 
 
@@ -184,6 +246,12 @@ def bn_from_module(bn: nn.Module, where: str) -> BatchNorm:
         raise UnsupportedError(
             f"{where} has track_running_stats=False: it normalises with batch statistics "
             "and cannot be folded into a conv"
+        )
+    act = getattr(bn, "act", None)  # timm's BatchNormAct2d: BN, then an activation
+    if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
+        raise UnsupportedError(
+            f"{where} applies {type(act).__name__} after the BatchNorm, inside the branch; "
+            "a branch with an activation before the sum cannot be fused"
         )
     return BatchNorm(
         running_mean=bn.running_mean,
@@ -206,6 +274,7 @@ def conv_branch_from_module(conv: nn.Module, bn: nn.Module | None, where: str) -
         bn=bn_from_module(bn, f"{where} BN") if bn is not None else None,
         padding=tuple(conv.padding),
         dilation=tuple(conv.dilation),
+        padding_mode=conv.padding_mode,
     )
 
 
@@ -247,6 +316,36 @@ def source_dtype(*tensors: Tensor | None) -> torch.dtype:
         if isinstance(t, Tensor) and t.is_floating_point():
             return t.dtype
     return torch.float32
+
+
+def _check_branches_agree(view: KeyView, branches: Branches) -> None:
+    """Summed branches must agree on channels: name the keys that do not (before any fusing)."""
+    convs = [c for c in branches.convs if isinstance(c.weight, Tensor) and c.weight.dim() == 4]
+    if not convs:
+        return
+    key_of = {id(view.state[k]): k for k in view.read}
+
+    def name(tensor: Tensor, fallback: str) -> str:
+        return key_of.get(id(tensor), fallback)
+
+    first = name(convs[0].weight, "the first branch's weight")
+    out, per_group = int(convs[0].weight.shape[0]), int(convs[0].weight.shape[1])
+    where = f"block {view.prefix or '<root>'}"
+    for index, conv in enumerate(convs[1:], start=1):
+        if int(conv.weight.shape[0]) != out:
+            raise UnsupportedError(f"{where}: {name(conv.weight, f'branch {index} weight')} has "
+                             f"{int(conv.weight.shape[0])} output channels but {first} has {out}; "
+                             "summed branches must agree")
+        if int(conv.weight.shape[1]) != per_group:
+            raise UnsupportedError(f"{where}: {name(conv.weight, f'branch {index} weight')} has "
+                             f"{int(conv.weight.shape[1])} input channels per group but {first} has {per_group}; "
+                             "summed branches must agree")
+    identity_bn = branches.identity.bn if branches.identity is not None else None
+    if identity_bn is not None and isinstance(identity_bn.running_mean, Tensor):
+        channels = int(identity_bn.running_mean.shape[0]) if identity_bn.running_mean.dim() == 1 else -1
+        if channels != out:
+            raise UnsupportedError(f"{where}: {name(identity_bn.running_mean, 'the identity BatchNorm')} has {channels} "
+                             f"channels but {first} has {out} output channels; an identity branch needs in == out")
 
 
 class Family:
@@ -327,6 +426,7 @@ class Family:
                 f"block {view.prefix or '<root>'} ({self.name}): unexpected key {stray[0]}"
                 + (f" and {len(stray) - 1} more" if len(stray) > 1 else "")
             )
+        _check_branches_agree(view, branches)
         ordered = tuple(k for k in view.state if k in view.read)
         return Block(
             name=view.prefix,
