@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import traceback
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -144,11 +145,37 @@ def _progress(total: int):
     return progress, (lambda name: progress.update(task, advance=1, description=f"fusing {name}"))
 
 
+class OutputFormat(str, Enum):
+    """``--format`` of a batch: the format of every output."""
+
+    safetensors = "safetensors"
+    pt = "pt"
+
+
+def _split_sources(paths: list[str]) -> tuple[list[Path], Path, bool]:
+    """``SOURCE... OUTPUT`` arrives as one list (click allows one variadic argument): the last is the output.
+
+    Returns the sources, the output, and whether the output was written as a folder (trailing slash).
+    """
+    if len(paths) < 2:
+        raise InputError("convert needs SOURCE... OUTPUT: the output is missing",
+                         hint="repvgg convert train.pt deploy.safetensors, or repvgg convert ckpts/ outdir/")
+    separators = (os.sep, os.altsep) if os.altsep else (os.sep,)
+    return [Path(p) for p in paths[:-1]], Path(paths[-1]), paths[-1].endswith(separators)
+
+
 @app.command()
 @handle_errors
 def convert(
-    source: Annotated[Path, typer.Argument(help="Train-form checkpoint (.pt, .pth, .safetensors).")],
-    output: Annotated[Path, typer.Argument(help="Deploy checkpoint to write; the extension picks the format.")],
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="SOURCE... OUTPUT", show_default=False,
+            help="Train-form checkpoint(s) (.pt, .pth, .safetensors) or folders of them, then the output: the deploy "
+                 "checkpoint for one source file (the extension picks the format), else a folder (created if missing; "
+                 "a trailing / makes it a folder for one file too).",
+        ),
+    ],
     bn_eps: EpsOption = None,
     rtol: RtolOption = None,
     atol: AtolOption = 0.0,
@@ -176,25 +203,53 @@ def convert(
     fuse_conv_bn: Annotated[
         bool, typer.Option("--fuse-conv-bn", help="Module tree: also fold the remaining conv→BN pairs that run in sequence.")
     ] = False,
-    report: Annotated[Optional[Path], typer.Option("--report", help="Also write the report to FILE.json or FILE.md.")] = None,
+    report: Annotated[
+        Optional[Path], typer.Option("--report", help="Also write the report to FILE.json, FILE.md or FILE.html.")
+    ] = None,
+    jobs: Annotated[
+        Optional[int],
+        typer.Option("--jobs", "-j", min=1, help="Batch: worker processes (default: min(4, CPU count)).", show_default=False),
+    ] = None,
+    out_format: Annotated[
+        Optional[OutputFormat],
+        typer.Option("--format", help="Batch: output format (default: each source's own).", show_default=False),
+    ] = None,
     as_json: JsonOption = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output (atomically).")] = False,
     debug: DebugOption = False,
 ) -> None:
-    """Fuse every block, verify each against its train form, write the deploy checkpoint."""
-    from .api import convert_file
-    from .convert import ConvertOptions
-    from .render import conversion_json, conversion_markdown, conversion_table, conversion_totals
-    from .verify import Tolerance
+    """Fuse every block, verify each against its train form, write the deploy checkpoint.
 
-    if report is not None and report.suffix not in (".json", ".md"):
-        raise InputError(f"--report {report}: use a .json or .md file name")
+    Several sources, or a folder of them, are converted in parallel into an output folder as
+    [bold]SOURCE.deploy.EXT[/] (see --jobs, --format).
+    """
+    from .batch import convert_options
+
+    sources, output, folder_output = _split_sources(paths)
+    batch = len(sources) > 1 or sources[0].is_dir() or output.is_dir() or folder_output
+    if report is not None and report.suffix not in (".json", ".md", ".html"):
+        raise InputError(f"--report {report}: use a .json, .md or .html file name")
+    if report is not None and batch and report.suffix == ".md":
+        raise InputError(f"--report {report}: a batch report is .json or .html")
     if report is not None and not report.parent.is_dir():
         raise InputError(f"--report {report}: the folder {report.parent} does not exist")
-    options = ConvertOptions(bn_eps=bn_eps, tolerance=Tolerance(rtol=rtol, atol=atol), seed=seed,
-                             input_shape=_parse_shape(input_shape), fold_post_bn=fold_post_bn,
-                             no_identity=tuple(no_identity or ()), avg_branch=tuple(avg_branch or ()),
-                             fuse_conv_bn=fuse_conv_bn)
+    if out_format is not None and not batch:
+        raise InputError("--format is for batch conversion into a folder",
+                         hint=f"for one file, the extension of {output} picks the format")
+    option_fields = dict(bn_eps=bn_eps, tolerance=dict(rtol=rtol, atol=atol), seed=seed,
+                         input_shape=_parse_shape(input_shape), fold_post_bn=fold_post_bn,
+                         no_identity=tuple(no_identity or ()), avg_branch=tuple(avg_branch or ()),
+                         fuse_conv_bn=fuse_conv_bn)
+    if batch:  # plain values: with worker processes, torch is imported only in them
+        _convert_batch(sources, output, option_fields, jobs=jobs, out_format=out_format.value if out_format else None,
+                       allow_pickle=allow_pickle, entry=entry, model_spec=model, force=force, report=report,
+                       as_json=as_json, debug=debug)
+        return
+    from .api import convert_file
+    from .render import conversion_json, conversion_markdown, conversion_table, conversion_totals
+
+    options = convert_options(option_fields)
+    source = sources[0]
     outcome = convert_file(source, output, options, allow_pickle=allow_pickle, entry=entry, model_spec=model,
                            force=force, progress=_progress)
     result = outcome.result
@@ -212,15 +267,67 @@ def convert(
         if outcome.written:
             console.print(f"wrote {output}", highlight=False, markup=False)
     if report is not None:
-        text = json.dumps(document, indent=2) + "\n" if report.suffix == ".json" else conversion_markdown(
-            result, str(source), str(output))
+        if report.suffix == ".html":
+            from .html_report import conversion_html
+
+            text = conversion_html(document)
+        else:
+            text = json.dumps(document, indent=2) + "\n" if report.suffix == ".json" else conversion_markdown(
+                result, str(source), str(output))
         report.write_text(text, encoding="utf-8")
     if not result.ok:
         failed = [r.block.name or "<root>" for r in result.failures]
-        detail = f"block(s) {_first_names(failed)}" if failed else "the whole-model check"
-        _stderr().print(f"Error: not equivalent: {detail} exceed the tolerance; nothing was written",
+        detail = f"block(s) {_first_names(failed)} exceed the tolerance" if failed else "the whole-model check failed"
+        _stderr().print(f"Error: not equivalent: {detail}; nothing was written",
                         markup=False, highlight=False)
         raise typer.Exit(1)
+
+
+def _convert_batch(sources: list[Path], output: Path, options: Any, *, jobs: int | None, out_format: str | None,
+                   allow_pickle: bool, entry: str | None, model_spec: str | None, force: bool,
+                   report: Path | None, as_json: bool, debug: bool) -> None:
+    """Several sources (or folders) into one output folder: one progress bar, one summary, one exit code."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .batch import batch_json, batch_table, batch_totals, failed_sources, plan_batch, run_batch
+
+    items = plan_batch(sources, output, out_format)
+    with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=_stderr(), transient=True) as progress:
+        task = progress.add_task("", total=len(items))
+        done = lambda item: progress.update(task, advance=1, description=Path(item.source).name)  # noqa: E731
+        try:
+            outcome = run_batch(items, options, jobs=jobs, allow_pickle=allow_pickle, entry=entry,
+                                model_spec=model_spec, force=force, debug=debug, on_done=done)
+        except KeyboardInterrupt:
+            progress.stop()
+            _stderr().print("Interrupted; the outputs finished before are complete, no other was written.",
+                            markup=False)
+            raise typer.Exit(130) from None
+    document = batch_json(outcome)
+    if debug:
+        for item in outcome.failures:
+            if item.traceback:
+                _stderr().print(f"{item.source}:\n{item.traceback}", markup=False, highlight=False)
+    if as_json:
+        _print_json(document)
+    else:
+        console = _stdout()
+        console.print(batch_table(outcome))
+        console.print(batch_totals(outcome), highlight=False, markup=False)
+    if report is not None:
+        if report.suffix == ".html":
+            from .html_report import batch_html
+
+            text = batch_html(document)
+        else:
+            text = json.dumps(document, indent=2) + "\n"
+        report.write_text(text, encoding="utf-8")
+    if not outcome.ok:
+        _stderr().print(f"Error: {len(outcome.failures)} of {len(outcome.items)} source(s) failed: "
+                        f"{_first_names(list(failed_sources(outcome)))}; nothing was written for them",
+                        markup=False, highlight=False)
+        raise typer.Exit(outcome.exit_code)
 
 
 @app.command()
