@@ -127,7 +127,7 @@ def conversion_totals(result: "ConversionResult") -> list[str]:
     ]
     if result.mode == "key tree":
         lines.append(f"{result.passthrough_keys} other key(s) passed through unchanged")
-    eps = sorted({r.block.eps_note for r in result.blocks})
+    eps = sorted({r.block.eps_note for r in result.blocks if _block_eps(r)})
     values = sorted({e for r in result.blocks for e in _block_eps(r)})
     if values:
         lines.append(f"BatchNorm eps: {', '.join(f'{v:g}' for v in values)} (from {', '.join(eps)})")
