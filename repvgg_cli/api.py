@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from .checkpoint import (
     LoadedCheckpoint,
     check_output_path,
     load_checkpoint,
+    metadata_problem,
     save_model,
     save_state_dict,
 )
@@ -23,7 +26,7 @@ from .convert import (
     convert_state_dict,
     reparameterize,
 )
-from .errors import InputError
+from .errors import InputError, RepvggError
 from .families import FamilyOptions
 from .verify import ModelCheck, Tolerance, VerifyReport, compare_outputs, infer_input_shape, model_outputs
 from .verify import verify_against, verify_deploy
@@ -67,12 +70,13 @@ def convert_file(
     options = options or ConvertOptions()
     check_output_path(output, [source], force)
     loaded = load_checkpoint(source, allow_pickle=allow_pickle, entry=entry)
-    if loaded.model is not None or model_spec is not None:
-        model = loaded.model if loaded.model is not None else build_model(model_spec, loaded.state_dict)
-        result = reparameterize(model, options, progress=progress)
-    else:
-        _forget_raw_weights(loaded)
-        result = convert_state_dict(loaded.state_dict, options, progress=progress, release=True)
+    with errors_name(source):
+        if loaded.model is not None or model_spec is not None:
+            model = loaded.model if loaded.model is not None else build_model(model_spec, loaded.state_dict)
+            result = reparameterize(model, options, progress=progress)
+        else:
+            _forget_raw_weights(loaded)
+            result = convert_state_dict(loaded.state_dict, options, progress=progress, release=True)
     result = ConversionResult(**{**result.__dict__, "notes": tuple(loaded.notes) + result.notes})
     if not result.ok:
         return ConvertOutcome(result, loaded, written=False)
@@ -83,6 +87,17 @@ def convert_file(
         container = loaded.raw if loaded.entry is not None and output.suffix != ".safetensors" else None
         save_state_dict(output, result.state_dict, metadata, container=container, entry=loaded.entry)
     return ConvertOutcome(result, loaded, written=True)
+
+
+@contextmanager
+def errors_name(path: Path) -> Iterator[None]:
+    """Errors raised about a file's contents (a block, a key) say which file they are about."""
+    try:
+        yield
+    except RepvggError as error:
+        if str(path) in error.message:
+            raise
+        raise type(error)(f"{path}: {error.message}", error.hint) from None
 
 
 def _forget_raw_weights(loaded: LoadedCheckpoint) -> None:
@@ -123,7 +138,14 @@ def verify_file(
                 f"{deploy} has no repvgg_cli metadata, so it cannot be checked on its own",
                 hint="pass --against TRAIN to recompute from the train-form source",
             )
-        report = verify_deploy(loaded.state_dict, metadata, tolerance)
+        problem = metadata_problem(metadata, complete=True)
+        if problem is not None:
+            raise InputError(
+                f"{deploy}: its repvgg_cli metadata is malformed: {problem}",
+                hint="the file was changed after repvgg convert wrote it; convert the train-form source again",
+            )
+        with errors_name(Path(deploy)):
+            report = verify_deploy(loaded.state_dict, metadata, tolerance)
         return VerifyReport(**{**report.__dict__, "notes": loaded.notes})
     source = load_checkpoint(against, allow_pickle=allow_pickle, entry=None)
     recorded_entry = ((metadata or {}).get("source") or {}).get("entry")
@@ -141,7 +163,8 @@ def verify_file(
     train_state = source.state_dict
     if source.model is not None and loaded.model is not None:
         train_state = source.model.state_dict()
-    report = verify_against(loaded.state_dict, train_state, family_options, tolerance, dropped=dropped)
+    with errors_name(Path(against)):  # the blocks checked are the source's
+        report = verify_against(loaded.state_dict, train_state, family_options, tolerance, dropped=dropped)
     model_check = None
     if source.model is not None and loaded.model is not None:
         model_check = _compare_models(source.model, loaded.model, input_shape, tolerance)

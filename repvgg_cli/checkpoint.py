@@ -8,14 +8,17 @@ into place with ``os.replace``: a failure leaves no partial file and an existing
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import pickle
-import struct
 import tempfile
+import threading
+import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,14 +117,56 @@ def _describe_unpickling_failure(error: Exception) -> str:
         if marker in text:
             name = text.split(marker, 1)[1].split()[0].rstrip(".,")
             return f"a pickled object of type {name}"
-    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return f"pickled Python objects ({first[:120]})"
+    # torch wraps the unpickler's own reason in a paragraph about its defaults: keep the reason
+    detail = text.split("WeightsUnpickler error:", 1)[-1]
+    first = next((line.strip() for line in detail.splitlines() if line.strip()), type(error).__name__)
+    return f"pickled data the safe loader refuses ({first[:120]})"
+
+
+_SAFE_GLOBALS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _user_safe_globals_ignored(path: Path) -> Iterator[None]:
+    """Empty torch's process-wide ``safe_globals`` allow-list while the weights-only load runs.
+
+    Any code in the process (a library, a notebook cell) may have allow-listed classes or functions
+    with ``torch.serialization.add_safe_globals`` or the ``safe_globals`` context manager; the
+    weights-only unpickler would then construct or call them from a file. Only ``--allow-pickle``
+    may permit that, so the list is set aside for the load and put back afterwards.
+    """
+    serialization = torch.serialization
+    get = getattr(serialization, "get_safe_globals", None)
+    clear = getattr(serialization, "clear_safe_globals", None)
+    add = getattr(serialization, "add_safe_globals", None)
+    if get is None or clear is None or add is None:  # torch < 2.4: no allow-list to honour
+        yield
+        return
+    with _SAFE_GLOBALS_LOCK:
+        saved = get()
+        clear()
+        try:
+            if get():
+                raise InputError(f"{path} was not read: torch's safe_globals allow-list could not be emptied "
+                                 "for a safe load")
+            yield
+        finally:
+            if saved:
+                add(saved)
+
+
+def _load_torch_file(path: Path, weights_only: bool) -> Any:
+    """``torch.load`` from an open file, so torch never picks a loader by the file's name (it hands
+    a path ending in ``.safetensors`` to safetensors); ``mmap`` needs a path, so it is off."""
+    with open(path, "rb") as handle:
+        return torch.load(handle, map_location="cpu", weights_only=weights_only, mmap=False)
 
 
 def _torch_load(path: Path, allow_pickle: bool) -> tuple[Any, bool]:
     """``torch.load`` safely; unpickle fully only when ``allow_pickle`` (and say so)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=None), False
+        with _user_safe_globals_ignored(path):
+            return _load_torch_file(path, weights_only=True), False
     except pickle.UnpicklingError as error:
         what = _describe_unpickling_failure(error)
         if not allow_pickle:
@@ -129,13 +174,36 @@ def _torch_load(path: Path, allow_pickle: bool) -> tuple[Any, bool]:
                 f"{path} holds {what}; loading it would run code from the file",
                 hint="if you trust this file, pass --allow-pickle (see README: Safety)",
             ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, struct.error, KeyError, TypeError,
-            AttributeError, IndexError, UnicodeDecodeError, MemoryError, OverflowError) as error:
+    except InputError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the weights-only loader runs no code from the file
         raise InputError(f"{path} is not a readable torch checkpoint: {_one_line(error)}") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False), True
+        return _load_torch_file(path, weights_only=False), True
     except Exception as error:  # noqa: BLE001 - an allowed unpickle can raise anything
         raise InputError(f"{path}: unpickling failed: {_one_line(error)}") from None
+
+
+def _check_torch_zip(path: Path) -> None:
+    """Refuse zip archives that are not ``torch.save`` checkpoints, e.g. ``torch.export`` programs.
+
+    A ``.pt2`` file from ``torch.export.save`` has no ``data.pkl``; loading it means
+    ``torch.export.load``, which unpickles. repvgg never calls it: it says what the file is.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except Exception:  # noqa: BLE001 - a damaged zip: torch's reader says what is wrong
+        return
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return
+    if path.suffix == ".pt2" or any(n == "archive_format" or n.endswith("/archive_format") for n in names):
+        raise InputError(
+            f"{path} is a torch.export program (.pt2), not a checkpoint; repvgg does not load .pt2 archives "
+            "(torch.export.load unpickles)",
+            hint="save the weights instead: torch.save(model.state_dict(), 'train.pt') or safetensors",
+        )
+    raise InputError(f"{path} is a zip archive but not a torch checkpoint: it has no data.pkl")
 
 
 def _one_line(error: BaseException) -> str:
@@ -152,15 +220,33 @@ def _load_safetensors(path: Path) -> tuple["OrderedDict[str, Tensor]", dict[str,
             header = handle.metadata() or {}
             for key in handle.keys():
                 tensors[key] = handle.get_tensor(key)
-        return tensors, dict(header)
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
         raise InputError(f"{path} is not a readable safetensors file: {_one_line(error)}") from None
+    if not tensors:
+        raise InputError(f"{path} holds no tensors")
+    return tensors, dict(header)
 
 
 def _is_state_dict(value: Any) -> bool:
     return isinstance(value, Mapping) and len(value) > 0 and all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items()
     )
+
+
+def _what(value: Any) -> str:
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def _not_a_state_dict(value: Any) -> str | None:
+    """Why a mapping that holds some tensors is no state dict (its first bad entry), else None."""
+    if not isinstance(value, Mapping) or not any(isinstance(v, Tensor) for v in value.values()):
+        return None
+    for key, item in value.items():
+        if not isinstance(key, str):
+            return f"its key {key!r} is {_what(key)}, not a string"
+        if not isinstance(item, Tensor):
+            return f"key {key} holds {_what(item)}, not a tensor"
+    return None
 
 
 def _pick_entry(raw: Mapping, entry: str | None, path: Path) -> tuple[str, Any, tuple[str, ...]]:
@@ -175,6 +261,12 @@ def _pick_entry(raw: Mapping, entry: str | None, path: Path) -> tuple[str, Any, 
             raise InputError(f"{path}: entry {entry!r} is None")
         return entry, raw[entry], (f"used entry {entry!r} (--entry)",)
     if not usable:
+        for where, value in [("the file", raw)] + [(f"entry {k!r}", raw[k]) for k in CONTAINER_ENTRIES if k in raw]:
+            why = _not_a_state_dict(value)
+            if why is not None:
+                raise InputError(f"{path}: {where} is not a state dict: {why}")
+        if not raw:
+            raise InputError(f"{path} holds an empty dict: no weights")
         keys = ", ".join(map(str, list(raw.keys())[:12]))
         raise InputError(
             f"{path} holds no state dict: top-level keys are {keys}",
@@ -249,10 +341,13 @@ def load_checkpoint(
         if entry is not None:
             raise InputError(f"{path} is a safetensors file: it has no container entries for --entry")
         metadata = _parse_metadata(header[METADATA_KEY]) if METADATA_KEY in header else None
+        _check_metadata(path, metadata)
         state, stripped = strip_prefixes(tensors)
         return LoadedCheckpoint(path, fmt, tensors, None, state, None, stripped, metadata, False,
                                 _prefix_notes(stripped), size, digest, ())
 
+    if fmt == "torch-zip":
+        _check_torch_zip(path)
     raw, pickled = _torch_load(path, allow_pickle)
     notes: list[str] = []
     if pickled:
@@ -280,12 +375,144 @@ def load_checkpoint(
         metadata = metadata or _metadata_from_module(model)
     elif not _is_state_dict(value):
         where = f"entry {used!r}" if used else "the file"
-        raise InputError(f"{path}: {where} is a {type(value).__name__}, not a state dict of tensors")
+        why = _not_a_state_dict(value)
+        if why is not None:
+            raise InputError(f"{path}: {where} is not a state dict: {why}")
+        raise InputError(f"{path}: {where} is {_what(value)}, not a state dict of tensors")
     metadata = metadata or _metadata_from_state(value)
+    _check_metadata(path, metadata)
     state, stripped = strip_prefixes(value)
     notes.extend(_prefix_notes(stripped))
     return LoadedCheckpoint(path, fmt, raw, used, state, model, stripped, metadata, pickled,
                             tuple(notes), size, digest, container_keys)
+
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _check_metadata(path: Path, metadata: dict | None) -> None:
+    """Refuse metadata whose structure ``verify``/``inspect`` cannot trust (an edited deploy file)."""
+    problem = metadata_problem(metadata) if metadata is not None else None
+    if problem is not None:
+        raise InputError(
+            f"{path}: its repvgg_cli metadata is malformed: {problem}",
+            hint="the file was changed after repvgg convert wrote it; convert the train-form source again",
+        )
+
+
+def _is_int(value: Any, least: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (least is None or value >= least)
+
+
+def _is_pair(value: Any, least: int) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_is_int(v, least) for v in value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{_what(value)} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def metadata_problem(metadata: Any, complete: bool = False) -> str | None:
+    """What is wrong with the structure of repvgg's deploy metadata (the fields readers use).
+
+    Args:
+        metadata: the parsed ``repvgg_cli`` metadata of a deploy file.
+        complete: also require every field ``verify`` re-checks a block from (name, deploy_prefix,
+            shapes, geometry, probe); otherwise only the fields present are checked.
+    Returns:
+        One line naming the first malformed field, or None when every field readers use is well-formed.
+    """
+    if not isinstance(metadata, Mapping):
+        return f"it is {_what(metadata)}, not an object"
+    source = metadata.get("source")
+    options = metadata.get("options")
+    checks: list[tuple[str, Any, Callable[[Any], bool], str]] = [
+        ("blocks", metadata.get("blocks", []), lambda v: isinstance(v, list), "a list"),
+        ("tensors", metadata.get("tensors", {}),
+         lambda v: isinstance(v, Mapping) and all(isinstance(h, str) for h in v.values()),
+         "an object of sha256 strings"),
+        ("source", source, lambda v: v is None or isinstance(v, Mapping), "an object"),
+        ("options", options, lambda v: v is None or isinstance(v, Mapping), "an object"),
+        ("dropped_keys", metadata.get("dropped_keys", []), _is_str_list, "a list of strings"),
+        ("model_check", metadata.get("model_check"), lambda v: v is None or isinstance(v, Mapping), "an object"),
+    ]
+    if isinstance(source, Mapping):
+        checks.append(("source.entry", source.get("entry"), lambda v: v is None or isinstance(v, str), "a string"))
+    if isinstance(options, Mapping):
+        checks += [
+            ("options.bn_eps", options.get("bn_eps"), lambda v: v is None or _is_number(v), "a number"),
+            ("options.no_identity", options.get("no_identity", []), _is_str_list, "a list of strings"),
+            ("options.avg_branch", options.get("avg_branch", []), _is_str_list, "a list of strings"),
+        ]
+    for field_name, value, valid, expected in checks:
+        if not valid(value):
+            return f"{field_name} is {_shown(value)}, not {expected}"
+    for index, record in enumerate(metadata.get("blocks", [])):
+        problem = _block_record_problem(record, complete)
+        if problem is not None:
+            return f"blocks[{index}] {problem}"
+    return None
+
+
+_RECORD_FIELDS: tuple[tuple[str, bool, Callable[[Any], bool], str], ...] = (
+    # (field, required, valid, what it should be)
+    ("name", True, lambda v: isinstance(v, str), "a string"),
+    ("family", True, lambda v: isinstance(v, str), "a string"),
+    ("deploy_prefix", True, lambda v: isinstance(v, str), "a string"),
+    ("out_channels", True, lambda v: _is_int(v, 1), "a positive integer"),
+    ("in_per_group", True, lambda v: _is_int(v, 1), "a positive integer"),
+    ("kernel", True, lambda v: _is_pair(v, 1), "two positive integers"),
+    ("padding", True, lambda v: _is_pair(v, 0), "two non-negative integers"),
+    ("dilation", True, lambda v: _is_pair(v, 1), "two positive integers"),
+    ("probe", True, lambda v: isinstance(v, Mapping), "an object"),
+    ("groups", False, lambda v: v is None or _is_int(v, 1), "a positive integer"),
+    ("in_channels", False, lambda v: v is None or _is_int(v, 1), "a positive integer"),
+    ("stride", False, lambda v: v is None or _is_pair(v, 1), "two positive integers"),
+    ("padding_mode", False, lambda v: v in PADDING_MODES, f"one of {', '.join(PADDING_MODES)}"),
+    ("branches", False, _is_str_list, "a list of strings"),
+    ("rel_err", False, lambda v: v is None or _is_number(v), "a number"),
+)
+
+
+def _block_record_problem(record: Any, complete: bool) -> str | None:
+    if not isinstance(record, Mapping):
+        return f"is {_what(record)}, not an object"
+    name = record.get("name")
+    where = f" (block {name})" if isinstance(name, str) else ""
+    for field_name, required, valid, expected in _RECORD_FIELDS:
+        if field_name not in record:
+            if required and complete:
+                return f"{field_name} is missing{where}"
+        elif not valid(record[field_name]):
+            return f"{field_name} is {_shown(record[field_name])}, not {expected}{where}"
+    out = record.get("out_channels")
+    groups = record.get("groups") or 1
+    if out is not None and out % groups:
+        return f"groups {groups} does not divide out_channels {out}{where}"
+    if "probe" not in record or out is None:
+        return f"out_channels is missing{where}" if "probe" in record else None
+    probe = record["probe"]
+    if not _is_int(probe.get("seed"), 0):
+        return f"probe.seed is {_shown(probe.get('seed'))}, not a non-negative integer{where}"
+    if probe.get("shape") != [1, out]:
+        return f"probe.shape is {_shown(probe.get('shape'))}, not [1, {out}]{where}"
+    reference = probe.get("reference")
+    try:
+        size = len(base64.b64decode(reference.encode("ascii"), validate=True)) if isinstance(reference, str) else -1
+    except ValueError:  # binascii.Error and UnicodeEncodeError are ValueErrors
+        size = -1
+    if size != 8 * out:
+        return f"probe.reference is not {out} base64-encoded float64 values{where}"
+    return None
 
 
 def _prefix_notes(stripped: tuple[str, ...]) -> tuple[str, ...]:

@@ -78,7 +78,8 @@ def _train_info(block: Block) -> BlockInfo:
 
 
 def _deploy_blocks(state, metadata: dict | None) -> list[BlockInfo]:
-    if metadata and metadata.get("blocks"):
+    recorded = ("name", "family", "out_channels", "kernel", "deploy_prefix")
+    if metadata and metadata.get("blocks") and all(all(f in r for f in recorded) for r in metadata["blocks"]):
         return [
             BlockInfo(r["name"], r["family"], "deploy", r.get("in_channels"), r["out_channels"],
                       tuple(r["kernel"]), r.get("groups"), None, tuple(r.get("branches", ())), r["deploy_prefix"])

@@ -81,6 +81,13 @@ def find_blocks(
                         f"and {block.name or '<root>'} ({block.family})"
                     )
                 owner[key] = block
+            twin = next((b for b in blocks if b.name == block.name), None)
+            if twin is not None:
+                raise UnsupportedError(
+                    f"block {block.name or '<root>'} is claimed by two families: {twin.family} "
+                    f"({twin.source_keys[0] if twin.source_keys else ''}) and {block.family} "
+                    f"({block.source_keys[0] if block.source_keys else ''})"
+                )
             blocks.append(block)
     position = {k: i for i, k in enumerate(keys)}
     blocks.sort(key=lambda b: position[b.source_keys[0]] if b.source_keys else -1)

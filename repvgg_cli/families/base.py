@@ -182,7 +182,8 @@ def conv_branch_from_keys(view: KeyView, conv: str, bn: str | None, eps: float) 
     weight = conv_weight(view, join(conv, "weight"))
     of = f"{view.key(join(conv, 'weight'))} (output channels)"
     bias = channel_vector(view, join(conv, "bias"), int(weight.shape[0]), of, required=False)
-    return ConvBranch(weight=weight, bias=bias, bn=bn_from_keys(view, bn, eps, int(weight.shape[0]), of) if bn else None)
+    norm = bn_from_keys(view, bn, eps, int(weight.shape[0]), of) if bn else None
+    return ConvBranch(weight=weight, bias=bias, bn=norm)
 
 
 def bn_from_keys(view: KeyView, local: str, eps: float, channels: int | None = None, of: str = "") -> BatchNorm:
@@ -334,18 +335,19 @@ def _check_branches_agree(view: KeyView, branches: Branches) -> None:
     for index, conv in enumerate(convs[1:], start=1):
         if int(conv.weight.shape[0]) != out:
             raise UnsupportedError(f"{where}: {name(conv.weight, f'branch {index} weight')} has "
-                             f"{int(conv.weight.shape[0])} output channels but {first} has {out}; "
-                             "summed branches must agree")
+                                   f"{int(conv.weight.shape[0])} output channels but {first} has {out}; "
+                                   "summed branches must agree")
         if int(conv.weight.shape[1]) != per_group:
             raise UnsupportedError(f"{where}: {name(conv.weight, f'branch {index} weight')} has "
-                             f"{int(conv.weight.shape[1])} input channels per group but {first} has {per_group}; "
-                             "summed branches must agree")
+                                   f"{int(conv.weight.shape[1])} input channels per group but {first} has "
+                                   f"{per_group}; summed branches must agree")
     identity_bn = branches.identity.bn if branches.identity is not None else None
     if identity_bn is not None and isinstance(identity_bn.running_mean, Tensor):
         channels = int(identity_bn.running_mean.shape[0]) if identity_bn.running_mean.dim() == 1 else -1
         if channels != out:
-            raise UnsupportedError(f"{where}: {name(identity_bn.running_mean, 'the identity BatchNorm')} has {channels} "
-                             f"channels but {first} has {out} output channels; an identity branch needs in == out")
+            raise UnsupportedError(f"{where}: {name(identity_bn.running_mean, 'the identity BatchNorm')} has "
+                                   f"{channels} channels but {first} has {out} output channels; "
+                                   "an identity branch needs in == out")
 
 
 class Family:
