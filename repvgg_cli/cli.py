@@ -88,6 +88,13 @@ def handle_errors(command: Callable[..., None]) -> Callable[..., None]:
         except KeyboardInterrupt:
             _stderr().print("Interrupted; nothing was written.", markup=False)
             raise typer.Exit(130) from None
+        except OSError as error:  # the environment, not a bug: disk full, permissions, a failed rename
+            if debug:
+                traceback.print_exc()
+            where = f" {error.filename}" if getattr(error, "filename", None) else ""
+            _stderr().print(f"Error: cannot read or write{where}: {error.strerror or error}; nothing was written",
+                            markup=False, highlight=False)
+            raise typer.Exit(InputError.exit_code) from None
         except Exception as error:  # noqa: BLE001 - anything else is a bug: say so in one line
             if debug:
                 traceback.print_exc()

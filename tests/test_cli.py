@@ -595,3 +595,20 @@ def test_version_and_help() -> None:
     for command in ("convert", "verify", "inspect", "families"):
         assert command in result.stdout
     assert invoke("convert", "--help").exit_code == 0
+
+
+def test_a_disk_error_while_writing_is_exit_2_not_a_bug(tmp_path, monkeypatch):
+    """Disk full / permission errors are the environment's: one line, exit 2, nothing left behind."""
+    import errno
+
+    from repvgg_cli import checkpoint
+
+    def disk_full(path, state, metadata):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint, "write_safetensors", disk_full)
+    output = tmp_path / "deploy.safetensors"
+    result = CliRunner().invoke(app, ["convert", str(SAMPLES / "plain_net.pt"), str(output)])
+    assert result.exit_code == 2
+    assert "No space left on device" in result.output and "Traceback" not in result.output
+    assert not output.exists() and os.listdir(tmp_path) == []

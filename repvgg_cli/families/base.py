@@ -132,8 +132,10 @@ class KeyView:
 
 
 def _finite(tensor: Tensor) -> bool:
-    """No NaN or Inf anywhere (a float64 sum: no mask is built, and finite values cannot overflow it)."""
-    return bool(torch.isfinite(tensor.detach().sum(dtype=torch.float64)))
+    """No NaN or Inf anywhere. Fast path: NaN/Inf propagate into a plain sum (no mask is built);
+    only when that sum is not finite (which huge finite values can also cause) look element-wise."""
+    tensor = tensor.detach()
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def conv_weight(view: KeyView, local: str) -> Tensor:
