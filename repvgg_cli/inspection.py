@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .checkpoint import LoadedCheckpoint
 from .errors import RepvggError
-from .families import FAMILIES, find_blocks
+from .families import FAMILIES, find_blocks, unrecognised_blocks
 from .families.base import join
 from .families.base import Block
 
@@ -51,6 +51,7 @@ class CheckpointSummary:
     other_prefixes: dict[str, int]
     metadata: dict | None
     problems: tuple[str, ...] = ()
+    unrecognised: tuple[tuple[str, str], ...] = ()
 
     @property
     def train_blocks(self) -> tuple[BlockInfo, ...]:
@@ -153,4 +154,5 @@ def summarize(loaded: LoadedCheckpoint) -> CheckpointSummary:
         other_prefixes=dict(sorted(prefixes.items())),
         metadata=loaded.metadata,
         problems=tuple(problems),
+        unrecognised=tuple(unrecognised_blocks(state, in_blocks)),
     )

@@ -81,6 +81,7 @@ def conversion_json(result: "ConversionResult", source: str | None = None, outpu
             "passthrough_keys": result.passthrough_keys,
         },
         "dropped_keys": list(result.dropped_keys),
+        "unrecognised": [{"prefix": p, "description": d} for p, d in result.unrecognised],
         "model_check": model_check_json(result.model_check),
         "notes": list(result.notes),
     }
@@ -144,6 +145,9 @@ def conversion_totals(result: "ConversionResult") -> list[str]:
     if result.dropped_keys:
         shown = ", ".join(result.dropped_keys[:6]) + (" …" if len(result.dropped_keys) > 6 else "")
         lines.append(f"dropped {len(result.dropped_keys)} training-only key(s): {shown}")
+    for prefix, description in result.unrecognised:
+        lines.append(f"not recognised: {prefix or '<root>'} looks like a multi-branch block ({description}) "
+                     "that no family claims; left as it is")
     lines.extend(result.notes)
     return lines
 
@@ -227,6 +231,7 @@ def summary_json(summary: "CheckpointSummary") -> dict[str, Any]:
             for b in summary.blocks
         ],
         "unfused_blocks": [b.name for b in summary.train_blocks],
+        "unrecognised": [{"prefix": p, "description": d} for p, d in summary.unrecognised],
         "other_keys": summary.other_keys, "other_prefixes": summary.other_prefixes,
         "metadata": _metadata_summary(summary.metadata),
         "problems": list(summary.problems),
@@ -289,6 +294,8 @@ def summary_tree(summary: "CheckpointSummary") -> Tree:
         src = meta.get("source") or {}
         node.add(f"source {src.get('name')} (sha256 {str(src.get('sha256'))[:16]}…)")
         node.add(f"options {meta.get('options')}")
+    for prefix, description in summary.unrecognised:
+        tree.add(f"[yellow]not recognised: {prefix or '<root>'} ({description})[/]")
     for problem in summary.problems:
         tree.add(f"[red]problem: {problem}[/]")
     return tree

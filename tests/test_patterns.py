@@ -1,0 +1,90 @@
+"""Patterns around the families: unrecognised multi-branch blocks, --fuse-conv-bn, dropped aux heads."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from repvgg_cli import zoo
+from repvgg_cli.cli import app
+from repvgg_cli.convert import ConvertOptions, convert_state_dict, reparameterize
+from repvgg_cli.families import unrecognised_blocks
+
+
+def renamed_plain_state() -> dict[str, torch.Tensor]:
+    """A plain-block net whose branches carry names no family knows: parallel conv+BN pairs."""
+    state = zoo.randomize_bn(zoo.PlainNet(), seed=5).state_dict()
+    names = {"conv3x3": "convk", "bn3x3": "bnk", "conv1x1": "convp", "bn1x1": "bnp"}
+    out = {}
+    for key, value in state.items():
+        for old, new in names.items():
+            key = key.replace(f".{old}.", f".{new}.")
+        out[key] = value
+    return out
+
+
+def test_unknown_parallel_branches_are_reported_not_silently_skipped(tmp_path):
+    state = renamed_plain_state()
+    result = convert_state_dict(state)
+    assert result.blocks == ()
+    assert [p for p, _ in result.unrecognised] == ["features.0", "features.2", "features.4", "features.6"]
+    assert all("convk (3x3)" in d and "convp (1x1)" in d for _, d in result.unrecognised)
+    torch.save(state, tmp_path / "odd.pt")
+    runner = CliRunner()
+    converted = runner.invoke(app, ["convert", str(tmp_path / "odd.pt"), str(tmp_path / "out.pt"), "--json"])
+    assert converted.exit_code == 0
+    assert [u["prefix"] for u in json.loads(converted.stdout)["unrecognised"]][0] == "features.0"
+    inspected = runner.invoke(app, ["inspect", str(tmp_path / "odd.pt"), "--json"])
+    assert inspected.exit_code == 0
+    assert len(json.loads(inspected.stdout)["unrecognised"]) == 4
+    table = runner.invoke(app, ["inspect", str(tmp_path / "odd.pt")], env={"COLUMNS": "200"})
+    assert "not recognised: features.0" in table.stdout
+
+
+def test_recognised_blocks_and_ordinary_networks_are_not_reported():
+    assert convert_state_dict(zoo.PlainNet().state_dict()).unrecognised == ()
+    # A ResNet-style bottleneck: sequential conv+BN pairs with a third conv of another shape.
+    bottleneck = {
+        "conv1.weight": torch.zeros(16, 16, 1, 1), "bn1.running_var": torch.ones(16), "bn1.running_mean": torch.zeros(16),
+        "conv2.weight": torch.zeros(16, 16, 3, 3), "bn2.running_var": torch.ones(16), "bn2.running_mean": torch.zeros(16),
+        "conv3.weight": torch.zeros(64, 16, 1, 1), "bn3.running_var": torch.ones(64), "bn3.running_mean": torch.zeros(64),
+    }
+    assert unrecognised_blocks(bottleneck, set()) == []
+    del bottleneck["conv3.weight"]
+    assert [p for p, _ in unrecognised_blocks(bottleneck, set())] == [""]
+
+
+def test_fuse_conv_bn_folds_sequential_pairs_and_checks_them():
+    torch.manual_seed(0)
+    model = zoo.randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=True), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4, bias=False), nn.BatchNorm2d(8, affine=False),
+        zoo.PlainBlock(8, 8),
+    ), seed=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        reference = model(x)
+    plain = reparameterize(__import__("copy").deepcopy(model), ConvertOptions())
+    assert [r.block.family for r in plain.blocks] == ["plain"]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in plain.model.modules()) == 2
+    result = reparameterize(model, ConvertOptions(fuse_conv_bn=True))
+    assert result.ok and [r.block.family for r in result.blocks] == ["plain", "conv+bn", "conv+bn"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
+    with torch.no_grad():
+        rel = float((result.model(x) - reference).abs().max() / reference.abs().max())
+    assert rel < 1e-5
+    assert result.model_check is not None and result.model_check.rel_err < 1e-6
+
+
+def test_repvggplus_aux_heads_are_dropped_and_reported():
+    state = zoo.repvgg("tiny").state_dict()
+    state["stage2_aux.0.weight"] = torch.randn(4, 8, 3, 3)
+    state["stage3_first_aux.linear.bias"] = torch.randn(10)
+    result = convert_state_dict(state)
+    assert result.dropped_keys == ("stage2_aux.0.weight", "stage3_first_aux.linear.bias")
+    assert not any("_aux" in k for k in result.state_dict)
+    deploy = zoo.repvgg("tiny", deploy=True)
+    deploy.load_state_dict(result.state_dict, strict=True)
