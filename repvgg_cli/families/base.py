@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, UnsupportedError
-from ..fusion import BatchNorm, Branches, ConvBranch, FusedConv
+from ..fusion import BatchNorm, Branches, ConvBranch, FusedConv, IdentityBranch
 
 BN_STAT_KEYS = ("running_mean", "running_var")
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -440,6 +440,38 @@ class Family:
             deploy_prefix=deploy_prefix,
             dtype=dtype,
             eps_note=eps_note,
+            notes=notes,
+        )
+
+    def parse_dense_point_identity(
+        self,
+        view: KeyView,
+        options: FamilyOptions,
+        dense: tuple[str, str],
+        point: tuple[str, str],
+        identity: str,
+        deploy_leaf: str,
+        owned: tuple[str, ...],
+        notes: tuple[str, ...] = (),
+    ) -> Block:
+        """The most common key-tree block: a k×k conv+BN, a 1×1 conv+BN and an optional identity BN.
+
+        Args:
+            dense, point: ``(conv, bn)`` local names of the two conv branches.
+            identity: local name of the identity BN (a branch only when its keys exist).
+            deploy_leaf: the deploy conv's local name ("" when the block itself becomes the conv).
+            owned: local sub-prefixes whose every key belongs to the block ("" for all keys).
+        """
+        eps, eps_note = self.eps(options)
+        convs = (conv_branch_from_keys(view, *dense, eps), conv_branch_from_keys(view, *point, eps))
+        skip = IdentityBranch(bn=bn_from_keys(view, identity, eps)) if view.has_any(identity) else None
+        return self.finish_key_block(
+            view,
+            owned=view.owned_under(*owned),
+            branches=Branches(convs=convs, identity=skip),
+            deploy_prefix=join(view.prefix, deploy_leaf),
+            eps_note=eps_note,
+            dtype=source_dtype(convs[0].weight),
             notes=notes,
         )
 

@@ -26,9 +26,7 @@ from .base import (
     Family,
     FamilyOptions,
     KeyView,
-    bn_from_keys,
     bn_from_module,
-    conv_branch_from_keys,
     conv_branch_from_module,
     conv_from_fused,
     geometry_from_conv,
@@ -65,21 +63,9 @@ class MmpretrainRepVGG(Family):
     def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
         if not view.has("branch_1x1.conv.weight"):
             return None
-        eps, eps_note = self.eps(options)
-        dense = conv_branch_from_keys(view, "branch_3x3.conv", "branch_3x3.norm", eps)
-        point = conv_branch_from_keys(view, "branch_1x1.conv", "branch_1x1.norm", eps)
-        identity = None
-        if view.has_any("branch_norm"):
-            identity = IdentityBranch(bn=bn_from_keys(view, "branch_norm", eps))
-        notes = (SE_NOTE,) if view.has_any("se_layer") else ()
-        return self.finish_key_block(
-            view,
-            owned=view.owned_under(*BRANCHES),
-            branches=Branches(convs=(dense, point), identity=identity),
-            deploy_prefix=join(view.prefix, "branch_reparam"),
-            eps_note=eps_note,
-            dtype=source_dtype(dense.weight),
-            notes=notes,
+        return self.parse_dense_point_identity(
+            view, options, ("branch_3x3.conv", "branch_3x3.norm"), ("branch_1x1.conv", "branch_1x1.norm"), "branch_norm",
+            deploy_leaf="branch_reparam", owned=BRANCHES, notes=(SE_NOTE,) if view.has_any("se_layer") else (),
         )
 
     def matches_module(self, module: nn.Module) -> bool:

@@ -20,9 +20,7 @@ from .base import (
     Family,
     FamilyOptions,
     KeyView,
-    bn_from_keys,
     bn_from_module,
-    conv_branch_from_keys,
     conv_branch_from_module,
     conv_from_fused,
     geometry_from_conv,
@@ -61,19 +59,9 @@ class OfficialRepVGG(Family):
     def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
         if not view.has("rbr_1x1.conv.weight"):
             return None  # e.g. QARepVGG: a plain rbr_1x1 conv, another family's business
-        eps, eps_note = self.eps(options)
-        dense = conv_branch_from_keys(view, "rbr_dense.conv", "rbr_dense.bn", eps)
-        point = conv_branch_from_keys(view, "rbr_1x1.conv", "rbr_1x1.bn", eps)
-        identity = None
-        if view.has_any("rbr_identity"):
-            identity = IdentityBranch(bn=bn_from_keys(view, "rbr_identity", eps))
-        return self.finish_key_block(
-            view,
-            owned=view.owned_under(*BRANCHES),
-            branches=Branches(convs=(dense, point), identity=identity),
-            deploy_prefix=join(view.prefix, "rbr_reparam"),
-            eps_note=eps_note,
-            dtype=source_dtype(dense.weight),
+        return self.parse_dense_point_identity(
+            view, options, ("rbr_dense.conv", "rbr_dense.bn"), ("rbr_1x1.conv", "rbr_1x1.bn"), "rbr_identity",
+            deploy_leaf="rbr_reparam", owned=BRANCHES,
         )
 
     def matches_module(self, module: nn.Module) -> bool:

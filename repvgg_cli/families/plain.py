@@ -17,9 +17,7 @@ from .base import (
     Family,
     FamilyOptions,
     KeyView,
-    bn_from_keys,
     bn_from_module,
-    conv_branch_from_keys,
     conv_branch_from_module,
     conv_from_fused,
     geometry_from_conv,
@@ -42,20 +40,9 @@ class PlainBlock(Family):
     def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
         if not view.has("conv1x1.weight"):
             return None
-        eps, eps_note = self.eps(options)
-        dense = conv_branch_from_keys(view, "conv3x3", "bn3x3", eps)
-        point = conv_branch_from_keys(view, "conv1x1", "bn1x1", eps)
-        identity = None
-        if view.has_any("identity"):
-            identity = IdentityBranch(bn=bn_from_keys(view, "identity", eps))
-        branches = Branches(convs=(dense, point), identity=identity)
-        return self.finish_key_block(
-            view,
-            owned=view.owned_under(""),  # the whole block becomes one conv: nothing else may live here
-            branches=branches,
-            deploy_prefix=view.prefix,
-            eps_note=eps_note,
-            dtype=source_dtype(dense.weight),
+        # The whole block becomes one conv: nothing else may live under its prefix.
+        return self.parse_dense_point_identity(
+            view, options, ("conv3x3", "bn3x3"), ("conv1x1", "bn1x1"), "identity", deploy_leaf="", owned=("",),
         )
 
     def matches_module(self, module: nn.Module) -> bool:

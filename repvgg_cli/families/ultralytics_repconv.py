@@ -30,9 +30,7 @@ from .base import (
     Family,
     FamilyOptions,
     KeyView,
-    bn_from_keys,
     bn_from_module,
-    conv_branch_from_keys,
     conv_branch_from_module,
     conv_from_fused,
     geometry_from_conv,
@@ -94,19 +92,9 @@ class UltralyticsRepConv(Family):
         big, small = view.state[view.key("conv1.conv.weight")], view.state[view.key("conv2.conv.weight")]
         if four_dim(big) and four_dim(small) and not parallel_kxk_and_1x1(big, small):
             return None  # e.g. LightConv: a 1x1 conv1 then a kxk conv2, in series
-        eps, eps_note = self.eps(options)
-        dense = conv_branch_from_keys(view, "conv1.conv", "conv1.bn", eps)
-        point = conv_branch_from_keys(view, "conv2.conv", "conv2.bn", eps)
-        identity = None
-        if view.has_any("bn"):
-            identity = IdentityBranch(bn=bn_from_keys(view, "bn", eps))
-        return self.finish_key_block(
-            view,
-            owned=view.owned_under(*BRANCHES),
-            branches=Branches(convs=(dense, point), identity=identity),
-            deploy_prefix=join(view.prefix, "conv"),
-            eps_note=eps_note,
-            dtype=source_dtype(dense.weight),
+        return self.parse_dense_point_identity(
+            view, options, ("conv1.conv", "conv1.bn"), ("conv2.conv", "conv2.bn"), "bn",
+            deploy_leaf="conv", owned=BRANCHES,
         )
 
     def matches_module(self, module: nn.Module) -> bool:

@@ -28,9 +28,7 @@ from .base import (
     Family,
     FamilyOptions,
     KeyView,
-    bn_from_keys,
     bn_from_module,
-    conv_branch_from_keys,
     conv_branch_from_module,
     conv_from_fused,
     geometry_from_conv,
@@ -70,19 +68,9 @@ class Yolov7RepConv(Family):
     def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
         if not view.has("rbr_1x1.0.weight"):
             return None
-        eps, eps_note = self.eps(options)
-        dense = conv_branch_from_keys(view, "rbr_dense.0", "rbr_dense.1", eps)
-        point = conv_branch_from_keys(view, "rbr_1x1.0", "rbr_1x1.1", eps)
-        identity = None
-        if view.has_any("rbr_identity"):
-            identity = IdentityBranch(bn=bn_from_keys(view, "rbr_identity", eps))
-        return self.finish_key_block(
-            view,
-            owned=view.owned_under(*BRANCHES),
-            branches=Branches(convs=(dense, point), identity=identity),
-            deploy_prefix=join(view.prefix, "rbr_reparam"),
-            eps_note=eps_note,
-            dtype=source_dtype(dense.weight),
+        return self.parse_dense_point_identity(
+            view, options, ("rbr_dense.0", "rbr_dense.1"), ("rbr_1x1.0", "rbr_1x1.1"), "rbr_identity",
+            deploy_leaf="rbr_reparam", owned=BRANCHES,
         )
 
     def matches_module(self, module: nn.Module) -> bool:
