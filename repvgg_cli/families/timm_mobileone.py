@@ -22,6 +22,8 @@ family fuses the whole mixer.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import re
 
 import torch
@@ -150,45 +152,58 @@ class TimmMobileOneBlock(Family):
     deploy_keys = "reparam_conv.{weight,bias}"
     after_sum = "SE (attn in byobnet, se in fastvit), then act - kept"
 
+    branch_names: ClassVar[tuple[str, str, str]] = BRANCHES
+    """(k×k conv list, 1×1 scale branch, identity BN): the names differ between projects."""
+    deploy_deletes: ClassVar[tuple[str, ...]] = DEPLOY_DELETES
+    in_channels_attribute: ClassVar[str] = "in_chs"
+
     def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
+        conv_list, scale, skip = self.branch_names
         eps, eps_note = self.eps(options)
-        convs = [conv_norm_branch_from_keys(view, local, eps) for local in numbered_branches(view, "conv_kxk")]
-        if view.has_any("conv_scale"):
-            convs.append(conv_norm_branch_from_keys(view, "conv_scale", eps))
+        convs = [conv_norm_branch_from_keys(view, local, eps) for local in numbered_branches(view, conv_list)]
+        if view.has_any(scale):
+            convs.append(conv_norm_branch_from_keys(view, scale, eps))
         return self.finish_key_block(
             view,
-            owned=view.owned_under(*BRANCHES),
-            branches=Branches(convs=tuple(convs), identity=identity_from_keys(view, "identity", eps)),
+            owned=view.owned_under(*self.branch_names),
+            branches=Branches(convs=tuple(convs), identity=identity_from_keys(view, skip, eps)),
             deploy_prefix=join(view.prefix, "reparam_conv"),
             eps_note=eps_note,
             dtype=source_dtype(convs[0].weight),
         )
 
+    def is_train_form(self, module: nn.Module) -> bool:
+        return has_no_deploy_conv(module)
+
     def matches_module(self, module: nn.Module) -> bool:
-        if not has_no_deploy_conv(module) or not all(hasattr(module, b) for b in BRANCHES):
+        if not self.is_train_form(module) or not all(hasattr(module, b) for b in self.branch_names):
             return False
-        kxk, scale = module.conv_kxk, module.conv_scale
-        if kxk is not None and not (isinstance(kxk, nn.ModuleList) and all(is_conv_norm(m) for m in kxk)):
+        conv_list, scale, skip = (getattr(module, b) for b in self.branch_names)
+        if conv_list is not None and not (
+            isinstance(conv_list, nn.ModuleList) and all(is_conv_norm(m) for m in conv_list)
+        ):
             return False
         if scale is not None and not is_conv_norm(scale):
             return False
-        return bool(kxk) or scale is not None or module.identity is not None
+        return bool(conv_list) or scale is not None or skip is not None
 
     def parse_module(self, name: str, module: nn.Module, options: FamilyOptions) -> Block:
-        branches, notes = mobileone_branches(module, name or "<root>", *BRANCHES, in_channels_attribute="in_chs")
+        branches, notes = mobileone_branches(
+            module, name or "<root>", *self.branch_names, in_channels_attribute=self.in_channels_attribute
+        )
         return Block(
             name=name,
             family=self.name,
             branches=branches,
-            source_keys=self.module_keys(name, module, *BRANCHES),
+            source_keys=self.module_keys(name, module, *self.branch_names),
             deploy_prefix=join(name, "reparam_conv"),
-            dtype=source_dtype(deploy_template(module, *BRANCHES)),
+            dtype=source_dtype(deploy_template(module, *self.branch_names)),
             notes=notes,
         )
 
     def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:
-        module.reparam_conv = conv_from_fused(fused, like=deploy_template(module, *BRANCHES))
-        delete_attributes(module, DEPLOY_DELETES)
+        module.reparam_conv = conv_from_fused(fused, like=deploy_template(module, *self.branch_names))
+        delete_attributes(module, self.deploy_deletes)
         if hasattr(module, "inference_mode"):
             module.inference_mode = True
         return module
