@@ -88,3 +88,20 @@ def test_repvggplus_aux_heads_are_dropped_and_reported():
     assert not any("_aux" in k for k in result.state_dict)
     deploy = zoo.repvgg("tiny", deploy=True)
     deploy.load_state_dict(result.state_dict, strict=True)
+
+
+def test_fuse_conv_bn_switches_ultralytics_conv_to_its_fused_forward():
+    from tests.family_zoo.ultralytics_repconv import Conv
+
+    torch.manual_seed(1)
+    model = zoo.randomize_bn(nn.Sequential(Conv(3, 8, 3, 2), Conv(8, 8, 1, 1)), seed=4).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        reference = model(x)
+    result = reparameterize(model, ConvertOptions(fuse_conv_bn=True))
+    assert result.ok and [r.block.family for r in result.blocks] == ["conv+bn", "conv+bn"]
+    for conv in result.model:
+        assert not hasattr(conv, "bn") and conv.forward == conv.forward_fuse
+    with torch.no_grad():
+        rel = float((result.model(x) - reference).abs().max() / reference.abs().max())
+    assert rel < 1e-5
