@@ -265,6 +265,17 @@ def bn_from_module(bn: nn.Module, where: str) -> BatchNorm:
     )
 
 
+def identity_from_module(module: nn.Module | None, where: str) -> IdentityBranch | None:
+    """A live skip branch: a BN (its eval form), ``nn.Identity`` (plain ``x``) or None (no branch)."""
+    if module is None:
+        return None
+    if is_batch_norm(module):
+        return IdentityBranch(bn=bn_from_module(module, where))
+    if isinstance(module, nn.Identity):
+        return IdentityBranch()
+    raise UnsupportedError(f"{where} is a {type(module).__name__}; a BatchNorm, nn.Identity or None is expected")
+
+
 def conv_branch_from_module(conv: nn.Module, bn: nn.Module | None, where: str) -> ConvBranch:
     """A live ``nn.Conv2d`` (+ optional BN) as a :class:`ConvBranch` with its own geometry."""
     if not isinstance(conv, nn.Conv2d):

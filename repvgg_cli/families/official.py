@@ -13,17 +13,16 @@ import re
 
 from torch import nn
 
-from ..errors import UnsupportedError
-from ..fusion import Branches, FusedConv, IdentityBranch
+from ..fusion import Branches, FusedConv
 from .base import (
     Block,
     Family,
     FamilyOptions,
     KeyView,
-    bn_from_module,
     conv_branch_from_module,
     conv_from_fused,
     geometry_from_conv,
+    identity_from_module,
     is_batch_norm,
     join,
     source_dtype,
@@ -71,14 +70,7 @@ class OfficialRepVGG(Family):
         where = name or "<root>"
         dense = conv_branch_from_module(module.rbr_dense.conv, module.rbr_dense.bn, f"{where}.rbr_dense")
         point = conv_branch_from_module(module.rbr_1x1.conv, module.rbr_1x1.bn, f"{where}.rbr_1x1")
-        identity_module = getattr(module, "rbr_identity", None)
-        identity = None
-        if is_batch_norm(identity_module):
-            identity = IdentityBranch(bn=bn_from_module(identity_module, f"{where}.rbr_identity"))
-        elif identity_module is not None and not isinstance(identity_module, nn.Identity):
-            raise UnsupportedError(
-                f"{where}.rbr_identity is a {type(identity_module).__name__}; a BatchNorm or None is expected"
-            )
+        identity = identity_from_module(getattr(module, "rbr_identity", None), f"{where}.rbr_identity")
         branches = Branches(convs=(dense, point), identity=identity, **geometry_from_conv(module.rbr_dense.conv))
         return Block(
             name=name,

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import UnsupportedError
-from ..fusion import Branches, FusedConv, IdentityBranch
+from ..fusion import Branches, FusedConv
 from .base import (
     Block,
     Family,
     FamilyOptions,
     KeyView,
-    bn_from_module,
     conv_branch_from_module,
     conv_from_fused,
     geometry_from_conv,
-    is_batch_norm,
+    identity_from_module,
     source_dtype,
 )
 
@@ -54,16 +52,7 @@ class PlainBlock(Family):
         where = name or "<root>"
         dense = conv_branch_from_module(module.conv3x3, module.bn3x3, f"{where}.conv3x3")
         point = conv_branch_from_module(module.conv1x1, module.bn1x1, f"{where}.conv1x1")
-        identity_module = getattr(module, "identity", None)
-        identity = None
-        if is_batch_norm(identity_module):
-            identity = IdentityBranch(bn=bn_from_module(identity_module, f"{where}.identity"))
-        elif isinstance(identity_module, nn.Identity):
-            identity = IdentityBranch()
-        elif identity_module is not None:
-            raise UnsupportedError(
-                f"{where}.identity is a {type(identity_module).__name__}; a BatchNorm, nn.Identity or None is expected"
-            )
+        identity = identity_from_module(getattr(module, "identity", None), f"{where}.identity")
         branches = Branches(convs=(dense, point), identity=identity, **geometry_from_conv(module.conv3x3))
         return Block(
             name=name,

@@ -49,6 +49,7 @@ from .base import (
     conv_branch_from_module,
     conv_from_fused,
     geometry_from_conv,
+    identity_from_module,
     is_batch_norm,
     join,
     source_dtype,
@@ -179,16 +180,7 @@ class QARepVGG(Family):
         dense = conv_branch_from_module(dense_conv, module.rbr_dense.bn, f"{where}.rbr_dense")
         point = conv_branch_from_module(module.rbr_1x1, None, f"{where}.rbr_1x1")
         convs = [dense, point]
-        identity_module = getattr(module, "rbr_identity", None)
-        identity = None
-        if isinstance(identity_module, nn.Identity):
-            identity = IdentityBranch()
-        elif is_batch_norm(identity_module):
-            identity = IdentityBranch(bn=bn_from_module(identity_module, f"{where}.rbr_identity"))
-        elif identity_module is not None:
-            raise UnsupportedError(
-                f"{where}.rbr_identity is a {type(identity_module).__name__}; nn.Identity or None is expected"
-            )
+        identity = identity_from_module(getattr(module, "rbr_identity", None), f"{where}.rbr_identity")
         pool = getattr(module, "rbr_avg", None)
         if isinstance(pool, nn.AvgPool2d):
             convs.append(self._avg_branch(pool, dense_conv, where))

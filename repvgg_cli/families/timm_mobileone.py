@@ -22,9 +22,8 @@ family fuses the whole mixer.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import re
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -38,6 +37,7 @@ from .base import (
     KeyView,
     conv_from_fused,
     geometry_from_conv,
+    identity_from_module,
     join,
     source_dtype,
 )
@@ -48,7 +48,6 @@ from .timm_repvgg import (
     first_tensor,
     has_no_deploy_conv,
     identity_from_keys,
-    identity_from_module,
     is_conv_norm,
 )
 

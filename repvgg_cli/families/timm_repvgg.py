@@ -27,11 +27,11 @@ from .base import (
     FamilyOptions,
     KeyView,
     bn_from_keys,
-    bn_from_module,
     conv_branch_from_keys,
     conv_branch_from_module,
     conv_from_fused,
     geometry_from_conv,
+    identity_from_module,
     is_batch_norm,
     join,
     source_dtype,
@@ -98,18 +98,6 @@ def conv_norm_branch_from_module(module: nn.Module, where: str) -> ConvBranch:
     ):
         raise UnsupportedError(f"{where}.bn holds layers that are not a BatchNorm")
     return conv_branch_from_module(module.conv, bn, where)
-
-
-def identity_from_module(module: nn.Module | None, where: str) -> IdentityBranch | None:
-    """The skip branch: a BN (incl. timm's ``BatchNormAct2d`` without act), ``nn.Identity`` or None."""
-    if module is None:
-        return None
-    if is_batch_norm(module):
-        _check_no_act(module, where)
-        return IdentityBranch(bn=bn_from_module(module, where))
-    if isinstance(module, nn.Identity):
-        return IdentityBranch()
-    raise UnsupportedError(f"{where} is a {type(module).__name__}; a BatchNorm, nn.Identity or None is expected")
 
 
 def has_no_deploy_conv(module: nn.Module) -> bool:

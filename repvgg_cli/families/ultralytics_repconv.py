@@ -24,16 +24,16 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..errors import UnsupportedError
-from ..fusion import Branches, FusedConv, IdentityBranch
+from ..fusion import Branches, FusedConv
 from .base import (
     Block,
     Family,
     FamilyOptions,
     KeyView,
-    bn_from_module,
     conv_branch_from_module,
     conv_from_fused,
     geometry_from_conv,
+    identity_from_module,
     is_batch_norm,
     join,
     source_dtype,
@@ -115,14 +115,7 @@ class UltralyticsRepConv(Family):
             )
         dense = conv_branch_from_module(conv1.conv, conv1.bn, f"{where}.conv1")
         point = conv_branch_from_module(conv2.conv, conv2.bn, f"{where}.conv2")
-        identity_module = getattr(module, "bn", None)
-        identity = None
-        if is_batch_norm(identity_module):
-            identity = IdentityBranch(bn=bn_from_module(identity_module, f"{where}.bn"))
-        elif identity_module is not None:
-            raise UnsupportedError(
-                f"{where}.bn is a {type(identity_module).__name__}; a BatchNorm or None is expected"
-            )
+        identity = identity_from_module(getattr(module, "bn", None), f"{where}.bn")
         branches = Branches(convs=(dense, point), identity=identity, **geometry_from_conv(conv1.conv))
         return Block(
             name=name,

@@ -21,17 +21,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import UnsupportedError
-from ..fusion import Branches, FusedConv, IdentityBranch
+from ..fusion import Branches, FusedConv
 from .base import (
     Block,
     Family,
     FamilyOptions,
     KeyView,
-    bn_from_module,
     conv_branch_from_module,
     conv_from_fused,
     geometry_from_conv,
+    identity_from_module,
     is_batch_norm,
     join,
     source_dtype,
@@ -82,16 +81,7 @@ class Yolov7RepConv(Family):
         where = name or "<root>"
         dense = conv_branch_from_module(module.rbr_dense[0], module.rbr_dense[1], f"{where}.rbr_dense")
         point = conv_branch_from_module(module.rbr_1x1[0], module.rbr_1x1[1], f"{where}.rbr_1x1")
-        identity_module = getattr(module, "rbr_identity", None)
-        identity = None
-        if is_batch_norm(identity_module):
-            identity = IdentityBranch(bn=bn_from_module(identity_module, f"{where}.rbr_identity"))
-        elif isinstance(identity_module, nn.Identity):
-            identity = IdentityBranch()
-        elif identity_module is not None:
-            raise UnsupportedError(
-                f"{where}.rbr_identity is a {type(identity_module).__name__}; a BatchNorm or None is expected"
-            )
+        identity = identity_from_module(getattr(module, "rbr_identity", None), f"{where}.rbr_identity")
         branches = Branches(convs=(dense, point), identity=identity, **geometry_from_conv(module.rbr_dense[0]))
         return Block(
             name=name,
