@@ -365,14 +365,22 @@ def _check_alignment(branches: Branches, kernel_size: Pair) -> None:
             )
 
 
-def _add_centred(target: Tensor, kernel: Tensor) -> None:
-    """``target += center_kernel(kernel)`` without allocating the padded kernel."""
-    big_h, big_w = target.shape[2], target.shape[3]
-    kh, kw = kernel.shape[2], kernel.shape[3]
-    dh, dw = big_h - kh, big_w - kw
+CHUNK_BYTES = 4 << 20
+"""float64 working memory per chunk of output channels: large weights are fused (and checked, see
+``verify``) a few rows at a time, so no float64 copy of a whole weight is ever made."""
+
+
+def chunk_rows(row_numel: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """How many output channels of ``row_numel`` float64 elements each fit in one chunk (at least 1)."""
+    return max(1, chunk_bytes // (8 * max(1, row_numel)))
+
+
+def _centred_slice(big: Pair, small: Pair) -> tuple[slice, slice]:
+    """Where a ``small`` kernel sits in the centre of a ``big`` one."""
+    dh, dw = big[0] - small[0], big[1] - small[1]
     if dh < 0 or dw < 0 or dh % 2 or dw % 2:
-        raise UnsupportedError(f"a {kh}x{kw} kernel cannot be centred in a {big_h}x{big_w} kernel")
-    target[:, :, dh // 2 : dh // 2 + kh, dw // 2 : dw // 2 + kw] += kernel
+        raise UnsupportedError(f"a {small[0]}x{small[1]} kernel cannot be centred in a {big[0]}x{big[1]} kernel")
+    return slice(dh // 2, dh // 2 + small[0]), slice(dw // 2, dw // 2 + small[1])
 
 
 def _raise_non_finite(branches: Branches) -> None:
@@ -383,56 +391,89 @@ def _raise_non_finite(branches: Branches) -> None:
     raise InputError("the fused weight overflows (NaN or Inf): the branch weights or BN scales are too large")
 
 
-def fuse_branches(branches: Branches) -> FusedConv:
+def _checked_weight(weight: Tensor, out: int, what: str) -> Tensor:
+    """A branch weight validated (floating, 4-D, ``out`` rows) but not copied or upcast."""
+    if not isinstance(weight, Tensor):
+        raise InputError(f"{what} weight is a {type(weight).__name__}, not a tensor")
+    if not weight.is_floating_point():
+        raise InputError(f"{what} weight has dtype {weight.dtype}; a floating-point tensor is needed")
+    if weight.dim() != 4:
+        raise InputError(f"{what} weight has {weight.dim()} dimensions; a conv weight has 4")
+    if int(weight.shape[0]) != out:
+        raise UnsupportedError(f"{what} has {int(weight.shape[0])} output channels; the block has {out}")
+    return weight.detach()
+
+
+def _rows64(buffer: Tensor, weight: Tensor, start: int, stop: int, factor: Tensor | None) -> Tensor:
+    """Rows ``start:stop`` of ``weight`` upcast into ``buffer`` (reused from chunk to chunk: a new
+    allocation per chunk would cost more in page faults than the arithmetic), times ``factor``."""
+    rows = buffer[: stop - start].copy_(weight[start:stop])
+    return rows if factor is None else rows.mul_(factor[start:stop].reshape(-1, 1, 1, 1))
+
+
+def fused_weight_shape(branches: Branches) -> tuple[int, int, int, int]:
+    """The shape :func:`fuse_branches` gives the fused weight: ``(out, in/groups, KH, KW)``
+    (known before fusing, so a writer can lay out a file first)."""
+    per_group_values = {int(c.weight.shape[1]) for c in branches.convs}
+    if len(per_group_values) > 1:
+        raise UnsupportedError(
+            f"branches disagree on input channels per group: {sorted(per_group_values)}"
+        )
+    in_per_group = (per_group_values.pop() if per_group_values
+                    else branches.resolved_in_channels // branches.resolved_groups)
+    return (branches.out_channels, in_per_group, *branches.kernel_size)
+
+
+def fuse_branches(branches: Branches, dtype: torch.dtype = FLOAT64, rows_per_chunk: int | None = None,
+                  out: Tensor | None = None) -> FusedConv:
     """Fuse every branch of a block into one conv.
+
+    The arithmetic is float64 whatever ``dtype`` is: each chunk of output channels is upcast,
+    fused and only then cast to ``dtype``, so asking for float32 gives the float64 result
+    correctly rounded, bit for bit, without a float64 copy of the whole weight.
 
     Args:
         branches: the neutral description of the block.
+        dtype: the dtype of the returned tensors (float64 by default).
+        rows_per_chunk: output channels per chunk; None: as many as fit in :data:`CHUNK_BYTES`.
+        out: where to write the fused weight (its shape is :func:`fused_weight_shape`, its dtype
+            ``dtype``), e.g. a buffer reused from block to block; None: a new tensor.
     Returns:
-        A float64 :class:`FusedConv` equal to the block's eval-mode output.
+        A :class:`FusedConv` equal to the block's eval-mode output.
     Raises:
         UnsupportedError: branches that cannot be summed into one conv (misaligned padding,
             mixed groups, identity with stride); InputError: malformed tensors.
     """
     kernel_size = branches.kernel_size
     _check_alignment(branches, kernel_size)
-    out = branches.out_channels
+    target = out
+    out, in_per_group = fused_weight_shape(branches)[:2]
     groups = branches.resolved_groups
-    per_group_values = {int(c.weight.shape[1]) for c in branches.convs}
-    if len(per_group_values) > 1:
-        raise UnsupportedError(
-            f"branches disagree on input channels per group: {sorted(per_group_values)}"
-        )
-    in_per_group = per_group_values.pop() if per_group_values else branches.resolved_in_channels // groups
 
-    weight: Tensor | None = None
+    # Per output channel, each branch is ``weight * factor`` plus a bias: BN and scale fold into
+    # float64 vectors first; the weights are touched once, chunk by chunk, below.
+    terms: list[tuple[Tensor, Tensor | None, tuple[slice, slice]]] = []
     bias = torch.zeros(out, dtype=FLOAT64)
     for index, conv in enumerate(branches.convs):
         what = f"branch {index}"
-        w = _as_float64(conv.weight, f"{what} weight")
-        if w.dim() != 4:
-            raise InputError(f"{what} weight has {w.dim()} dimensions; a conv weight has 4")
-        if int(w.shape[0]) != out:
-            raise UnsupportedError(
-                f"{what} has {int(w.shape[0])} output channels; the block has {out}"
-            )
+        w = _checked_weight(conv.weight, out, what)
+        b = _check_vector(conv.bias, out, f"{what} bias")
+        factor: Tensor | None = None
         if conv.bn is not None:
-            w, b = fold_batch_norm(w, conv.bias, conv.bn)
-        else:
-            b = _check_vector(conv.bias, out, f"{what} bias")
-            b = torch.zeros(out, dtype=FLOAT64) if b is None else b
-        w, b = _apply_scale(w, b, conv.scale, what)
-        if weight is None and tuple(w.shape[2:]) == kernel_size:
-            # The first full-size branch becomes the accumulator (a copy if it is the source itself).
-            weight = w.clone() if w.data_ptr() == conv.weight.data_ptr() else w
-        else:
-            if weight is None:
-                weight = torch.zeros(out, in_per_group, *kernel_size, dtype=FLOAT64)
-            _add_centred(weight, w)
+            factor, shift = bn_scale_shift(conv.bn, out)
+            b = shift if b is None else b * factor + shift
+        elif b is None:
+            b = torch.zeros(out, dtype=FLOAT64)
+        s = _check_vector(conv.scale, out, f"{what} scale")
+        if s is not None:
+            factor = s if factor is None else factor * s
+            b = b * s
+        terms.append((w, factor, _centred_slice(kernel_size, conv.kernel_size)))
         bias += b
-    if weight is None:
-        weight = torch.zeros(out, in_per_group, *kernel_size, dtype=FLOAT64)
+    # The first full-size branch starts the sum (no zero-filled accumulator to add it to).
+    terms.sort(key=lambda term: tuple(term[0].shape[2:]) != kernel_size)
 
+    diagonal: Tensor | None = None
     if branches.identity is not None:
         # resolved_in_channels assumes in == out when an identity is present, so also check the
         # input channels the conv weights actually imply (in_per_group * groups).
@@ -460,20 +501,45 @@ def fuse_branches(branches: Branches) -> FusedConv:
         s = _check_vector(branches.identity.scale, out, "identity scale")
         if s is not None:
             diagonal, b = diagonal * s, b * s
-        rows = torch.arange(out)
-        weight[rows, rows % in_per_group, kh // 2, kw // 2] += diagonal
         bias += b
 
-    if not torch.isfinite(weight.sum()):  # NaN/Inf anywhere propagates into the sum; no mask is built
-        _raise_non_finite(branches)
+    post: Tensor | None = None
     if branches.post_bn is not None:
-        scale, shift = bn_scale_shift(branches.post_bn, out, "post-sum BatchNorm")
-        weight = weight * scale.reshape(-1, 1, 1, 1)
-        bias = bias * scale + shift
+        post, shift = bn_scale_shift(branches.post_bn, out, "post-sum BatchNorm")
+        bias = bias * post + shift
 
+    weight = torch.empty(out, in_per_group, *kernel_size, dtype=dtype) if target is None else target
+    if tuple(weight.shape) != (out, in_per_group, *kernel_size) or weight.dtype != dtype:
+        raise ValueError(f"out= has shape {tuple(weight.shape)} and dtype {weight.dtype}; the fused weight is "
+                         f"{(out, in_per_group, *kernel_size)}, {dtype}")
+    step = min(out, rows_per_chunk or chunk_rows(in_per_group * kernel_size[0] * kernel_size[1]))
+    # float64 work space, reused from chunk to chunk: the sum, and one buffer per branch shape
+    total = torch.empty(step, in_per_group, *kernel_size, dtype=FLOAT64)
+    parts = {shape: torch.empty(step, in_per_group, *shape, dtype=FLOAT64)
+             for shape in {tuple(w.shape[2:]) for w, _, _ in terms}}
+    for start in range(0, out, step):
+        stop = min(out, start + step)
+        acc: Tensor | None = None
+        for w, factor, (rows_h, rows_w) in terms:
+            if acc is None and tuple(w.shape[2:]) == kernel_size:
+                acc = _rows64(total, w, start, stop, factor)
+                continue
+            if acc is None:
+                acc = total[: stop - start].zero_()
+            acc[:, :, rows_h, rows_w] += _rows64(parts[tuple(w.shape[2:])], w, start, stop, factor)
+        if acc is None:
+            acc = total[: stop - start].zero_()
+        if diagonal is not None:
+            rows = torch.arange(start, stop)
+            acc[rows - start, rows % in_per_group, kernel_size[0] // 2, kernel_size[1] // 2] += diagonal[start:stop]
+        if not torch.isfinite(acc.sum()):  # NaN/Inf anywhere propagates into the sum; no mask is built
+            _raise_non_finite(branches)
+        if post is not None:
+            acc.mul_(post[start:stop].reshape(-1, 1, 1, 1))
+        weight[start:stop] = acc
     return FusedConv(
-        weight=weight.contiguous(),
-        bias=bias.contiguous(),
+        weight=weight,
+        bias=bias.to(dtype),
         stride=branches.stride,
         padding=branches.resolved_padding,
         dilation=branches.dilation,

@@ -11,14 +11,15 @@ from __future__ import annotations
 import base64
 import copy
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fusion import BatchNorm, Branches, FusedConv
+from .errors import UnsupportedError
+from .fusion import BatchNorm, Branches, FusedConv, chunk_rows
 
 FLOAT64 = torch.float64
 
@@ -95,33 +96,117 @@ class ModelCheck:
 # -- reference semantics of the train form ---------------------------------------------------
 
 
-def _bn_eval(x: Tensor, bn: BatchNorm) -> Tensor:
-    def f64(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.detach().to(FLOAT64)
+Rows = Sequence[int] | None
+"""Output channels to compute (``None``: all of them)."""
 
+
+def _vector(t: Tensor | None, rows: Rows) -> Tensor | None:
+    if t is None:
+        return None
+    t = t.detach().to(device="cpu", dtype=FLOAT64)
+    return t if rows is None else t[list(rows)]
+
+
+def _bn_eval(x: Tensor, bn: BatchNorm, rows: Rows = None) -> Tensor:
     return F.batch_norm(
-        x, f64(bn.running_mean), f64(bn.running_var), f64(bn.weight), f64(bn.bias), training=False, eps=bn.eps
+        x, _vector(bn.running_mean, rows), _vector(bn.running_var, rows), _vector(bn.weight, rows),
+        _vector(bn.bias, rows), training=False, eps=bn.eps,
     )
 
 
-def _pad_for(branches: Branches, padding: tuple[int, int], x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-    """Apply non-zero padding modes by hand (conv2d only pads with zeros)."""
-    if branches.padding_mode == "zeros" or padding == (0, 0):
-        return x, padding
-    mode = {"reflect": "reflect", "replicate": "replicate", "circular": "circular"}[branches.padding_mode]
-    return F.pad(x, (padding[1], padding[1], padding[0], padding[0]), mode=mode), (0, 0)
+def _pad(x: Tensor, padding: tuple[int, int], padding_mode: str) -> Tensor:
+    """Pad ``x`` explicitly (negative padding crops, as ACNet's cropped branches do), so the
+    convs below run with padding 0 and can be restricted to the centre output."""
+    ph, pw = padding
+    if min(ph, pw) < 0:
+        crop_h, crop_w = min(ph, 0), min(pw, 0)
+        x = F.pad(x, (crop_w, crop_w, crop_h, crop_h))
+    pad = (max(pw, 0), max(pw, 0), max(ph, 0), max(ph, 0))
+    if not any(pad):
+        return x
+    if padding_mode == "zeros":
+        return F.pad(x, pad)
+    mode = {"reflect": "reflect", "replicate": "replicate", "circular": "circular"}[padding_mode]
+    return F.pad(x, pad, mode=mode)
 
 
-def reference_forward(branches: Branches, x: Tensor) -> Tensor:
+def _row_chunks(out: int, groups: int, in_per_group: int, row_numel: int):
+    """``(first row, end row, first input channel, end input channel, groups)`` per chunk of
+    output channels: whole groups, or a slice of one group's rows when a group is large."""
+    step = chunk_rows(row_numel)
+    per_group = out // groups
+    if per_group >= step:
+        for g in range(groups):
+            for a in range(g * per_group, (g + 1) * per_group, step):
+                yield a, min(a + step, (g + 1) * per_group), g * in_per_group, (g + 1) * in_per_group, 1
+        return
+    n = max(1, step // per_group)
+    for g0 in range(0, groups, n):
+        g1 = min(groups, g0 + n)
+        yield g0 * per_group, g1 * per_group, g0 * in_per_group, g1 * in_per_group, g1 - g0
+
+
+def _conv64(x: Tensor, weight: Tensor, bias: Tensor | None, *, stride: tuple[int, int], padding: tuple[int, int],
+            dilation: tuple[int, int], groups: int, padding_mode: str, rows: Rows, centre: bool) -> Tensor:
+    """``conv2d`` in float64, on the output channels ``rows`` only and, with ``centre``, at the
+    centre output pixel only (its receptive field is cut out of the padded input).
+
+    The weight is upcast a chunk of output channels at a time (never a float64 copy of it whole).
+    """
+    weight = weight.detach()
+    out, in_per_group, kh, kw = (int(d) for d in weight.shape)
+    if groups < 1 or out % groups or int(x.shape[1]) != in_per_group * groups:
+        raise UnsupportedError(
+            f"a conv weight {tuple(weight.shape)} with groups={groups} does not take {int(x.shape[1])} input channels"
+        )
+    x = _pad(x, padding, padding_mode)
+    if centre:
+        extent = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
+        size = [(int(x.shape[2 + d]) - extent[d]) // stride[d] + 1 for d in range(2)]
+        top, left = (size[0] // 2) * stride[0], (size[1] // 2) * stride[1]
+        x = x[:, :, top : top + extent[0], left : left + extent[1]]
+    per_group = out // groups
+    bias64 = _vector(bias, None)
+    if rows is not None:
+        rows = list(rows)
+        if groups == 1:
+            index = torch.tensor(rows, dtype=torch.long)
+            return F.conv2d(x, weight.index_select(0, index.to(weight.device)).to(device="cpu", dtype=FLOAT64),
+                            None if bias64 is None else bias64[rows], stride=stride, dilation=dilation)
+        parts = [F.conv2d(x[:, (r // per_group) * in_per_group : (r // per_group + 1) * in_per_group],
+                          weight[r : r + 1].to(device="cpu", dtype=FLOAT64),
+                          None if bias64 is None else bias64[r : r + 1], stride=stride, dilation=dilation)
+                 for r in rows]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    chunks = list(_row_chunks(out, groups, in_per_group, in_per_group * kh * kw))
+    buffer = torch.empty(max(b - a for a, b, *_ in chunks), in_per_group, kh, kw, dtype=FLOAT64)
+    parts = []
+    for a, b, i0, i1, g in chunks:  # the buffer is reused: a fresh allocation per chunk costs page faults
+        parts.append(F.conv2d(x[:, i0:i1], buffer[: b - a].copy_(weight[a:b]),
+                              None if bias64 is None else bias64[a:b], stride=stride, dilation=dilation, groups=g))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _centre_of(x: Tensor) -> Tensor:
+    """The centre pixel of ``x`` as a 1x1 map."""
+    h, w = int(x.shape[2]) // 2, int(x.shape[3]) // 2
+    return x[:, :, h : h + 1, w : w + 1]
+
+
+def reference_forward(branches: Branches, x: Tensor, *, channels: Rows = None, centre: bool = False) -> Tensor:
     """The train-form block's eval output, branch by branch, in float64.
 
     Args:
         branches: the block's neutral description (source tensors).
         x: input ``(N, C_in, H, W)``; cast to float64.
+        channels: compute these output channels only (``None``: all).
+        centre: compute the centre output pixel only (a ``1x1`` map): every kernel tap of every
+            output channel, at the cost of one matrix-vector product.
     Returns:
         ``sum(scale_b * BN_b(conv_b(x))) [+ scale_id * BN_id(x)]``, then the post-sum BN if any.
     """
     x = x.to(FLOAT64)
+    rows = None if channels is None else list(channels)
     groups = branches.resolved_groups
     total: Tensor | None = None
     kernel = branches.kernel_size
@@ -133,55 +218,44 @@ def reference_forward(branches: Branches, x: Tensor) -> Tensor:
             padding = tuple(
                 block_padding[d] - branches.dilation[d] * (kernel[d] - (kh, kw)[d]) // 2 for d in range(2)
             )
-        xin = x
-        if min(padding) < 0:  # a cropped branch (ACNet): negative padding removes border pixels
-            crop_h, crop_w = min(padding[0], 0), min(padding[1], 0)
-            xin = F.pad(x, (crop_w, crop_w, crop_h, crop_h))
-            padding = (max(padding[0], 0), max(padding[1], 0))
-        xin, pad = _pad_for(branches, padding, xin)
-        y = F.conv2d(
-            xin,
-            conv.weight.detach().to(FLOAT64),
-            None if conv.bias is None else conv.bias.detach().to(FLOAT64),
-            stride=branches.stride,
-            padding=pad,
-            dilation=conv.dilation if (kh, kw) != (1, 1) else (1, 1),
-            groups=groups,
-        )
+        y = _conv64(x, conv.weight, conv.bias, stride=branches.stride, padding=padding,
+                    dilation=conv.dilation if (kh, kw) != (1, 1) else (1, 1), groups=groups,
+                    padding_mode=branches.padding_mode, rows=rows, centre=centre)
         if conv.bn is not None:
-            y = _bn_eval(y, conv.bn)
+            y = _bn_eval(y, conv.bn, rows)
         if conv.scale is not None:
-            y = y * conv.scale.detach().to(FLOAT64).reshape(1, -1, 1, 1)
-        total = y if total is None else total + y
+            y = y * _vector(conv.scale, rows).reshape(1, -1, 1, 1)
+        total = _add(total, y)
     if branches.identity is not None:
-        y = x
+        y = x if rows is None else x[:, rows]
+        if centre:
+            y = _centre_of(y)
         if branches.identity.bn is not None:
-            y = _bn_eval(y, branches.identity.bn)
+            y = _bn_eval(y, branches.identity.bn, rows)
         if branches.identity.scale is not None:
-            y = y * branches.identity.scale.detach().to(FLOAT64).reshape(1, -1, 1, 1)
-        total = y if total is None else total + y
+            y = y * _vector(branches.identity.scale, rows).reshape(1, -1, 1, 1)
+        total = _add(total, y)
     assert total is not None
     if branches.post_bn is not None:
-        total = _bn_eval(total, branches.post_bn)
+        total = _bn_eval(total, branches.post_bn, rows)
     return total
 
 
-def fused_forward(fused: FusedConv, x: Tensor, stride: tuple[int, int] | None = None) -> Tensor:
-    """The deploy-form conv's output in float64 (its tensors upcast exactly from what ships)."""
-    x = x.to(FLOAT64)
-    padding = fused.padding
-    if fused.padding_mode != "zeros" and padding != (0, 0):
-        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]), mode=fused.padding_mode)
-        padding = (0, 0)
-    return F.conv2d(
-        x,
-        fused.weight.detach().to(FLOAT64),
-        fused.bias.detach().to(FLOAT64),
-        stride=fused.stride if stride is None else stride,
-        padding=padding,
-        dilation=fused.dilation,
-        groups=fused.groups,
-    )
+def _add(total: Tensor | None, y: Tensor) -> Tensor:
+    if total is None:
+        return y
+    if total.shape != y.shape:
+        raise UnsupportedError(f"the branches' outputs differ in shape: {tuple(total.shape)} vs {tuple(y.shape)}")
+    return total + y
+
+
+def fused_forward(fused: FusedConv, x: Tensor, stride: tuple[int, int] | None = None, *, channels: Rows = None,
+                  centre: bool = False) -> Tensor:
+    """The deploy-form conv's output in float64 (its tensors upcast exactly from what ships);
+    ``channels`` and ``centre`` as for :func:`reference_forward`."""
+    return _conv64(x.to(FLOAT64), fused.weight, fused.bias, stride=fused.stride if stride is None else stride,
+                   padding=fused.padding, dilation=fused.dilation, groups=fused.groups,
+                   padding_mode=fused.padding_mode, rows=channels, centre=centre)
 
 
 # -- probes ----------------------------------------------------------------------------------
@@ -207,23 +281,30 @@ def block_probe(in_channels: int, kernel_size: tuple[int, int], dilation: tuple[
     return torch.randn(batch, in_channels, h, w, generator=generator, dtype=FLOAT64)
 
 
-def _centre(y: Tensor) -> Tensor:
-    return y[:, :, y.shape[2] // 2, y.shape[3] // 2]
-
-
 def reference_probe(branches: Branches, seed: int) -> Tensor:
     """The train-form output at the centre pixel for the block's seeded probe: ``(batch, C_out)``."""
     stride1 = Branches(**{**branches.__dict__, "stride": (1, 1)})
     x = block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation, seed,
                     padding=branches.resolved_padding, padding_mode=branches.padding_mode)
-    return _centre(reference_forward(stride1, x))
+    return reference_forward(stride1, x, centre=True)[:, :, 0, 0]
 
 
 def fused_probe(fused: FusedConv, seed: int) -> Tensor:
     """The deploy-form output at the centre pixel for the same seeded probe."""
     x = block_probe(fused.in_channels, fused.kernel_size, fused.dilation, seed,
                     padding=fused.padding, padding_mode=fused.padding_mode)
-    return _centre(fused_forward(fused, x, stride=(1, 1)))
+    return fused_forward(fused, x, stride=(1, 1), centre=True)[:, :, 0, 0]
+
+
+GEOMETRY_CHANNELS = 8
+"""Output channels checked at every output position (the rest at the centre pixel)."""
+
+
+def geometry_channels(out_channels: int, count: int = GEOMETRY_CHANNELS) -> list[int]:
+    """``count`` output channels spread evenly over ``range(out_channels)``, first and last included."""
+    if out_channels <= count:
+        return list(range(out_channels))
+    return sorted({round(i * (out_channels - 1) / (count - 1)) for i in range(count)})
 
 
 def encode_tensor(t: Tensor) -> str:
@@ -254,7 +335,7 @@ def compare(reference: Tensor, candidate: Tensor) -> tuple[float, float]:
 def check_block(
     name: str,
     branches: Branches,
-    fused64: FusedConv,
+    fused64: FusedConv | None,
     shipped: FusedConv,
     seed: int,
     tolerance: Tolerance,
@@ -263,12 +344,17 @@ def check_block(
 
     The input is the block's probe: one sample just large enough for the centre output to see
     every kernel tap, so every other output position sees the padding (all border cases).
+    Two comparisons, both float64: every output channel at the centre pixel, where each weight
+    and bias value shipped contributes (one matrix-vector product per branch, the cost of reading
+    the weights once); and a few output channels (:func:`geometry_channels`) at every output
+    position, which checks padding, padding mode and dilation, the same for all channels.
     Stride does not change equivalence (the strided output is a subsample), so it runs at 1.
 
     Args:
         name: the block's name (seeds the probe and labels the result).
         branches: the train-form description (source tensors).
-        fused64: the float64 fusion result (to measure what the cast to the shipped dtype adds).
+        fused64: the float64 fusion result, to measure what a cast to float16/bfloat16 adds
+            (None: the error is all cast error, as for float32).
         shipped: the fused conv in the dtype that is written.
         seed: the run's seed.
         tolerance: rtol/atol; rtol None means by the shipped dtype.
@@ -278,12 +364,17 @@ def check_block(
     stride1 = Branches(**{**branches.__dict__, "stride": (1, 1)})
     x = block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation, block_seed(seed, name),
                     padding=branches.resolved_padding, padding_mode=branches.padding_mode)
-    reference = reference_forward(stride1, x)
-    output = fused_forward(shipped, x, stride=(1, 1))
+    rows = geometry_channels(shipped.out_channels)
+    reference = reference_forward(stride1, x, centre=True)
+    output = fused_forward(shipped, x, stride=(1, 1), centre=True)
+    border = fused_forward(shipped, x, stride=(1, 1), channels=rows)
     err, scale = compare(reference, output)
+    border_err, border_scale = compare(reference_forward(stride1, x, channels=rows), border)
+    err, scale = max(err, border_err), max(scale, border_scale)
     cast_err = err
-    if shipped.weight.dtype in (torch.float16, torch.bfloat16):
-        cast_err, _ = compare(fused_forward(fused64, x, stride=(1, 1)), output)
+    if fused64 is not None and shipped.weight.dtype in (torch.float16, torch.bfloat16):
+        cast_err = max(compare(fused_forward(fused64, x, stride=(1, 1), centre=True), output)[0],
+                       compare(fused_forward(fused64, x, stride=(1, 1), channels=rows), border)[0])
     return BlockCheck(
         name=name,
         max_abs_err=err,
@@ -291,7 +382,7 @@ def check_block(
         rtol=tolerance.rtol_for(shipped.weight.dtype),
         atol=tolerance.atol,
         cast_abs_err=cast_err,
-        reference=_centre(reference),
+        reference=reference[:, :, 0, 0],
     )
 
 

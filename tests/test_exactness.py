@@ -398,7 +398,8 @@ def tiny_state(dtype: torch.dtype) -> dict[str, Tensor]:
 
 
 def measured_cast_errors(state: dict[str, Tensor], deploy: dict[str, Tensor], seed: int = 0) -> dict[str, tuple[float, float]]:
-    """Per block: ``(max|train64 - shipped|, max|train64|)`` on convert's probe input, measured here.
+    """Per block: ``(max|train64 - shipped|, max|train64|)`` on convert's probe input, measured here
+    where convert compares: every channel at the centre pixel, the geometry channels everywhere.
 
     The train form is the zoo block's own modules in float64 (stride 1, as convert checks), the
     shipped conv an ``nn.Conv2d`` holding the written half tensors upcast exactly.
@@ -425,7 +426,11 @@ def measured_cast_errors(state: dict[str, Tensor], deploy: dict[str, Tensor], se
             train = block.rbr_dense(x) + block.rbr_1x1(x)
             if block.rbr_identity is not None:
                 train = train + block.rbr_identity(x)
-            errors[name] = (float((train - shipped(x)).abs().max()), float(train.abs().max()))
+            rows = verify.geometry_channels(shipped.out_channels)
+            seen = torch.cat([train[:, :, 1, 1].flatten(), train[:, rows].flatten()])
+            diff = (train - shipped(x)).abs()
+            errors[name] = (float(torch.cat([diff[:, :, 1, 1].flatten(), diff[:, rows].flatten()]).max()),
+                            float(seen.abs().max()))
     return errors
 
 

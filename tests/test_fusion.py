@@ -28,6 +28,7 @@ from repvgg_cli.fusion import (
     center_kernel,
     fold_batch_norm,
     fuse_branches,
+    fused_weight_shape,
     identity_kernel,
 )
 
@@ -847,3 +848,112 @@ def test_fused_conv_to_returns_fresh_contiguous_tensors(dtype: torch.dtype) -> N
     assert again.weight.data_ptr() != shipped.weight.data_ptr()
     again.weight.zero_()
     assert torch.equal(shipped.weight, weight.to(dtype))
+
+
+# -- 4. chunked fusion and restricted checks ---------------------------------------------------
+
+
+def identical(a: Tensor, b: Tensor) -> bool:
+    """Same dtype, shape and bits (NaNs and signed zeros included)."""
+    as_int = {torch.float64: torch.int64, torch.float32: torch.int32}[a.dtype]
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(as_int), b.view(as_int))
+
+
+@property_settings(150)
+@given(spec=block_specs(), rows=st.integers(1, 5))
+def test_chunked_fusion_is_bit_identical_to_whole_tensor_fusion(spec: BlockSpec, rows: int) -> None:
+    """Fusing a few output channels at a time, straight into the shipped dtype (or into a given
+    buffer), gives the float64 result cast afterwards, bit for bit: the arithmetic is elementwise."""
+    block = build_block(spec)
+    whole = fuse_branches(block.branches, rows_per_chunk=spec.out_channels)
+    assert tuple(whole.weight.shape) == fused_weight_shape(block.branches)
+    for dtype in (torch.float64, torch.float32):
+        chunked = fuse_branches(block.branches, dtype=dtype, rows_per_chunk=rows)
+        expected = whole.to(dtype)
+        assert chunked.weight.dtype == dtype and chunked.bias.dtype == dtype
+        assert identical(chunked.weight, expected.weight) and identical(chunked.bias, expected.bias)
+        buffer = torch.full(fused_weight_shape(block.branches), float("nan"), dtype=dtype)
+        into = fuse_branches(block.branches, dtype=dtype, rows_per_chunk=rows, out=buffer)
+        assert into.weight.data_ptr() == buffer.data_ptr()
+        assert identical(buffer, expected.weight)
+
+
+def test_fusing_into_a_buffer_of_the_wrong_shape_or_dtype_is_refused() -> None:
+    branches = Branches(convs=(_conv(4, 3, 3, 3, bn=_bn(4)),), groups=1)
+    with pytest.raises(ValueError, match="out= has shape"):
+        fuse_branches(branches, dtype=torch.float32, out=torch.empty(4, 3, 3, 2))
+    with pytest.raises(ValueError, match="out= has shape"):
+        fuse_branches(branches, dtype=torch.float32, out=torch.empty(4, 3, 3, 3, dtype=F64))
+
+
+@property_settings(150)
+@given(spec=block_specs(), chunk=st.sampled_from([1, 2, 3, 1000]), data=st.data())
+def test_centre_and_channel_restricted_forwards_equal_slices_of_the_full_ones(
+    spec: BlockSpec, chunk: int, data
+) -> None:
+    """``centre=True`` is the full output's centre pixel and ``channels=`` its rows, for the
+    train form and the fused conv alike, however the weight is split into chunks (within a
+    group, or whole groups at a time)."""
+    block = build_block(spec)
+    stride1 = replace(block.branches, stride=(1, 1))
+    fused = fuse_branches(block.branches)
+    x = block.x_full[:1]
+    rows = sorted(data.draw(st.sets(st.integers(0, spec.out_channels - 1), min_size=1, max_size=4)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(verify, "chunk_rows", lambda row_numel: chunk)
+        for forward in (lambda **kw: verify.reference_forward(stride1, x, **kw),
+                        lambda **kw: verify.fused_forward(fused, x, stride=(1, 1), **kw)):
+            full = forward()
+            h, w = full.shape[2] // 2, full.shape[3] // 2
+            centre = forward(centre=True)
+            assert centre.shape == (1, spec.out_channels, 1, 1)
+            assert torch.allclose(centre[:, :, 0, 0], full[:, :, h, w], rtol=1e-12, atol=1e-12)
+            assert torch.allclose(forward(channels=rows), full[:, rows], rtol=1e-12, atol=1e-12)
+            assert torch.allclose(forward(channels=rows, centre=True)[:, :, 0, 0], full[:, rows, h, w],
+                                  rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_centre_and_channels_with_padding_modes_and_cropped_branches(mode: str) -> None:
+    """Padding modes and an ACNet-style cropped branch (negative padding) restrict exactly too."""
+    gen = torch.Generator().manual_seed(7)
+    square = ConvBranch(weight=torch.randn(6, 3, 3, 3, generator=gen, dtype=F64), bn=_bn(6))
+    crop = ConvBranch(weight=torch.randn(6, 3, 1, 3, generator=gen, dtype=F64), bn=_bn(6), padding=(0, 1))
+    point = ConvBranch(weight=torch.randn(6, 3, 1, 1, generator=gen, dtype=F64), bn=_bn(6))
+    branches = Branches(convs=(square, crop, point), groups=2, padding=(1, 1), padding_mode=mode)
+    fused = fuse_branches(branches)
+    x = verify.block_probe(6, (3, 3), (1, 1), 3, padding=(1, 1), padding_mode=mode)
+    full = verify.reference_forward(branches, x)
+    h, w = full.shape[2] // 2, full.shape[3] // 2
+    assert torch.allclose(verify.reference_forward(branches, x, centre=True)[:, :, 0, 0], full[:, :, h, w],
+                          rtol=1e-12, atol=1e-12)
+    assert torch.allclose(verify.reference_forward(branches, x, channels=[1, 4]), full[:, [1, 4]],
+                          rtol=1e-12, atol=1e-12)
+    assert torch.allclose(verify.fused_forward(fused, x, centre=True)[:, :, 0, 0], full[:, :, h, w],
+                          rtol=1e-10, atol=1e-10)
+    assert torch.allclose(verify.fused_forward(fused, x, channels=[1, 4]), full[:, [1, 4]], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels", [1, 5, 8, 9, 64, 2560])
+def test_geometry_channels_spread_over_the_block(channels: int) -> None:
+    rows = verify.geometry_channels(channels)
+    assert rows == sorted(set(rows)) and all(0 <= r < channels for r in rows)
+    assert len(rows) == min(channels, verify.GEOMETRY_CHANNELS)
+    assert rows[0] == 0 and rows[-1] == channels - 1
+
+
+def test_the_check_catches_a_wrong_padding_mode_seen_only_at_the_border() -> None:
+    """A fused conv that pads with zeros where the block reflects agrees at the centre pixel;
+    the geometry channels, compared at every position, catch it."""
+    gen = torch.Generator().manual_seed(11)
+    branches = Branches(convs=(ConvBranch(weight=torch.randn(16, 16, 3, 3, generator=gen, dtype=F64), bn=_bn(16)),),
+                        groups=1, padding_mode="reflect")
+    fused = fuse_branches(branches, dtype=torch.float32)
+    good = verify.check_block("b", branches, None, fused, 0, verify.Tolerance())
+    wrong = verify.check_block("b", branches, None, replace(fused, padding_mode="zeros"), 0, verify.Tolerance())
+    assert good.ok and good.rel_err < 1e-6
+    assert not wrong.ok and wrong.rel_err > 1e-2
+    x = verify.block_probe(16, (3, 3), (1, 1), verify.block_seed(0, "b"), padding=(1, 1), padding_mode="reflect")
+    centre_only = verify.compare(verify.reference_forward(branches, x, centre=True),
+                                 verify.fused_forward(replace(fused, padding_mode="zeros"), x, centre=True))
+    assert centre_only[0] <= 1e-5 * centre_only[1]
