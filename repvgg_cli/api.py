@@ -9,14 +9,20 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from .checkpoint import (
+    METADATA_KEY,
     LoadedCheckpoint,
+    SafetensorsStream,
     check_output_path,
     load_checkpoint,
+    metadata_json,
     metadata_problem,
     save_model,
     save_state_dict,
+    tensor_digests,
 )
+from .digest import FileDigest
 from .convert import (
     ConversionResult,
     ConvertOptions,
@@ -51,6 +57,7 @@ def convert_file(
     model_spec: str | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    source_digest: FileDigest | None = None,
 ) -> ConvertOutcome:
     """Load ``source``, fuse and verify every block, and write ``output`` only if all checks pass.
 
@@ -63,13 +70,16 @@ def convert_file(
         model_spec: ``MODULE:CALLABLE`` building the train-form model (module tree).
         force: replace an existing output (atomically).
         progress: optional progress-bar factory ``total -> (context, advance(name))``.
+        source_digest: the source's sha256 already being computed (see :class:`FileDigest`).
     Returns:
         A :class:`ConvertOutcome`; ``written`` is False when verification failed.
     """
     source, output = Path(source), Path(output)
     options = options or ConvertOptions()
     check_output_path(output, [source], force)
-    loaded = load_checkpoint(source, allow_pickle=allow_pickle, entry=entry)
+    loaded = load_checkpoint(source, allow_pickle=allow_pickle, entry=entry, digest=source_digest)
+    if loaded.model is None and model_spec is None and output.suffix == ".safetensors":
+        return _convert_streaming(loaded, source, output, options, progress)
     with errors_name(source):
         if loaded.model is not None or model_spec is not None:
             model = loaded.model if loaded.model is not None else build_model(model_spec, loaded.state_dict)
@@ -82,11 +92,58 @@ def convert_file(
         return ConvertOutcome(result, loaded, written=False)
     metadata = build_metadata(result, source.name, loaded.sha256, loaded.entry, loaded.stripped_prefixes)
     if loaded.model is not None and output.suffix != ".safetensors":
-        save_model(output, result.model, loaded, metadata)
+        save_model(output, result.model, loaded, {**metadata, "tensors": tensor_digests(result.state_dict)})
     else:
         container = loaded.raw if loaded.entry is not None and output.suffix != ".safetensors" else None
-        save_state_dict(output, result.state_dict, metadata, container=container, entry=loaded.entry)
+        save_state_dict(output, result.state_dict, metadata, container=container, entry=loaded.entry,
+                        digests_key="tensors")
     return ConvertOutcome(result, loaded, written=True)
+
+
+class _NotEquivalent(Exception):
+    """Aborts a streamed write (the temporary file is removed) when a block fails its check."""
+
+    def __init__(self, result: ConversionResult) -> None:
+        super().__init__("not equivalent")
+        self.result = result
+
+
+def _convert_streaming(loaded: LoadedCheckpoint, source: Path, output: Path, options: ConvertOptions,
+                       progress: Progress | None) -> ConvertOutcome:
+    """Key tree into safetensors: each block is written as soon as it is fused and checked (no
+    copy of the deploy model in memory); the header, with the metadata, comes last. A block
+    that fails its check leaves nothing behind, as does any error."""
+    written: list[ConversionResult] = []
+
+    def write(tmp: Path) -> None:
+        streams: list[SafetensorsStream] = []
+
+        def open_sink(layout, reserve: int) -> SafetensorsStream:
+            streams.append(SafetensorsStream(tmp, layout, reserve))
+            return streams[0]
+
+        try:
+            with errors_name(source):
+                _forget_raw_weights(loaded)
+                result = convert_state_dict(loaded.state_dict, options, progress=progress, release=True,
+                                            open_sink=open_sink)
+            result = ConversionResult(**{**result.__dict__, "notes": tuple(loaded.notes) + result.notes})
+            if not result.ok:
+                raise _NotEquivalent(result)
+            stream = streams[0]
+            metadata = build_metadata(result, source.name, loaded.sha256, loaded.entry, loaded.stripped_prefixes)
+            metadata["tensors"] = stream.wait()
+            stream.finish({"format": "pt", METADATA_KEY: metadata_json(metadata)})
+            written.append(result)
+        finally:
+            for stream in streams:
+                stream.close()
+
+    try:
+        checkpoint.atomic_write(output, write)  # by module: tests inject disk failures there
+    except _NotEquivalent as failed:
+        return ConvertOutcome(failed.result, loaded, written=False)
+    return ConvertOutcome(written[0], loaded, written=True)
 
 
 @contextmanager

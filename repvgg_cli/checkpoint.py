@@ -9,14 +9,18 @@ into place with ``os.replace``: a failure leaves no partial file and an existing
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import math
+import mmap as mmap_module
 import os
 import pickle
 import tempfile
 import threading
 import zipfile
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .digest import FileDigest, sha256_file  # noqa: F401 - sha256_file is part of this module's API
 from .errors import InputError, OutputExistsError, PickleRefusedError
 
 METADATA_KEY = "repvgg_cli"
@@ -67,23 +72,29 @@ class LoadedCheckpoint:
     pickled: bool = False
     notes: tuple[str, ...] = ()
     file_size: int = 0
-    sha256: str = ""
+    digest: "FileDigest | str" = ""
     container_keys: tuple[str, ...] = field(default_factory=tuple)
 
+    @property
+    def sha256(self) -> str:
+        """The file's sha256 (hashed in the background while it was loaded)."""
+        return self.digest.value() if isinstance(self.digest, FileDigest) else self.digest
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+
+def tensor_bytes(tensor: Tensor) -> memoryview:
+    """A tensor's raw bytes (any dtype), without a copy when it is already contiguous on the CPU."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy())
 
 
 def tensor_sha256(tensor: Tensor) -> str:
     """sha256 of a tensor's raw bytes (any dtype)."""
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(tensor_bytes(tensor)).hexdigest()
+
+
+def tensor_digests(state: Mapping[str, Tensor]) -> dict[str, str]:
+    """``{key: sha256}`` of every tensor, in the state dict's order."""
+    return {key: tensor_sha256(value) for key, value in state.items()}
 
 
 def sniff_format(path: Path) -> str:
@@ -155,23 +166,36 @@ def _user_safe_globals_ignored(path: Path) -> Iterator[None]:
                 add(saved)
 
 
-def _load_torch_file(path: Path, weights_only: bool) -> Any:
+def _load_torch_file(path: Path, weights_only: bool, mmap: bool) -> Any:
     """``torch.load`` a file already sniffed as a torch checkpoint.
 
     torch hands a path ending in ``.safetensors`` to safetensors whatever the bytes say, so such a
     name is read through an open file; any other name goes by path (torch's C++ reader, faster).
+    A zip checkpoint read by path is memory-mapped (``mmap``): the tensors are the file's pages,
+    not a copy of them, mapped private (copy-on-write), so the file is never written to,
+    whatever ``torch.serialization.set_default_mmap_options`` says elsewhere in the process.
     """
     if str(path).endswith(".safetensors"):
         with open(path, "rb") as handle:
             return torch.load(handle, map_location="cpu", weights_only=weights_only, mmap=False)
-    return torch.load(str(path), map_location="cpu", weights_only=weights_only, mmap=False)
+    if not mmap:
+        return torch.load(str(path), map_location="cpu", weights_only=weights_only, mmap=False)
+    with _private_mmap():
+        return torch.load(str(path), map_location="cpu", weights_only=weights_only, mmap=True)
 
 
-def _torch_load(path: Path, allow_pickle: bool) -> tuple[Any, bool]:
+def _private_mmap() -> Any:
+    options = getattr(torch.serialization, "set_default_mmap_options", None)
+    if options is None:  # older torch: mmap is always MAP_PRIVATE
+        return contextlib.nullcontext()
+    return options(mmap_module.MAP_PRIVATE)
+
+
+def _torch_load(path: Path, allow_pickle: bool, mmap: bool = False) -> tuple[Any, bool]:
     """``torch.load`` safely; unpickle fully only when ``allow_pickle`` (and say so)."""
     try:
         with _user_safe_globals_ignored(path):
-            return _load_torch_file(path, weights_only=True), False
+            return _load_torch_file(path, weights_only=True, mmap=mmap), False
     except pickle.UnpicklingError as error:
         what = _describe_unpickling_failure(error)
         if not allow_pickle:
@@ -184,7 +208,7 @@ def _torch_load(path: Path, allow_pickle: bool) -> tuple[Any, bool]:
     except Exception as error:  # noqa: BLE001 - the weights-only loader runs no code from the file
         raise InputError(f"{path} is not a readable torch checkpoint: {_one_line(error)}") from None
     try:
-        return _load_torch_file(path, weights_only=False), True
+        return _load_torch_file(path, weights_only=False, mmap=mmap), True
     except Exception as error:  # noqa: BLE001 - an allowed unpickle can raise anything
         raise InputError(f"{path}: unpickling failed: {_one_line(error)}") from None
 
@@ -325,6 +349,7 @@ def load_checkpoint(
     path: str | os.PathLike,
     allow_pickle: bool = False,
     entry: str | None = None,
+    digest: FileDigest | None = None,
 ) -> LoadedCheckpoint:
     """Read a checkpoint and find its weights.
 
@@ -332,6 +357,8 @@ def load_checkpoint(
         path: a ``.pt``/``.pth`` (zip or legacy) or ``.safetensors`` file.
         allow_pickle: permit full unpickling (runs code from the file; only for trusted files).
         entry: the container entry to use; default: EMA weights if present, else the plain ones.
+        digest: the file's sha256 already being computed (the CLI starts it before importing
+            torch); None: start it here.
     Returns:
         A :class:`LoadedCheckpoint`.
     Raises:
@@ -340,7 +367,8 @@ def load_checkpoint(
     path = Path(path)
     fmt = sniff_format(path)
     size = path.stat().st_size
-    digest = sha256_file(path)
+    if digest is None or digest.path != path:
+        digest = FileDigest(path)
     if fmt == "safetensors":
         tensors, header = _load_safetensors(path)
         if entry is not None:
@@ -353,7 +381,7 @@ def load_checkpoint(
 
     if fmt == "torch-zip":
         _check_torch_zip(path)
-    raw, pickled = _torch_load(path, allow_pickle)
+    raw, pickled = _torch_load(path, allow_pickle, mmap=fmt == "torch-zip")
     notes: list[str] = []
     if pickled:
         notes.append("loaded with full unpickling (--allow-pickle)")
@@ -590,6 +618,7 @@ def save_state_dict(
     metadata: Mapping,
     container: Mapping | None = None,
     entry: str | None = None,
+    digests_key: str | None = None,
 ) -> None:
     """Write a deploy state dict atomically; the extension picks the format.
 
@@ -600,7 +629,11 @@ def save_state_dict(
         container: for ``.pt``: the source's container, so the output loads the same way
             (the state dict goes back into ``entry``; other weight entries are dropped).
         entry: the container entry the weights came from.
+        digests_key: record ``{key: sha256}`` of every tensor written under this metadata key
+            (for safetensors, hashed while the bytes are written).
     """
+    if digests_key:
+        metadata = {**metadata, digests_key: tensor_digests(state)}
     text = metadata_json(metadata)
     if output.suffix == ".safetensors":
         header_metadata = {"format": "pt", METADATA_KEY: text}
@@ -672,7 +705,150 @@ def write_safetensors(path: Path, state: Mapping[str, Tensor], metadata: Mapping
         handle.write(text)
         for tensor in tensors:
             if tensor.numel():
-                handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+                handle.write(tensor_bytes(tensor))
+
+
+Layout = Mapping[str, "tuple[torch.dtype, tuple[int, ...]]"]
+"""Every tensor of a file to be written, in file order: ``{key: (dtype, shape)}``."""
+
+
+class SafetensorsStream:
+    """Write a safetensors file tensor by tensor, in any order, as the tensors are produced.
+
+    ``repvgg convert`` writes each fused block as soon as it is checked and reuses its memory
+    for the next one, so no copy of the deploy model is ever held (nor written in one go).
+    The layout (every key's dtype and shape) is fixed first; the data section starts after room
+    reserved for the header, whose ``__metadata__`` is known only at the end: :meth:`finish`
+    pads the header with spaces (the format allows it) or, if the room was too small, moves the
+    data. Tensors are written on a writer thread (while the caller computes the next block),
+    each hashed on another thread while its bytes are written, and a flusher thread starts
+    putting them on disk, so the final fsync has little left to wait for.
+
+    Args:
+        path: an existing, empty file (the temporary file of :func:`atomic_write`).
+        layout: ``{key: (dtype, shape)}`` in file order.
+        reserve: bytes to reserve for ``__metadata__``.
+    """
+
+    def __init__(self, path: Path, layout: Layout, reserve: int) -> None:
+        self.path = Path(path)
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._layout = {key: (dtype, tuple(int(d) for d in shape)) for key, (dtype, shape) in layout.items()}
+        offset = 0
+        for key, (dtype, shape) in self._layout.items():
+            if dtype not in SAFETENSORS_DTYPES:
+                raise InputError(f"cannot write {key} as safetensors: dtype {dtype} has no safetensors code")
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            self._entries[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                                  "data_offsets": [offset, offset + size]}
+            offset += size
+        self._data_size = offset
+        table = len(json.dumps(self._entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+        self._room = _round_up(table + max(0, reserve) + 64, 8)
+        self.digests: dict[str, str] = {}
+        self._queued: set[str] = set()
+        self._failed: BaseException | None = None
+        self._futures: list[Future] = []
+        self._fd = os.open(self.path, os.O_RDWR)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repvgg-write")
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repvgg-hash")
+        self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repvgg-flush")
+        self._flushing: Any = None
+
+    def put(self, key: str, tensor: Tensor) -> Future:
+        """Queue one tensor of the layout (each exactly once) for writing on the writer thread.
+
+        Returns:
+            A future that is done once the tensor's bytes are written and hashed: only then may
+            the caller reuse its memory (its result raises what the write raised, e.g. disk full).
+        """
+        if key not in self._layout or key in self._queued:
+            raise RuntimeError(f"{key} is not in the layout, or was written twice")
+        dtype, shape = self._layout[key]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise RuntimeError(f"{key} is {tensor.dtype} {tuple(tensor.shape)}; the layout says {dtype} {shape}")
+        self._queued.add(key)
+        future = self._writer.submit(self._write, key, tensor_bytes(tensor))
+        self._futures.append(future)
+        return future
+
+    def _write(self, key: str, data: memoryview) -> None:
+        if self._failed is not None:  # after a failed write (disk full...) the rest is not tried
+            raise self._failed
+        try:
+            digest = self._hasher.submit(_sha256_hex, data)  # hashlib and pwrite both release the GIL
+            _pwrite_all(self._fd, data, 8 + self._room + self._entries[key]["data_offsets"][0])
+            self.digests[key] = digest.result()
+        except BaseException as error:
+            self._failed = error
+            raise
+        if self._flushing is None or self._flushing.done():
+            self._flushing = self._flusher.submit(os.fdatasync, self._fd)
+
+    def wait(self) -> dict[str, str]:
+        """Wait until every queued tensor is written (raising what a write raised); its digests."""
+        for future in self._futures:
+            future.result()
+        return dict(self.digests)
+
+    def finish(self, metadata: Mapping[str, str]) -> None:
+        """Write the header (with ``metadata`` as ``__metadata__``) once every tensor is in."""
+        self.wait()
+        missing = [key for key in self._layout if key not in self.digests]
+        if missing:
+            raise RuntimeError(f"{len(missing)} tensor(s) of the layout were not written, e.g. {missing[0]}")
+        header = {"__metadata__": dict(sorted(metadata.items())), **self._entries}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > self._room:  # the metadata outgrew its room: move the data up
+            self._wait_flush()
+            room = _round_up(len(text), 8)
+            _shift(self._fd, 8 + self._room, self._data_size, room - self._room)
+            self._room = room
+        text += b" " * (self._room - len(text))
+        _pwrite_all(self._fd, memoryview(len(text).to_bytes(8, "little") + text), 0)
+        os.ftruncate(self._fd, 8 + self._room + self._data_size)
+        self._wait_flush()
+
+    def _wait_flush(self) -> None:
+        if self._flushing is not None:
+            self._flushing.result()
+
+    def close(self) -> None:
+        """Stop the threads and close the file (also after an error)."""
+        self._writer.shutdown(wait=True)
+        self._hasher.shutdown(wait=True)
+        self._flusher.shutdown(wait=True)
+        os.close(self._fd)
+
+    def __enter__(self) -> "SafetensorsStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sha256_hex(data: memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    data = memoryview(data).cast("B")
+    while len(data):
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
+def _shift(fd: int, start: int, size: int, delta: int, chunk: int = 16 << 20) -> None:
+    """Move ``size`` bytes at ``start`` up by ``delta`` bytes, last chunk first."""
+    end = size
+    while end > 0:
+        n = min(chunk, end)
+        _pwrite_all(fd, memoryview(os.pread(fd, n, start + end - n)), start + delta + end - n)
+        end -= n
 
 
 def save_model(output: Path, model: nn.Module, loaded: "LoadedCheckpoint", metadata: Mapping) -> None:

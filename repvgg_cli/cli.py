@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
+from .digest import FileDigest
 from .errors import InputError, RepvggError
 
 app = typer.Typer(
@@ -252,13 +253,15 @@ def convert(
                        allow_pickle=allow_pickle, entry=entry, model_spec=model, force=force, report=report,
                        as_json=as_json, debug=debug)
         return
+    source = sources[0]
+    # Hash the source on a second core while torch is imported (a single-threaded couple of seconds).
+    digest = FileDigest(source) if source.is_file() else None
     from .api import convert_file
     from .render import conversion_json, conversion_markdown, conversion_table, conversion_totals
 
     options = convert_options(option_fields)
-    source = sources[0]
     outcome = convert_file(source, output, options, allow_pickle=allow_pickle, entry=entry, model_spec=model,
-                           force=force, progress=_progress)
+                           force=force, progress=_progress, source_digest=digest)
     result = outcome.result
     for note in outcome.loaded.notes:
         _stderr().print(note, markup=False, highlight=False)

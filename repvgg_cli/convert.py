@@ -13,19 +13,21 @@ its train form on seeded random inputs.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from concurrent.futures import Future
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from . import __version__
 from .errors import InputError, RepvggError, UnsupportedError
-from .checkpoint import tensor_sha256
 from .families import FAMILIES, Block, Family, FamilyOptions, find_blocks, unrecognised_blocks
 from .families.base import join
-from .fusion import FusedConv, as_float64, as_meta, fuse_branches, map_branch_tensors
+from .fusion import FusedConv, as_meta, fuse_branches, fused_weight_shape, map_branch_tensors
 from .verify import (
     BlockCheck,
     ModelCheck,
@@ -135,21 +137,27 @@ def _in_block(message: str, block: str) -> str:
     return message if message.startswith("block ") else f"block {block or '<root>'}: {message}"
 
 
-def fuse_block(block: Block, options: ConvertOptions, state: Mapping[str, Tensor] | None = None) -> BlockResult:
+def fuse_block(block: Block, options: ConvertOptions, state: Mapping[str, Tensor] | None = None,
+               out: Tensor | None = None) -> BlockResult:
     """Fuse one block, cast to its source dtype and check it against its train form.
 
     Args:
         block: a block found by a family.
         options: tolerance and seed.
         state: the source state dict (key tree), to count parameters exactly.
+        out: where to write a float32/float64 fused weight (see :func:`fuse_branches`).
     Returns:
         A :class:`BlockResult`.
     """
     try:
-        branches64 = map_branch_tensors(block.branches, as_float64)  # one upcast, shared by fusion and check
-        fused64 = fuse_branches(branches64)
-        shipped = fused64.to(block.dtype)
-        check = check_block(block.name, branches64, fused64, shipped, options.seed, options.tolerance)
+        fused64: FusedConv | None = None
+        if block.dtype in (torch.float32, torch.float64):
+            # float64 arithmetic a chunk of rows at a time, written straight into the shipped dtype
+            shipped = fuse_branches(block.branches, dtype=block.dtype, out=out)
+        else:  # float16/bfloat16: keep the float64 result to report the error the cast adds
+            fused64 = fuse_branches(block.branches)
+            shipped = fused64.to(block.dtype)
+        check = check_block(block.name, block.branches, fused64, shipped, options.seed, options.tolerance)
     except RepvggError as error:
         raise type(error)(_in_block(error.message, block.name), error.hint) from None
     params_before = _block_params(block, state)
@@ -177,6 +185,38 @@ def dropped_keys_for(state: Mapping[str, Tensor], blocks: list[Block]) -> list[s
         if family.name in present and hasattr(family, "dropped_keys"):
             dropped.update(family.dropped_keys(keys))
     return [k for k in keys if k in dropped]
+
+
+class TensorSink(Protocol):
+    """Where :func:`convert_state_dict` streams the deploy tensors (e.g. a file being written)."""
+
+    def put(self, key: str, tensor: Tensor) -> Future | None:
+        """Take one tensor; its memory may be reused once the returned future is done (None: at once)."""
+
+
+OpenSink = Callable[["OrderedDict[str, tuple[torch.dtype, tuple[int, ...]]]", int], TensorSink]
+"""``(layout, metadata_reserve) -> sink``: called once the deploy layout is known, before any
+block is fused."""
+
+
+def planned_deploy_state(block: Block) -> dict[str, Tensor]:
+    """The block's deploy keys with data-free tensors of the shape and dtype they will have."""
+    try:
+        shape = fused_weight_shape(block.branches)
+    except RepvggError as error:
+        raise type(error)(_in_block(error.message, block.name), error.hint) from None
+    planned = FusedConv(weight=torch.empty(shape, dtype=block.dtype, device="meta"),
+                        bias=torch.empty(shape[0], dtype=block.dtype, device="meta"))
+    return block.deploy_state(planned)
+
+
+def metadata_reserve(blocks: list[Block], keys: list[str], dropped: list[str]) -> int:
+    """A generous estimate of the bytes :func:`build_metadata` takes in a safetensors header
+    (each block's record with its base64 probe, a sha256 per key), so a streamed file can
+    leave room for it before the data."""
+    per_block = sum(4 * ((8 * b.branches.out_channels + 2) // 3) + 1536 + 4 * len(b.name) for b in blocks)
+    per_key = sum(2 * len(k) + 96 for k in keys)
+    return int(1.25 * (per_block + per_key + sum(len(k) + 4 for k in dropped))) + 8192
 
 
 Progress = Callable[[int], tuple[object, Callable[[str], None]]]
@@ -222,6 +262,7 @@ def convert_state_dict(
     options: ConvertOptions | None = None,
     progress: Progress | None = None,
     release: bool = False,
+    open_sink: OpenSink | None = None,
 ) -> ConversionResult:
     """Fuse every block of a state dict (key tree): no model code needed.
 
@@ -231,6 +272,10 @@ def convert_state_dict(
         progress: optional progress-bar factory.
         release: remove each block's source keys from ``state`` once it is fused, so their
             tensors can be freed (for callers that own ``state``, like the CLI).
+        open_sink: stream the deploy tensors instead of keeping them: called with the deploy
+            layout before any block is fused, its sink then gets every tensor (each block as
+            soon as it is checked, fused into one buffer reused from block to block), and the
+            result's ``state_dict`` holds data-free (meta) tensors in their place.
     Returns:
         A :class:`ConversionResult` whose ``state_dict`` loads with ``strict=True`` into the
         deploy form of each family's model.
@@ -249,23 +294,63 @@ def convert_state_dict(
                     "the train-form branches (a half-converted checkpoint?)"
                 )
     unrecognised = tuple(unrecognised_blocks(state, consumed | dropped_set))
+    passthrough_keys = [k for k in keys if k not in consumed and k not in dropped_set]
+
+    sink: TensorSink | None = None
+    buffers: dict[torch.dtype, list[Tensor]] = {}  # two per dtype: one is fused into, one written out
+    in_flight: dict[int, list[Future]] = {}
+    planned: dict[str, dict[str, Tensor]] = {}
+    if open_sink is not None:
+        planned = {b.name: planned_deploy_state(b) for b in blocks}
+        by_first_key = {b.source_keys[0]: b for b in blocks if b.source_keys}
+        layout: OrderedDict[str, tuple[torch.dtype, tuple[int, ...]]] = OrderedDict()
+        for key in keys:
+            if key in by_first_key:
+                layout.update((k, (t.dtype, tuple(t.shape))) for k, t in planned[by_first_key[key].name].items())
+            elif key in passthrough_keys:
+                layout[key] = (state[key].dtype, tuple(state[key].shape))
+        sink = open_sink(layout, metadata_reserve(blocks, list(layout), dropped))
+        largest: dict[torch.dtype, int] = {}
+        for block in blocks:  # weight buffers per shipped dtype, as large as the largest block
+            if block.dtype in (torch.float32, torch.float64):
+                numel = math.prod(fused_weight_shape(block.branches))
+                largest[block.dtype] = max(numel, largest.get(block.dtype, 0))
+        buffers = {dtype: [torch.empty(numel, dtype=dtype) for _ in range(2)] for dtype, numel in largest.items()}
 
     def fuse(block: Block) -> BlockResult:
-        result = fuse_block(block, options, state)
+        out = None
+        if block.dtype in buffers:
+            pair = buffers[block.dtype]
+            pair.reverse()  # alternate: the other buffer may still be being written
+            for future in in_flight.pop(id(pair[0]), []):
+                future.result()
+            shape = fused_weight_shape(block.branches)
+            out = pair[0][: math.prod(shape)].view(shape)
+        result = fuse_block(block, options, state, out=out)
+        if sink is not None:
+            futures = [sink.put(key, tensor) for key, tensor in block.deploy_state(result.fused).items()]
+            if out is not None:
+                in_flight[id(buffers[block.dtype][0])] = [f for f in futures if f is not None]
+            light = FusedConv(**{**result.fused.__dict__, "weight": as_meta(result.fused.weight),
+                                 "bias": as_meta(result.fused.bias)})
+            result = replace(result, fused=light)
         if release:
             for key in block.source_keys:
                 state.pop(key, None)  # type: ignore[attr-defined]
         return result
 
     results = _fuse_all(blocks, fuse, progress)
+    if sink is not None:
+        for key in passthrough_keys:
+            sink.put(key, state[key])
     first_key = {r.block.source_keys[0]: r for r in results if r.block.source_keys}
     deploy: OrderedDict[str, Tensor] = OrderedDict()
     passthrough = 0
     for key in keys:
         if key in first_key:
             deploy.update(first_key[key].block.deploy_state(first_key[key].fused))
-        elif key not in consumed and key not in dropped_set:
-            deploy[key] = state[key]
+        elif key in passthrough_keys:
+            deploy[key] = state[key] if sink is None else as_meta(state[key])
             passthrough += 1
     return ConversionResult(
         mode="key tree",
@@ -505,7 +590,9 @@ def _bns(block: Block) -> list:
 
 def build_metadata(result: ConversionResult, source_name: str, source_sha256: str, entry: str | None,
                    stripped: tuple[str, ...]) -> dict:
-    """The metadata recorded in a deploy file (deterministic: no time, no absolute paths)."""
+    """The metadata recorded in a deploy file (deterministic: no time, no absolute paths).
+
+    The sha256 of every tensor (``"tensors"``) is added by the writer, from the bytes it writes."""
     options = result.options
     metadata = {
         "tool": "repvgg_cli",
@@ -524,7 +611,6 @@ def build_metadata(result: ConversionResult, source_name: str, source_sha256: st
         },
         "blocks": [block_record(r, options.seed) for r in result.blocks],
         "dropped_keys": list(result.dropped_keys),
-        "tensors": {k: tensor_sha256(v) for k, v in result.state_dict.items()},
     }
     if result.model_check is not None:
         mc = result.model_check

@@ -17,11 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from repvgg_cli import checkpoint, zoo
 from repvgg_cli.api import convert_file
+from repvgg_cli.convert import build_metadata, convert_state_dict
+from repvgg_cli.digest import FileDigest
 from repvgg_cli.checkpoint import (
     METADATA_KEY,
     check_output_path,
@@ -730,3 +733,136 @@ def test_convert_leaves_the_source_untouched(tmp_path: Path, source: Path) -> No
     convert_file(source, tmp_path / "a.safetensors")
     assert sha256_file(source) == digest
     assert source.stat().st_mtime_ns == mtime
+
+
+# -- streamed safetensors, background hashing, memory-mapped loading ------------------------------
+
+
+def _layout(state) -> "OrderedDict[str, tuple[torch.dtype, tuple[int, ...]]]":
+    return OrderedDict((k, (v.dtype, tuple(v.shape))) for k, v in state.items())
+
+
+def _stream(path: Path, state, order: list[str], metadata: dict[str, str], reserve: int) -> dict[str, str]:
+    path.touch()
+    with checkpoint.SafetensorsStream(path, _layout(state), reserve) as stream:
+        for key in order:
+            stream.put(key, state[key])
+        digests = stream.wait()
+        stream.finish(metadata)
+    return digests
+
+
+@pytest.mark.parametrize("reserve", [1 << 16, 0], ids=["room-to-spare", "no-room: data moved"])
+def test_streamed_safetensors_in_any_order_read_back_exactly(tmp_path: Path, reserve: int) -> None:
+    state = plain_state()
+    order = list(state)
+    random.Random(3).shuffle(order)
+    metadata = {"format": "pt", METADATA_KEY: json.dumps({"pad": "x" * 5000, "é": 1})}
+    path = tmp_path / "streamed.safetensors"
+    digests = _stream(path, state, order, metadata, reserve)
+    assert digests == {k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest() for k, v in state.items()}
+    assert_same_state(OrderedDict((k, load_file(str(path))[k]) for k in state), state)
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata() == metadata
+        assert list(handle.keys()) == sorted(state)
+    data = path.read_bytes()
+    header_length = int.from_bytes(data[:8], "little")
+    assert header_length % 8 == 0
+    header = data[8 : 8 + header_length]
+    assert json.loads(header)["__metadata__"] == metadata
+    padding = len(header) - len(header.rstrip(b" "))
+    # the room left for the metadata is padded with spaces; without room the data moved up instead
+    assert padding >= reserve - len(json.dumps(metadata)) - 100 if reserve else padding < 8
+    sizes = [v.numel() * v.element_size() for v in state.values()]
+    assert len(data) == 8 + header_length + sum(sizes)
+
+
+def test_streamed_safetensors_refuse_what_the_layout_does_not_say(tmp_path: Path) -> None:
+    state = plain_state()
+    key, other = list(state)[:2]
+    path = tmp_path / "s.safetensors"
+    path.touch()
+    with checkpoint.SafetensorsStream(path, _layout(state), 1024) as stream:
+        with pytest.raises(RuntimeError, match="not in the layout"):
+            stream.put("nope", state[key])
+        with pytest.raises(RuntimeError, match="the layout says"):
+            stream.put(key, state[key].double())
+        stream.put(key, state[key]).result()
+        with pytest.raises(RuntimeError, match="written twice"):
+            stream.put(key, state[key])
+        with pytest.raises(RuntimeError, match="were not written"):
+            stream.finish({"format": "pt"})
+        assert other not in stream.digests
+
+
+def test_a_failed_streamed_write_stops_the_rest_and_is_raised(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    state = plain_state()
+    calls: list[int] = []
+    real = checkpoint._pwrite_all
+
+    def full_disk(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(checkpoint, "_pwrite_all", full_disk)
+    path = tmp_path / "s.safetensors"
+    path.touch()
+    with checkpoint.SafetensorsStream(path, _layout(state), 1024) as stream:
+        futures = [stream.put(k, v) for k, v in state.items()]
+        with pytest.raises(OSError, match="No space left"):
+            stream.wait()
+    assert len(calls) == 2 and len(futures) == len(state) > 2
+
+
+def test_streamed_convert_writes_what_the_in_memory_path_writes(tmp_path: Path) -> None:
+    """`convert` into safetensors streams block by block through two reused buffers; the
+    tensors and metadata are those of converting in memory and saving the state dict."""
+    streamed = tmp_path / "streamed.safetensors"
+    outcome = convert_file(TINY_TRAIN, streamed)
+    assert outcome.written and outcome.result.ok
+    assert all(t.device.type == "meta" for t in outcome.result.state_dict.values())
+    loaded = load_checkpoint(TINY_TRAIN)
+    result = convert_state_dict(loaded.state_dict)
+    in_memory = tmp_path / "in_memory.safetensors"
+    metadata = build_metadata(result, TINY_TRAIN.name, loaded.sha256, loaded.entry, loaded.stripped_prefixes)
+    save_state_dict(in_memory, result.state_dict, metadata, digests_key="tensors")
+    a, b = load_checkpoint(streamed), load_checkpoint(in_memory)
+    assert_same_state(a.state_dict, b.state_dict)
+    data = streamed.read_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    assert list(header)[1:] == list(result.state_dict)  # file order: the source's, blocks in place
+    assert a.metadata == b.metadata and len(a.metadata["tensors"]) == len(result.state_dict)
+
+
+def test_background_digest_of_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(3 << 20) + b"tail")
+    assert FileDigest(path).value() == hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(InputError, match="could not be read"):
+        FileDigest(tmp_path / "missing.bin").value()
+    # a digest started for another file is not used by mistake
+    loaded = load_checkpoint(TINY, digest=FileDigest(path))
+    assert loaded.sha256 == hashlib.sha256(TINY.read_bytes()).hexdigest()
+
+
+def test_zip_checkpoints_are_memory_mapped_private_and_never_written(tmp_path: Path) -> None:
+    """Loaded tensors are the file's pages (no copy), mapped copy-on-write: writing to them,
+    even with torch's default mmap flags switched to MAP_SHARED, leaves the file as it was."""
+    import mmap
+
+    source = tmp_path / "train.pt"
+    shutil.copy(TINY_TRAIN, source)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+        loaded = load_checkpoint(source)
+    weights = [t for t in loaded.state_dict.values() if t.is_floating_point()]
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    assert any(line.endswith(str(source.resolve())) for line in maps)  # the file is mapped
+    for t in weights:
+        t.add_(1.0)
+    del loaded, weights
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == digest

@@ -603,12 +603,19 @@ def test_a_disk_error_while_writing_is_exit_2_not_a_bug(tmp_path, monkeypatch):
 
     from repvgg_cli import checkpoint
 
-    def disk_full(path, state, metadata):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    real_pwrite = checkpoint._pwrite_all
+    calls = []
 
-    monkeypatch.setattr(checkpoint, "write_safetensors", disk_full)
+    def disk_full_on_third_write(fd, data, offset):  # the streamed file is half written by then
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(checkpoint, "_pwrite_all", disk_full_on_third_write)
     output = tmp_path / "deploy.safetensors"
     result = CliRunner().invoke(app, ["convert", str(SAMPLES / "plain_net.pt"), str(output)])
+    assert len(calls) == 3
     assert result.exit_code == 2
     assert "No space left on device" in result.output and "Traceback" not in result.output
     assert not output.exists() and os.listdir(tmp_path) == []
