@@ -4,7 +4,7 @@ The I/O floor of a checkpoint is a Python process that loads it with
 ``torch.load(weights_only=True)`` and saves the tensors with safetensors; `repvgg convert` does
 that plus fusing and verifying every block. For each model (official RepVGG layout, train form,
 BN statistics randomised) the script writes a bare state dict, then times both processes
-(median of ``--repeat`` runs) and reads their peak resident memory.
+(median of ``--repeat`` runs, the two processes taking turns after a warm-up round) and reads their peak resident memory.
 
     python benchmarks/bench_convert.py                 # A0, B1, B3 (B3: ~470 MiB on disk)
     python benchmarks/bench_convert.py --models A0 --repeat 1
@@ -65,14 +65,20 @@ def make_checkpoint(name: str, folder: Path) -> tuple[Path, int]:
     return path, params
 
 
-def median_run(command: list[str], repeat: int, cleanup: Path) -> tuple[float, float]:
-    times, peaks = [], []
-    for _ in range(repeat):
-        cleanup.unlink(missing_ok=True)
-        seconds, peak = measure(command)
-        times.append(seconds)
-        peaks.append(peak)
-    return statistics.median(times), max(peaks)
+def side_by_side(commands: list[tuple[list[str], Path]], repeat: int) -> list[tuple[float, float]]:
+    """``(median seconds, max peak MiB)`` per command, the commands run in turn ``repeat`` times
+    after one unmeasured warm-up round, so that both see the same machine (page cache, memory
+    the host has to hand back, other load) and drift hits them alike."""
+    times: list[list[float]] = [[] for _ in commands]
+    peaks: list[list[float]] = [[] for _ in commands]
+    for round_ in range(repeat + 1):
+        for index, (command, output) in enumerate(commands):
+            output.unlink(missing_ok=True)
+            seconds, peak = measure(command)
+            if round_:
+                times[index].append(seconds)
+                peaks[index].append(peak)
+    return [(statistics.median(t), max(p)) for t, p in zip(times, peaks)]
 
 
 def repvgg_command() -> list[str]:
@@ -83,7 +89,7 @@ def repvgg_command() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["A0", "B1", "B3"])
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
@@ -96,10 +102,10 @@ def main() -> None:
             size_mib = source.stat().st_size / 2**20
             floor_out = folder / "floor.safetensors"
             deploy_out = folder / "deploy.safetensors"
-            floor_s, floor_mib = median_run([sys.executable, "-c", FLOOR, str(source), str(floor_out)],
-                                            args.repeat, floor_out)
-            conv_s, conv_mib = median_run([*repvgg_command(), "convert", str(source), str(deploy_out)],
-                                          args.repeat, deploy_out)
+            (floor_s, floor_mib), (conv_s, conv_mib) = side_by_side([
+                ([sys.executable, "-c", FLOOR, str(source), str(floor_out)], floor_out),
+                ([*repvgg_command(), "convert", str(source), str(deploy_out)], deploy_out),
+            ], args.repeat)
             rows.append({
                 "model": f"RepVGG-{name}", "params_m": params / 1e6, "file_mib": size_mib,
                 "floor_s": floor_s, "convert_s": conv_s, "time_ratio": conv_s / floor_s,
