@@ -566,23 +566,24 @@ def verify_against(deploy_state, train_state, family_options=None,
     checks: list[BlockCheck] = []
     accounted: set[str] = set()
     for block in blocks:
-        try:
-            fused64 = fuse_branches(block.branches)
+        half = block.dtype not in (torch.float32, torch.float64)
+        try:  # fused as convert fuses (float64 kept only for half precision, to measure the cast)
+            fused = fuse_branches(block.branches, dtype=FLOAT64 if half else block.dtype)
         except RepvggError as error:  # name the block, as convert does
             message = error.message if error.message.startswith("block ") else f"block {block.name or '<root>'}: {error.message}"
             raise type(error)(message, error.hint) from None
         record = {
-            "deploy_prefix": block.deploy_prefix, "groups": fused64.groups, "out_channels": fused64.out_channels,
-            "in_per_group": int(fused64.weight.shape[1]), "kernel": list(fused64.kernel_size), "stride": list(fused64.stride),
-            "padding": list(fused64.padding), "dilation": list(fused64.dilation), "padding_mode": fused64.padding_mode,
+            "deploy_prefix": block.deploy_prefix, "groups": fused.groups, "out_channels": fused.out_channels,
+            "in_per_group": int(fused.weight.shape[1]), "kernel": list(fused.kernel_size), "stride": list(fused.stride),
+            "padding": list(fused.padding), "dilation": list(fused.dilation), "padding_mode": fused.padding_mode,
         }
-        accounted.update(block.deploy_state(fused64))
+        accounted.update(block.deploy_state(fused))
         shipped, problem = _fused_from_file(deploy_state, record)
         if shipped is None:
             checks.append(BlockCheck(block.name, float("inf"), 0.0, tolerance.rtol_for(torch.float32),
                                      tolerance.atol, problem=problem))
             continue
-        checks.append(check_block(block.name, block.branches, fused64, shipped, seed, tolerance))
+        checks.append(check_block(block.name, block.branches, fused if half else None, shipped, seed, tolerance))
     consumed = {k for b in blocks for k in b.source_keys} | set(dropped)
     for key, value in train_state.items():
         if key in consumed:
