@@ -92,11 +92,12 @@ def convert_file(
         return ConvertOutcome(result, loaded, written=False)
     metadata = build_metadata(result, source.name, loaded.sha256, loaded.entry, loaded.stripped_prefixes)
     if loaded.model is not None and output.suffix != ".safetensors":
-        save_model(output, result.model, loaded, {**metadata, "tensors": tensor_digests(result.state_dict)})
+        save_model(output, result.model, loaded, {**metadata, "tensors": tensor_digests(result.state_dict)},
+                   fsync=options.fsync)
     else:
         container = loaded.raw if loaded.entry is not None and output.suffix != ".safetensors" else None
         save_state_dict(output, result.state_dict, metadata, container=container, entry=loaded.entry,
-                        digests_key="tensors")
+                        digests_key="tensors", fsync=options.fsync)
     return ConvertOutcome(result, loaded, written=True)
 
 
@@ -119,7 +120,7 @@ def _convert_streaming(loaded: LoadedCheckpoint, source: Path, output: Path, opt
         streams: list[SafetensorsStream] = []
 
         def open_sink(layout, reserve: int) -> SafetensorsStream:
-            streams.append(SafetensorsStream(tmp, layout, reserve))
+            streams.append(SafetensorsStream(tmp, layout, reserve, flush=options.fsync))
             return streams[0]
 
         try:
@@ -140,7 +141,7 @@ def _convert_streaming(loaded: LoadedCheckpoint, source: Path, output: Path, opt
                 stream.close()
 
     try:
-        checkpoint.atomic_write(output, write)  # by module: tests inject disk failures there
+        checkpoint.atomic_write(output, write, fsync=options.fsync)  # by module: tests inject failures there
     except _NotEquivalent as failed:
         return ConvertOutcome(failed.result, loaded, written=False)
     return ConvertOutcome(written[0], loaded, written=True)

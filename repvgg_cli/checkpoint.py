@@ -578,18 +578,21 @@ def check_output_path(output: Path, sources: list[Path], force: bool) -> None:
         )
 
 
-def atomic_write(output: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temporary file beside ``output``, fsync it, then ``os.replace``.
+def atomic_write(output: Path, write: Callable[[Path], None], fsync: bool = False) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``output``, then ``os.replace`` it into place.
 
-    Any failure removes the temporary file and leaves ``output`` as it was.
+    Any failure removes the temporary file and leaves ``output`` as it was. With ``fsync`` the
+    file is flushed to disk before the rename, so it survives a power loss too (as torch.save and
+    safetensors, the default leaves that to the operating system: it costs waiting for the disk).
     """
     handle, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(handle)
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        with open(tmp, "rb") as check:
-            os.fsync(check.fileno())
+        if fsync:
+            with open(tmp, "rb") as check:
+                os.fsync(check.fileno())
         os.chmod(tmp, _new_file_mode(output))
         os.replace(tmp, output)
     except BaseException:
@@ -619,6 +622,7 @@ def save_state_dict(
     container: Mapping | None = None,
     entry: str | None = None,
     digests_key: str | None = None,
+    fsync: bool = False,
 ) -> None:
     """Write a deploy state dict atomically; the extension picks the format.
 
@@ -629,15 +633,15 @@ def save_state_dict(
         container: for ``.pt``: the source's container, so the output loads the same way
             (the state dict goes back into ``entry``; other weight entries are dropped).
         entry: the container entry the weights came from.
-        digests_key: record ``{key: sha256}`` of every tensor written under this metadata key
-            (for safetensors, hashed while the bytes are written).
+        digests_key: record ``{key: sha256}`` of every tensor written under this metadata key.
+        fsync: flush the file to disk before it is renamed into place (see :func:`atomic_write`).
     """
     if digests_key:
         metadata = {**metadata, digests_key: tensor_digests(state)}
     text = metadata_json(metadata)
     if output.suffix == ".safetensors":
         header_metadata = {"format": "pt", METADATA_KEY: text}
-        atomic_write(output, lambda tmp: write_safetensors(tmp, state, header_metadata))
+        atomic_write(output, lambda tmp: write_safetensors(tmp, state, header_metadata), fsync=fsync)
         return
     deploy: OrderedDict[str, Tensor] = OrderedDict(state)
     # Only our entry: the source's module versions name modules (and prefixes) that are gone.
@@ -649,10 +653,10 @@ def save_state_dict(
         for key, value in container.items():
             if key != entry and key not in CONTAINER_ENTRIES and key != "optimizer" and key != METADATA_KEY:
                 payload[key] = value
-    save_torch(output, payload)
+    save_torch(output, payload, fsync=fsync)
 
 
-def save_torch(output: Path, payload: Any) -> None:
+def save_torch(output: Path, payload: Any, fsync: bool = False) -> None:
     """``torch.save`` streamed into the temporary file.
 
     Given an open file (not a path), torch names the zip's inner folder ``archive`` whatever the
@@ -663,7 +667,7 @@ def save_torch(output: Path, payload: Any) -> None:
         with open(tmp, "wb") as handle:
             torch.save(payload, handle)
 
-    atomic_write(output, write)
+    atomic_write(output, write, fsync=fsync)
 
 
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
@@ -721,16 +725,18 @@ class SafetensorsStream:
     reserved for the header, whose ``__metadata__`` is known only at the end: :meth:`finish`
     pads the header with spaces (the format allows it) or, if the room was too small, moves the
     data. Tensors are written on a writer thread (while the caller computes the next block),
-    each hashed on another thread while its bytes are written, and a flusher thread starts
-    putting them on disk, so the final fsync has little left to wait for.
+    each hashed on another thread while its bytes are written; with ``flush`` a flusher thread
+    starts putting them on disk, so a final fsync has little left to wait for.
 
     Args:
         path: an existing, empty file (the temporary file of :func:`atomic_write`).
         layout: ``{key: (dtype, shape)}`` in file order.
         reserve: bytes to reserve for ``__metadata__``.
+        flush: start writing each tensor to disk as soon as it is written (for a durable file:
+            the final fsync then has little left to wait for).
     """
 
-    def __init__(self, path: Path, layout: Layout, reserve: int) -> None:
+    def __init__(self, path: Path, layout: Layout, reserve: int, flush: bool = False) -> None:
         self.path = Path(path)
         self._entries: dict[str, dict[str, Any]] = {}
         self._layout = {key: (dtype, tuple(int(d) for d in shape)) for key, (dtype, shape) in layout.items()}
@@ -754,6 +760,7 @@ class SafetensorsStream:
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repvgg-hash")
         self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repvgg-flush")
         self._flushing: Any = None
+        self._flush = flush
 
     def put(self, key: str, tensor: Tensor) -> Future:
         """Queue one tensor of the layout (each exactly once) for writing on the writer thread.
@@ -782,7 +789,7 @@ class SafetensorsStream:
         except BaseException as error:
             self._failed = error
             raise
-        if self._flushing is None or self._flushing.done():
+        if self._flush and (self._flushing is None or self._flushing.done()):
             self._flushing = self._flusher.submit(os.fdatasync, self._fd)
 
     def wait(self) -> dict[str, str]:
@@ -851,7 +858,8 @@ def _shift(fd: int, start: int, size: int, delta: int, chunk: int = 16 << 20) ->
         end -= n
 
 
-def save_model(output: Path, model: nn.Module, loaded: "LoadedCheckpoint", metadata: Mapping) -> None:
+def save_model(output: Path, model: nn.Module, loaded: "LoadedCheckpoint", metadata: Mapping,
+               fsync: bool = False) -> None:
     """Write a pickled deploy model in the layout the source had (bare module or container)."""
     text = metadata_json(metadata)
     if isinstance(loaded.raw, Mapping) and loaded.entry is not None:
@@ -863,4 +871,4 @@ def save_model(output: Path, model: nn.Module, loaded: "LoadedCheckpoint", metad
     else:
         model._repvgg_cli_metadata = text  # type: ignore[attr-defined]
         payload = model
-    save_torch(output, payload)
+    save_torch(output, payload, fsync=fsync)

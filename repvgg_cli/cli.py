@@ -224,6 +224,9 @@ def convert(
     ] = None,
     as_json: JsonOption = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output (atomically).")] = False,
+    fsync: Annotated[
+        bool, typer.Option("--fsync", help="Flush each output to disk before renaming it into place (survives a power loss; waits for the disk).")
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """Fuse every block, verify each against its train form, write the deploy checkpoint.
@@ -247,7 +250,7 @@ def convert(
     option_fields = dict(bn_eps=bn_eps, tolerance=dict(rtol=rtol, atol=atol), seed=seed,
                          input_shape=_parse_shape(input_shape), fold_post_bn=fold_post_bn,
                          no_identity=tuple(no_identity or ()), avg_branch=tuple(avg_branch or ()),
-                         fuse_conv_bn=fuse_conv_bn)
+                         fuse_conv_bn=fuse_conv_bn, fsync=fsync)
     if batch:  # plain values: with worker processes, torch is imported only in them
         _convert_batch(sources, output, option_fields, jobs=jobs, out_format=out_format.value if out_format else None,
                        allow_pickle=allow_pickle, entry=entry, model_spec=model, force=force, report=report,

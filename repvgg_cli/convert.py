@@ -62,6 +62,8 @@ class ConvertOptions:
     no_identity: tuple[str, ...] = ()
     avg_branch: tuple[str, ...] = ()
     fuse_conv_bn: bool = False
+    fsync: bool = False
+    """Flush the written file to disk before renaming it into place (survives a power loss)."""
 
     @property
     def family_options(self) -> FamilyOptions:

@@ -522,14 +522,14 @@ def _fail_after_writing(monkeypatch) -> list[Path]:
     real = checkpoint.atomic_write
     temps: list[Path] = []
 
-    def failing_atomic_write(output: Path, write) -> None:
+    def failing_atomic_write(output: Path, write, fsync: bool = False) -> None:
         def write_then_fail(tmp: Path) -> None:
             write(tmp)
             temps.append(tmp)
             assert tmp.stat().st_size > 1000
             raise DiskFull(28, "No space left on device")
 
-        real(output, write_then_fail)
+        real(output, write_then_fail, fsync=fsync)
 
     monkeypatch.setattr(checkpoint, "atomic_write", failing_atomic_write)
     return temps

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
 
@@ -619,3 +619,32 @@ def test_a_disk_error_while_writing_is_exit_2_not_a_bug(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "No space left on device" in result.output and "Traceback" not in result.output
     assert not output.exists() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_fsync_flushes_the_output_before_the_rename_only_when_asked(tmp_path, monkeypatch, suffix):
+    import os as os_module
+
+    from repvgg_cli import checkpoint
+
+    synced: list[str] = []
+    real_fsync, real_replace = os_module.fsync, os_module.replace
+
+    def fsync(fd):
+        synced.append(os_module.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        synced.append(f"rename {os_module.fspath(dst)}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    plain, durable = tmp_path / f"plain{suffix}", tmp_path / f"durable{suffix}"
+    assert CliRunner().invoke(app, ["convert", str(SAMPLES / "plain_net.pt"), str(plain)]).exit_code == 0
+    assert synced == [f"rename {plain}"]
+    synced.clear()
+    assert CliRunner().invoke(app, ["convert", str(SAMPLES / "plain_net.pt"), str(durable), "--fsync"]).exit_code == 0
+    assert len(synced) == 2 and synced[1] == f"rename {durable}"
+    assert synced[0].startswith(str(tmp_path / f".{durable.name}.")) and synced[0].endswith(".tmp")
+    assert load_file(str(durable)) if suffix == ".safetensors" else torch.load(durable, weights_only=True)
