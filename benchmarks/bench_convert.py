@@ -4,7 +4,8 @@ The I/O floor of a checkpoint is a Python process that loads it with
 ``torch.load(weights_only=True)`` and saves the tensors with safetensors; `repvgg convert` does
 that plus fusing and verifying every block. For each model (official RepVGG layout, train form,
 BN statistics randomised) the script writes a bare state dict, then times both processes
-(median of ``--repeat`` runs, the two processes taking turns after a warm-up round) and reads their peak resident memory.
+(median of ``--repeat`` runs, the two processes taking turns after a warm-up round; the
+ratio is the median of each round's convert/floor ratio) and reads their peak resident memory.
 
     python benchmarks/bench_convert.py                 # A0, B1, B3 (B3: ~470 MiB on disk)
     python benchmarks/bench_convert.py --models A0 --repeat 1
@@ -65,10 +66,10 @@ def make_checkpoint(name: str, folder: Path) -> tuple[Path, int]:
     return path, params
 
 
-def side_by_side(commands: list[tuple[list[str], Path]], repeat: int) -> list[tuple[float, float]]:
-    """``(median seconds, max peak MiB)`` per command, the commands run in turn ``repeat`` times
-    after one unmeasured warm-up round, so that both see the same machine (page cache, memory
-    the host has to hand back, other load) and drift hits them alike."""
+def side_by_side(commands: list[tuple[list[str], Path]], repeat: int) -> list[tuple[float, float, list[float]]]:
+    """``(median seconds, max peak MiB, every time)`` per command, the commands run in turn
+    ``repeat`` times after one unmeasured warm-up round, so that both see the same machine (page
+    cache, memory the host has to hand back, other load) and drift hits them alike."""
     times: list[list[float]] = [[] for _ in commands]
     peaks: list[list[float]] = [[] for _ in commands]
     for round_ in range(repeat + 1):
@@ -78,7 +79,7 @@ def side_by_side(commands: list[tuple[list[str], Path]], repeat: int) -> list[tu
             if round_:
                 times[index].append(seconds)
                 peaks[index].append(peak)
-    return [(statistics.median(t), max(p)) for t, p in zip(times, peaks)]
+    return [(statistics.median(t), max(p), t) for t, p in zip(times, peaks)]
 
 
 def repvgg_command() -> list[str]:
@@ -89,7 +90,7 @@ def repvgg_command() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["A0", "B1", "B3"])
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
@@ -102,15 +103,20 @@ def main() -> None:
             size_mib = source.stat().st_size / 2**20
             floor_out = folder / "floor.safetensors"
             deploy_out = folder / "deploy.safetensors"
-            (floor_s, floor_mib), (conv_s, conv_mib) = side_by_side([
+            (floor_s, floor_mib, floor_runs), (conv_s, conv_mib, conv_runs) = side_by_side([
                 ([sys.executable, "-c", FLOOR, str(source), str(floor_out)], floor_out),
                 ([*repvgg_command(), "convert", str(source), str(deploy_out)], deploy_out),
             ], args.repeat)
             rows.append({
                 "model": f"RepVGG-{name}", "params_m": params / 1e6, "file_mib": size_mib,
-                "floor_s": floor_s, "convert_s": conv_s, "time_ratio": conv_s / floor_s,
+                "floor_s": floor_s, "convert_s": conv_s,
+                # each round runs both back to back: the median of the rounds' ratios is robust
+                # to the machine drifting between rounds (which the ratio of medians is not)
+                "time_ratio": statistics.median(c / f for f, c in zip(floor_runs, conv_runs)),
                 "floor_peak_mib": floor_mib, "convert_peak_mib": conv_mib,
                 "extra_peak_vs_file": (conv_mib - floor_mib) / size_mib,
+                "floor_runs_s": floor_runs, "convert_runs_s": conv_runs,
+                "round_ratios": [c / f for f, c in zip(floor_runs, conv_runs)],
             })
             source.unlink()
         help_s = statistics.median(measure([*repvgg_command(), "--help"])[0] for _ in range(5))
@@ -119,16 +125,19 @@ def main() -> None:
     if args.json:
         print(json.dumps({"rows": rows, "help_s": help_s, "version_s": version_s}, indent=2))
         return
-    header = ("| model | params | file | I/O floor | convert | ratio | floor peak RSS | convert peak RSS | "
-              "extra peak / file size |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| model | params | file | I/O floor | convert | ratio | ratio per round | floor peak RSS | "
+              "convert peak RSS | extra peak / file size |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['params_m']:.1f} M | {r['file_mib']:.0f} MiB | {r['floor_s']:.2f} s | "
-            f"{r['convert_s']:.2f} s | {r['time_ratio']:.2f}× | {r['floor_peak_mib']:.0f} MiB | "
+            f"{r['convert_s']:.2f} s | {r['time_ratio']:.2f}× | "
+            f"{min(r['round_ratios']):.2f}–{max(r['round_ratios']):.2f}× | {r['floor_peak_mib']:.0f} MiB | "
             f"{r['convert_peak_mib']:.0f} MiB | {r['extra_peak_vs_file']:.2f}× |"
         )
     lines.append("")
+    lines.append(f"I/O floor and convert: medians of {args.repeat} rounds; ratio: the median of the rounds' "
+                 "convert/floor ratios.  ")
     lines.append(f"`repvgg --help`: {help_s:.2f} s, `repvgg --version`: {version_s:.2f} s "
                  f"(median of 5; {os.cpu_count()} CPUs)")
     print("\n".join(lines))
