@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, RepvggError
+from .errors import InputError, RepvggError, one_line
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 FORMAT_SUFFIXES = {"safetensors": ".safetensors", "pt": ".pt"}
@@ -191,11 +191,6 @@ class ItemOutcome:
         return self.exit_code == 0
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else ""
-
-
 def _not_equivalent_message(document: dict) -> str:
     failed = [b["name"] or "<root>" for b in document["blocks"] if not b["ok"]]
     shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
@@ -230,7 +225,7 @@ def convert_one(job: ConvertJob) -> ItemOutcome:
         return ItemOutcome(str(source), str(output), error.exit_code, False, error=error.message, hint=error.hint,
                            traceback=traceback.format_exc() if job.debug else None)
     except Exception as error:  # noqa: BLE001 - a bug: reported for this source, the others go on
-        message = (f"internal error {type(error).__name__}: {_one_line(error)} (a bug in repvgg_cli; rerun with "
+        message = (f"internal error {type(error).__name__}: {one_line(error, '')} (a bug in repvgg_cli; rerun with "
                    "--debug and report it)")
         return ItemOutcome(str(source), str(output), INTERNAL_ERROR, False, error=message,
                            traceback=traceback.format_exc() if job.debug else None)
@@ -406,7 +401,7 @@ def _run_in_pool(tasks: list[ConvertJob], workers: int,
                 task = tasks[index]
                 outcome = ItemOutcome(
                     str(task.item.source), str(task.item.output), INTERNAL_ERROR, False,
-                    error=f"worker failed: {type(error).__name__}: {_one_line(error)}",
+                    error=f"worker failed: {type(error).__name__}: {one_line(error, '')}",
                 )
             results[index] = outcome
             if on_done is not None:

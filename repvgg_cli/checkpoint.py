@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .digest import FileDigest, sha256_file  # noqa: F401 - sha256_file is part of this module's API
-from .errors import InputError, OutputExistsError, PickleRefusedError
+from .errors import InputError, OutputExistsError, PickleRefusedError, one_line
 
 METADATA_KEY = "repvgg_cli"
 """Where convert records its metadata: a safetensors header entry, or a ``_metadata`` entry of a
@@ -206,11 +206,11 @@ def _torch_load(path: Path, allow_pickle: bool, mmap: bool = False) -> tuple[Any
     except InputError:
         raise
     except Exception as error:  # noqa: BLE001 - the weights-only loader runs no code from the file
-        raise InputError(f"{path} is not a readable torch checkpoint: {_one_line(error)}") from None
+        raise InputError(f"{path} is not a readable torch checkpoint: {one_line(error)}") from None
     try:
         return _load_torch_file(path, weights_only=False, mmap=mmap), True
     except Exception as error:  # noqa: BLE001 - an allowed unpickle can raise anything
-        raise InputError(f"{path}: unpickling failed: {_one_line(error)}") from None
+        raise InputError(f"{path}: unpickling failed: {one_line(error)}") from None
 
 
 def _check_torch_zip(path: Path) -> None:
@@ -235,11 +235,6 @@ def _check_torch_zip(path: Path) -> None:
     raise InputError(f"{path} is a zip archive but not a torch checkpoint: it has no data.pkl")
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
-
-
 def _load_safetensors(path: Path) -> tuple["OrderedDict[str, Tensor]", dict[str, str]]:
     from safetensors import safe_open
 
@@ -250,7 +245,7 @@ def _load_safetensors(path: Path) -> tuple["OrderedDict[str, Tensor]", dict[str,
             for key in handle.keys():
                 tensors[key] = handle.get_tensor(key)
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
-        raise InputError(f"{path} is not a readable safetensors file: {_one_line(error)}") from None
+        raise InputError(f"{path} is not a readable safetensors file: {one_line(error)}") from None
     if not tensors:
         raise InputError(f"{path} holds no tensors")
     return tensors, dict(header)

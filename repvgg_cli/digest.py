@@ -7,7 +7,7 @@ import hashlib
 import threading
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, one_line
 
 CHUNK = 4 << 20
 
@@ -46,7 +46,6 @@ class FileDigest:
         """The hex digest (waits for the thread if it is still reading)."""
         self._thread.join()
         if self._error is not None:
-            text = str(self._error).strip().splitlines()[0] if str(self._error).strip() else type(self._error).__name__
-            raise InputError(f"{self.path} could not be read: {text}")
+            raise InputError(f"{self.path} could not be read: {one_line(self._error)}")
         assert self._value is not None
         return self._value

@@ -38,3 +38,12 @@ class NotEquivalentError(RepvggError):
     """Verification found a fused result that does not match its train form (exit 1)."""
 
     exit_code = 1
+
+
+def one_line(error: BaseException, default: str | None = None) -> str:
+    """The first line of an exception's message (at most 300 characters); if it has none,
+    ``default`` (None: the exception's type name)."""
+    text = str(error).strip()
+    if text:
+        return text.splitlines()[0][:300]
+    return type(error).__name__ if default is None else default
