@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -87,7 +87,7 @@ def convert_file(
         else:
             _forget_raw_weights(loaded)
             result = convert_state_dict(loaded.state_dict, options, progress=progress, release=True)
-    result = ConversionResult(**{**result.__dict__, "notes": tuple(loaded.notes) + result.notes})
+    result = replace(result, notes=tuple(loaded.notes) + result.notes)
     if not result.ok:
         return ConvertOutcome(result, loaded, written=False)
     metadata = build_metadata(result, source.name, loaded.sha256, loaded.entry, loaded.stripped_prefixes)
@@ -128,7 +128,7 @@ def _convert_streaming(loaded: LoadedCheckpoint, source: Path, output: Path, opt
                 _forget_raw_weights(loaded)
                 result = convert_state_dict(loaded.state_dict, options, progress=progress, release=True,
                                             open_sink=open_sink)
-            result = ConversionResult(**{**result.__dict__, "notes": tuple(loaded.notes) + result.notes})
+            result = replace(result, notes=tuple(loaded.notes) + result.notes)
             if not result.ok:
                 raise _NotEquivalent(result)
             stream = streams[0]
@@ -210,7 +210,7 @@ def verify_file(
             )
         with errors_name(Path(deploy)):
             report = verify_deploy(loaded.state_dict, metadata, tolerance)
-        return VerifyReport(**{**report.__dict__, "notes": loaded.notes})
+        return replace(report, notes=loaded.notes)
     source = load_checkpoint(against, allow_pickle=allow_pickle, entry=None)
     recorded_entry = ((metadata or {}).get("source") or {}).get("entry")
     if recorded_entry and source.entry not in (None, recorded_entry) and recorded_entry in source.container_keys:
@@ -232,8 +232,7 @@ def verify_file(
     model_check = None
     if source.model is not None and loaded.model is not None:
         model_check = _compare_models(source.model, loaded.model, input_shape, tolerance)
-    return VerifyReport(**{**report.__dict__, "against": str(against), "model_check": model_check,
-                           "notes": loaded.notes})
+    return replace(report, against=str(against), model_check=model_check, notes=loaded.notes)
 
 
 def _compare_models(train, deploy, input_shape, tolerance: Tolerance) -> ModelCheck:

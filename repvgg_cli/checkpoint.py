@@ -683,20 +683,12 @@ def write_safetensors(path: Path, state: Mapping[str, Tensor], metadata: Mapping
     hash map whose order changes from run to run. Tensors keep the state dict's order; the
     metadata keys are sorted; the files read back with ``safetensors.safe_open``.
     """
-    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
-    offset = 0
-    tensors: list[Tensor] = []
     for key, tensor in state.items():
         if not isinstance(tensor, Tensor):
             raise InputError(f"cannot write {key}: a {type(tensor).__name__}, not a tensor")
-        if tensor.dtype not in SAFETENSORS_DTYPES:
-            raise InputError(f"cannot write {key} as safetensors: dtype {tensor.dtype} has no safetensors code")
-        tensor = tensor.detach().cpu().contiguous()
-        size = tensor.numel() * tensor.element_size()
-        header[key] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                       "data_offsets": [offset, offset + size]}
-        offset += size
-        tensors.append(tensor)
+    tensors = [tensor.detach().cpu().contiguous() for tensor in state.values()]
+    entries, _ = _tensor_table({key: (t.dtype, tuple(t.shape)) for key, t in zip(state, tensors)})
+    header = {"__metadata__": dict(sorted(metadata.items())), **entries}
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)
     with open(path, "wb") as handle:
@@ -709,6 +701,20 @@ def write_safetensors(path: Path, state: Mapping[str, Tensor], metadata: Mapping
 
 Layout = Mapping[str, "tuple[torch.dtype, tuple[int, ...]]"]
 """Every tensor of a file to be written, in file order: ``{key: (dtype, shape)}``."""
+
+
+def _tensor_table(layout: Layout) -> tuple[dict[str, dict[str, Any]], int]:
+    """The safetensors header entries of ``layout`` (dtype code, shape, offsets into the data
+    section, in layout order) and the data section's size."""
+    entries: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for key, (dtype, shape) in layout.items():
+        if dtype not in SAFETENSORS_DTYPES:
+            raise InputError(f"cannot write {key} as safetensors: dtype {dtype} has no safetensors code")
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        entries[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    return entries, offset
 
 
 class SafetensorsStream:
@@ -733,17 +739,8 @@ class SafetensorsStream:
 
     def __init__(self, path: Path, layout: Layout, reserve: int, flush: bool = False) -> None:
         self.path = Path(path)
-        self._entries: dict[str, dict[str, Any]] = {}
         self._layout = {key: (dtype, tuple(int(d) for d in shape)) for key, (dtype, shape) in layout.items()}
-        offset = 0
-        for key, (dtype, shape) in self._layout.items():
-            if dtype not in SAFETENSORS_DTYPES:
-                raise InputError(f"cannot write {key} as safetensors: dtype {dtype} has no safetensors code")
-            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            self._entries[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                                  "data_offsets": [offset, offset + size]}
-            offset += size
-        self._data_size = offset
+        self._entries, self._data_size = _tensor_table(self._layout)
         table = len(json.dumps(self._entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
         self._room = _round_up(table + max(0, reserve) + 64, 8)
         self.digests: dict[str, str] = {}

@@ -201,12 +201,16 @@ OpenSink = Callable[["OrderedDict[str, tuple[torch.dtype, tuple[int, ...]]]", in
 block is fused."""
 
 
-def planned_deploy_state(block: Block) -> dict[str, Tensor]:
-    """The block's deploy keys with data-free tensors of the shape and dtype they will have."""
+def planned_weight_shape(block: Block) -> tuple[int, int, int, int]:
+    """The shape the block's fused weight will have (errors name the block, as fusion's do)."""
     try:
-        shape = fused_weight_shape(block.branches)
+        return fused_weight_shape(block.branches)
     except RepvggError as error:
         raise type(error)(_in_block(error.message, block.name), error.hint) from None
+
+
+def planned_deploy_state(block: Block, shape: tuple[int, int, int, int]) -> dict[str, Tensor]:
+    """The block's deploy keys with data-free tensors of the shape and dtype they will have."""
     planned = FusedConv(weight=torch.empty(shape, dtype=block.dtype, device="meta"),
                         bias=torch.empty(shape[0], dtype=block.dtype, device="meta"))
     return block.deploy_state(planned)
@@ -299,42 +303,43 @@ def convert_state_dict(
     passthrough_keys = [k for k in keys if k not in consumed and k not in dropped_set]
 
     sink: TensorSink | None = None
+    shapes: dict[str, tuple[int, int, int, int]] = {}
     buffers: dict[torch.dtype, list[Tensor]] = {}  # two per dtype: one is fused into, one written out
     in_flight: dict[int, list[Future]] = {}
-    planned: dict[str, dict[str, Tensor]] = {}
     if open_sink is not None:
-        planned = {b.name: planned_deploy_state(b) for b in blocks}
+        shapes = {b.name: planned_weight_shape(b) for b in blocks}
         by_first_key = {b.source_keys[0]: b for b in blocks if b.source_keys}
         layout: OrderedDict[str, tuple[torch.dtype, tuple[int, ...]]] = OrderedDict()
         for key in keys:
             if key in by_first_key:
-                layout.update((k, (t.dtype, tuple(t.shape))) for k, t in planned[by_first_key[key].name].items())
+                block = by_first_key[key]
+                layout.update((k, (t.dtype, tuple(t.shape)))
+                              for k, t in planned_deploy_state(block, shapes[block.name]).items())
             elif key in passthrough_keys:
                 layout[key] = (state[key].dtype, tuple(state[key].shape))
         sink = open_sink(layout, metadata_reserve(blocks, list(layout), dropped))
         largest: dict[torch.dtype, int] = {}
         for block in blocks:  # weight buffers per shipped dtype, as large as the largest block
             if block.dtype in (torch.float32, torch.float64):
-                numel = math.prod(fused_weight_shape(block.branches))
-                largest[block.dtype] = max(numel, largest.get(block.dtype, 0))
+                largest[block.dtype] = max(math.prod(shapes[block.name]), largest.get(block.dtype, 0))
         buffers = {dtype: [torch.empty(numel, dtype=dtype) for _ in range(2)] for dtype, numel in largest.items()}
 
     def fuse(block: Block) -> BlockResult:
-        out = None
+        out = slot = None
         if block.dtype in buffers:
             pair = buffers[block.dtype]
             pair.reverse()  # alternate: the other buffer may still be being written
-            for future in in_flight.pop(id(pair[0]), []):
+            slot = pair[0]
+            for future in in_flight.pop(id(slot), []):
                 future.result()
-            shape = fused_weight_shape(block.branches)
-            out = pair[0][: math.prod(shape)].view(shape)
+            shape = shapes[block.name]
+            out = slot[: math.prod(shape)].view(shape)
         result = fuse_block(block, options, state, out=out)
         if sink is not None:
             futures = [sink.put(key, tensor) for key, tensor in block.deploy_state(result.fused).items()]
-            if out is not None:
-                in_flight[id(buffers[block.dtype][0])] = [f for f in futures if f is not None]
-            light = FusedConv(**{**result.fused.__dict__, "weight": as_meta(result.fused.weight),
-                                 "bias": as_meta(result.fused.bias)})
+            if slot is not None:
+                in_flight[id(slot)] = [f for f in futures if f is not None]
+            light = replace(result.fused, weight=as_meta(result.fused.weight), bias=as_meta(result.fused.bias))
             result = replace(result, fused=light)
         if release:
             for key in block.source_keys:

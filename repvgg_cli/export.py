@@ -20,7 +20,7 @@ import hashlib
 import io
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -415,4 +415,4 @@ def export_file(
     if not result.ok:
         return result
     atomic_write(output, lambda tmp: tmp.write_bytes(data))
-    return ExportResult(**{**result.__dict__, "written": True})
+    return replace(result, written=True)

@@ -289,15 +289,9 @@ def center_kernel(weight: Tensor, kernel_size: Pair) -> Tensor:
     Returns:
         A ``(out, in/groups, KH, KW)`` tensor.
     """
-    kh, kw = int(weight.shape[2]), int(weight.shape[3])
-    big_h, big_w = kernel_size
-    dh, dw = big_h - kh, big_w - kw
-    if dh < 0 or dw < 0 or dh % 2 or dw % 2:
-        raise UnsupportedError(
-            f"a {kh}x{kw} kernel cannot be centred in a {big_h}x{big_w} kernel"
-        )
+    rows, cols = _centred_slice(kernel_size, (int(weight.shape[2]), int(weight.shape[3])))
     # F.pad takes the last dimension first: (left, right, top, bottom).
-    return F.pad(weight, (dw // 2, dw // 2, dh // 2, dh // 2))
+    return F.pad(weight, (cols.start, cols.start, rows.start, rows.start))
 
 
 def identity_kernel(channels: int, in_per_group: int, kernel_size: Pair) -> Tensor:

@@ -12,7 +12,7 @@ import base64
 import copy
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -283,7 +283,7 @@ def block_probe(in_channels: int, kernel_size: tuple[int, int], dilation: tuple[
 
 def reference_probe(branches: Branches, seed: int) -> Tensor:
     """The train-form output at the centre pixel for the block's seeded probe: ``(batch, C_out)``."""
-    stride1 = Branches(**{**branches.__dict__, "stride": (1, 1)})
+    stride1 = replace(branches, stride=(1, 1))
     x = block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation, seed,
                     padding=branches.resolved_padding, padding_mode=branches.padding_mode)
     return reference_forward(stride1, x, centre=True)[:, :, 0, 0]
@@ -361,7 +361,7 @@ def check_block(
     Returns:
         A :class:`BlockCheck` with the max abs error relative to the output scale.
     """
-    stride1 = Branches(**{**branches.__dict__, "stride": (1, 1)})
+    stride1 = replace(branches, stride=(1, 1))
     x = block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation, block_seed(seed, name),
                     padding=branches.resolved_padding, padding_mode=branches.padding_mode)
     rows = geometry_channels(shipped.out_channels)
