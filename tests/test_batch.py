@@ -9,33 +9,20 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from repvgg_cli.batch import BatchItem, output_name, plan_batch
-from repvgg_cli.cli import app
 from repvgg_cli.errors import InputError
+from tests.helpers import cli_runner, error_lines, invoke as helpers_invoke, SAMPLES
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "sample_checkpoints"
 SAMPLE_FILES = sorted(p.name for p in SAMPLES.iterdir() if p.suffix in (".pt", ".safetensors"))
 DEPLOY_NAMES = sorted(f"{Path(n).stem}.deploy{Path(n).suffix}" for n in SAMPLE_FILES)
 BLOCKS = {"plain_net": 4, "repvgg_tiny": 7}
 
-try:  # click < 8.2 mixes stderr into stdout unless told not to
-    RUNNER = CliRunner(mix_stderr=False, env={"COLUMNS": "250"})
-except TypeError:  # click >= 8.2: stdout and stderr are always kept apart
-    RUNNER = CliRunner(env={"COLUMNS": "250"})
+RUNNER = cli_runner(250)
 
 
 def invoke(*args: object):
-    result = RUNNER.invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def error_lines(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    return helpers_invoke(*args, runner=RUNNER)
 
 
 def sha256(path: Path) -> str:

@@ -15,16 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from repvgg_cli import zoo
 from repvgg_cli.cli import app
 from repvgg_cli.convert import reparameterize
+from tests.helpers import RUNNER
 
-try:  # click < 8.2 mixes stderr into stdout unless told not to
-    RUNNER = CliRunner(mix_stderr=False, env={"COLUMNS": "200"})
-except TypeError:  # click >= 8.2: stdout and stderr are always kept apart
-    RUNNER = CliRunner(env={"COLUMNS": "200"})
 
 TINY_BLOCKS = 7
 PLAIN_BLOCKS = 4

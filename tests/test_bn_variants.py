@@ -24,30 +24,14 @@ import torch
 from timm.layers import BatchNormAct2d
 from timm.models.byobnet import RepVggBlock
 from torch import Tensor, nn
-from typer.testing import CliRunner
 
 from repvgg_cli import zoo
-from repvgg_cli.cli import app
 from repvgg_cli.convert import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.errors import InputError, UnsupportedError
+from tests.helpers import error_lines, invoke
 
-try:  # click < 8.2 mixes stderr into stdout unless told not to
-    RUNNER = CliRunner(mix_stderr=False, env={"COLUMNS": "200"})
-except TypeError:
-    RUNNER = CliRunner(env={"COLUMNS": "200"})
 
 SHAPE = (2, 3, 16, 16)
-
-
-def invoke(*args: object):
-    result = RUNNER.invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def error_lines(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("Error:")]
 
 
 class MyBN(nn.BatchNorm2d):

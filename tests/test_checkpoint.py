@@ -34,24 +34,14 @@ from repvgg_cli.checkpoint import (
     strip_prefixes,
 )
 from repvgg_cli.errors import InputError, OutputExistsError, PickleRefusedError
+from tests.helpers import SAMPLES
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "sample_checkpoints"
 TINY = SAMPLES / "repvgg_tiny.pt"
 TINY_TRAIN = SAMPLES / "repvgg_tiny_train.pt"
 TINY_ST = SAMPLES / "repvgg_tiny.safetensors"
 PLAIN = SAMPLES / "plain_net.pt"
 
 TINY_BLOCKS = ["stage0", "stage1.0", "stage2.0", "stage2.1", "stage3.0", "stage3.1", "stage4.0"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The checks run many tiny convs: threads only add overhead (and contention on small CI boxes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def plain_state() -> "OrderedDict[str, torch.Tensor]":

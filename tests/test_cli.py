@@ -19,9 +19,8 @@ from typer.testing import CliRunner
 from repvgg_cli import __version__, zoo
 from repvgg_cli.checkpoint import METADATA_KEY, tensor_sha256
 from repvgg_cli.cli import app
+from tests.helpers import SAMPLES, error_lines, invoke
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "sample_checkpoints"
 TINY = SAMPLES / "repvgg_tiny.pt"
 TINY_TRAIN = SAMPLES / "repvgg_tiny_train.pt"
 TINY_ST = SAMPLES / "repvgg_tiny.safetensors"
@@ -31,32 +30,6 @@ TINY_BLOCKS = ["stage0", "stage1.0", "stage2.0", "stage2.1", "stage3.0", "stage3
 PLAIN_BLOCKS = ["features.0", "features.2", "features.4", "features.6"]
 BLOCKS = {"repvgg_tiny": (TINY_BLOCKS, "official"), "plain_net": (PLAIN_BLOCKS, "plain")}
 SAMPLE_FILES = [f"{name}{end}" for name in BLOCKS for end in (".pt", "_train.pt", ".safetensors")]
-
-try:  # click < 8.2 mixes stderr into stdout unless told not to
-    RUNNER = CliRunner(mix_stderr=False, env={"COLUMNS": "200"})
-except TypeError:  # click >= 8.2: stdout and stderr are always kept apart
-    RUNNER = CliRunner(env={"COLUMNS": "200"})
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The checks run many tiny convs: threads only add overhead (and contention on small CI boxes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def invoke(*args: object):
-    """Run ``repvgg ARGS``; an exception the CLI did not turn into an exit code fails the test."""
-    result = RUNNER.invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def error_lines(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("Error:")]
 
 
 def assert_clean_failure(result, code: int) -> None:

@@ -22,27 +22,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from typer.testing import CliRunner
 
 from repvgg_cli import zoo
 from repvgg_cli.checkpoint import METADATA_KEY
-from repvgg_cli.cli import app
 from repvgg_cli.convert import ConvertOptions, convert_state_dict, reparameterize
-
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "sample_checkpoints"
-
-try:  # click < 8.2 mixes stderr into stdout unless told not to
-    RUNNER = CliRunner(mix_stderr=False, env={"COLUMNS": "200"})
-except TypeError:
-    RUNNER = CliRunner(env={"COLUMNS": "200"})
-
-
-def invoke(*args: object):
-    result = RUNNER.invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+from tests.helpers import invoke, SAMPLES
 
 
 def save_as_if_on_cuda(obj: object, path: Path, zip_format: bool = True) -> Path:

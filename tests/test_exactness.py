@@ -28,10 +28,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
-from typer.testing import CliRunner
 
 from repvgg_cli import verify, zoo
-from repvgg_cli.cli import app
 from repvgg_cli.convert import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.errors import UnsupportedError
 from repvgg_cli.fusion import (
@@ -41,6 +39,7 @@ from repvgg_cli.fusion import (
     IdentityBranch,
     fuse_branches,
 )
+from tests.helpers import invoke
 
 F64 = torch.float64
 MODES = ("zeros", "reflect", "replicate", "circular")
@@ -49,18 +48,6 @@ EXACT = 1e-10  # float64 fusion against the float64 modules: rounding only
 PROPERTY_EXAMPLES = 200
 WORST: dict[str, float] = {}
 """Worst relative error of the shipped conv against the float64 modules, by dtype (for reports)."""
-
-try:  # click < 8.2 mixes stderr into stdout unless told not to
-    RUNNER = CliRunner(mix_stderr=False, env={"COLUMNS": "200"})
-except TypeError:
-    RUNNER = CliRunner(env={"COLUMNS": "200"})
-
-
-def invoke(*args: object):
-    result = RUNNER.invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def rel_error(reference: Tensor, candidate: Tensor) -> float:

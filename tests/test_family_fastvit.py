@@ -80,15 +80,6 @@ def timm_blocks() -> dict[str, nn.Module]:
     }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 convs: one thread is as fast, and far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 FAMILY_OF = {"repmixer": "fastvit_repmixer", "large": "fastvit_large_kernel", "repcpe": "fastvit_repcpe"}
 
 

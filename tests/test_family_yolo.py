@@ -34,15 +34,6 @@ FP16_RTOL = 4e-3
 FP32_RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny convs: with other processes busy, torch's thread pool makes them ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def rel_err(reference: Tensor, candidate: Tensor) -> float:
     reference, candidate = reference.double(), candidate.double()
     return float((reference - candidate).abs().max() / reference.abs().max())

@@ -37,15 +37,6 @@ SOURCE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 FLOAT64_FUSION_RTOL = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny convs: intra-op threads only contend (30x slower on a loaded 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def property_settings(examples: int) -> settings:
     return settings(
         max_examples=examples,

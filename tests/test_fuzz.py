@@ -36,24 +36,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save as safetensors_save
-from typer.testing import CliRunner
 
 from repvgg_cli.api import convert_file, verify_file
 from repvgg_cli.checkpoint import METADATA_KEY, load_checkpoint
-from repvgg_cli.cli import app
 from repvgg_cli.errors import RepvggError
 from repvgg_cli.inspection import summarize
+from tests.helpers import invoke, SAMPLES
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "sample_checkpoints"
 SAMPLE_FILES = ["plain_net.pt", "plain_net_train.pt", "plain_net.safetensors",
                 "repvgg_tiny.pt", "repvgg_tiny_train.pt", "repvgg_tiny.safetensors"]
 SEED = 20250607
-
-try:  # click < 8.2 mixes stderr into stdout unless told not to
-    RUNNER = CliRunner(mix_stderr=False, env={"COLUMNS": "200"})
-except TypeError:  # click >= 8.2: stdout and stderr are always kept apart
-    RUNNER = CliRunner(env={"COLUMNS": "200"})
 
 
 @dataclass(frozen=True)
@@ -696,13 +688,6 @@ def cli_sample(cases: list[Case]) -> list[Case]:
             if pools[category] and len(picked) < CLI_CASES:
                 picked.append(pools[category].pop())
     return picked
-
-
-def invoke(*args: object):
-    result = RUNNER.invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def cli_problems(case: Case, command: str, result, library: object, renamed: tuple[str, str]) -> list[str]:

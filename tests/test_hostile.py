@@ -24,23 +24,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from repvgg_cli import checkpoint
 from repvgg_cli.checkpoint import load_checkpoint
-from repvgg_cli.cli import app
 from repvgg_cli.errors import InputError, PickleRefusedError
+from tests.helpers import invoke, SAMPLES
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "sample_checkpoints"
 PLAIN = SAMPLES / "plain_net.pt"
 REPVGG = Path(sys.executable).with_name("repvgg")
 FORCE_UNSAFE = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
-
-try:  # click < 8.2 mixes stderr into stdout unless told not to
-    RUNNER = CliRunner(mix_stderr=False, env={"COLUMNS": "200"})
-except TypeError:  # click >= 8.2: stdout and stderr are always kept apart
-    RUNNER = CliRunner(env={"COLUMNS": "200"})
 
 
 # -- payloads ----------------------------------------------------------------------------------
@@ -100,13 +92,6 @@ def hostile_file(folder: Path, how: str, layout: str, legacy: bool = False,
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def invoke(*args: object):
-    result = RUNNER.invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def assert_refused(exit_code: int, stdout: str, stderr: str, path: Path) -> None:

@@ -9,29 +9,14 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import torch
-from typer.testing import CliRunner
 
 from repvgg_cli import zoo
-from repvgg_cli.cli import app
 from repvgg_cli.html_report import batch_html, conversion_html, params_chart, rel_err_chart
+from tests.helpers import invoke, SAMPLES
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "sample_checkpoints"
 TINY_BLOCKS = ["stage0", "stage1.0", "stage2.0", "stage2.1", "stage3.0", "stage3.1", "stage4.0"]
 VOID = {"meta", "br", "hr", "img", "input", "link"}
 EVIL = 'evil<script>alert("x")</script>&amp'
-
-try:
-    RUNNER = CliRunner(mix_stderr=False, env={"COLUMNS": "200"})
-except TypeError:
-    RUNNER = CliRunner(env={"COLUMNS": "200"})
-
-
-def invoke(*args: object):
-    result = RUNNER.invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 class StrictParser(HTMLParser):

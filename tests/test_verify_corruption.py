@@ -25,13 +25,10 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 from repvgg_cli.checkpoint import METADATA_KEY, tensor_sha256
-from repvgg_cli.cli import app
+from tests.helpers import error_lines, invoke, SAMPLES
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "sample_checkpoints"
 SOURCES = {"repvgg_tiny": SAMPLES / "repvgg_tiny.pt", "plain_net": SAMPLES / "plain_net.pt"}
 BLOCKS = {
     "repvgg_tiny": [("stage0", "stage0.rbr_reparam"), ("stage1.0", "stage1.0.rbr_reparam"),
@@ -44,22 +41,6 @@ PASSTHROUGH = {"repvgg_tiny": ["linear.weight", "linear.bias"], "plain_net": ["h
 FUSED = [(sample, block, f"{prefix}.{part}") for sample, blocks in BLOCKS.items()
          for block, prefix in blocks for part in ("weight", "bias")]
 FUSED_IDS = [key for _, _, key in FUSED]
-
-try:  # click < 8.2 mixes stderr into stdout unless told not to
-    RUNNER = CliRunner(mix_stderr=False, env={"COLUMNS": "200"})
-except TypeError:
-    RUNNER = CliRunner(env={"COLUMNS": "200"})
-
-
-def invoke(*args: object):
-    result = RUNNER.invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def error_lines(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("Error:")]
 
 
 def verify_json(path: Path, *extra: object) -> tuple[int, dict, list[str]]:
