@@ -780,9 +780,8 @@ def test_streamed_safetensors_refuse_what_the_layout_does_not_say(tmp_path: Path
         stream.put(key, state[key]).result()
         with pytest.raises(RuntimeError, match="written twice"):
             stream.put(key, state[key])
-        with pytest.raises(RuntimeError, match="were not written"):
+        with pytest.raises(RuntimeError, match=f"were not written, e.g. {other}"):
             stream.finish({"format": "pt"})
-        assert other not in stream.digests
 
 
 def test_a_failed_streamed_write_stops_the_rest_and_is_raised(tmp_path: Path, monkeypatch) -> None:
