@@ -204,11 +204,6 @@ def map_branch_tensors(branches: Branches, fn) -> Branches:
     return replace(branches, convs=convs, identity=identity, post_bn=bn(branches.post_bn))
 
 
-def as_float64(tensor: Tensor) -> Tensor:
-    """Floating tensors upcast to float64 (on the CPU); other dtypes left for validation to refuse."""
-    return tensor.detach().to(device="cpu", dtype=FLOAT64) if tensor.is_floating_point() else tensor
-
-
 def as_meta(tensor: Tensor) -> Tensor:
     """A data-free stand-in with the same shape and dtype (to report on a block after freeing it)."""
     return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
