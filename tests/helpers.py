@@ -6,6 +6,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from repvgg_cli import checkpoint
 from repvgg_cli.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,3 +34,24 @@ def invoke(*args: object, runner: CliRunner = RUNNER):
 
 def error_lines(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+
+
+def disk_full_at_write(monkeypatch, n: int) -> list[int]:
+    """Make the n-th streamed write fail with ENOSPC (the file is partly written by then).
+
+    Returns:
+        The offsets of the writes tried, in order.
+    """
+    import errno
+
+    real = checkpoint._pwrite_all
+    offsets: list[int] = []
+
+    def write(fd, data, offset):
+        offsets.append(offset)
+        if len(offsets) == n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(checkpoint, "_pwrite_all", write)
+    return offsets

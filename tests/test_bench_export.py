@@ -19,7 +19,8 @@ import torch
 from repvgg_cli import zoo
 from repvgg_cli.cli import app
 from repvgg_cli.convert import reparameterize
-from tests.helpers import RUNNER
+from tests.helpers import RUNNER, invoke
+from tests.helpers import error_lines as errors
 
 
 TINY_BLOCKS = 7
@@ -27,18 +28,6 @@ PLAIN_BLOCKS = 4
 SMALL = ["--resolution", "32", "--warmup", "1", "--repeat", "3", "--threads", "1"]
 SHAPE = ["--input-shape", "1,3,32,32"]
 PIP_HINT = 'pip install "repvgg-cli[onnx]"'
-
-
-def invoke(*args: object):
-    """Run ``repvgg ARGS``; an exception the CLI did not turn into an exit code fails the test."""
-    result = RUNNER.invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def errors(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("Error:")]
 
 
 def params(model: torch.nn.Module) -> int:

@@ -34,7 +34,7 @@ from repvgg_cli.checkpoint import (
     strip_prefixes,
 )
 from repvgg_cli.errors import InputError, OutputExistsError, PickleRefusedError
-from tests.helpers import SAMPLES
+from tests.helpers import SAMPLES, disk_full_at_write
 
 TINY = SAMPLES / "repvgg_tiny.pt"
 TINY_TRAIN = SAMPLES / "repvgg_tiny_train.pt"
@@ -785,19 +785,8 @@ def test_streamed_safetensors_refuse_what_the_layout_does_not_say(tmp_path: Path
 
 
 def test_a_failed_streamed_write_stops_the_rest_and_is_raised(tmp_path: Path, monkeypatch) -> None:
-    import errno
-
     state = plain_state()
-    calls: list[int] = []
-    real = checkpoint._pwrite_all
-
-    def full_disk(fd, data, offset):
-        calls.append(offset)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(fd, data, offset)
-
-    monkeypatch.setattr(checkpoint, "_pwrite_all", full_disk)
+    calls = disk_full_at_write(monkeypatch, 2)
     path = tmp_path / "s.safetensors"
     path.touch()
     with checkpoint.SafetensorsStream(path, _layout(state), 1024) as stream:

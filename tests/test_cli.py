@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from repvgg_cli import __version__, zoo
 from repvgg_cli.checkpoint import METADATA_KEY, tensor_sha256
 from repvgg_cli.cli import app
-from tests.helpers import SAMPLES, error_lines, invoke
+from tests.helpers import SAMPLES, disk_full_at_write, error_lines, invoke
 
 TINY = SAMPLES / "repvgg_tiny.pt"
 TINY_TRAIN = SAMPLES / "repvgg_tiny_train.pt"
@@ -572,20 +572,7 @@ def test_version_and_help() -> None:
 
 def test_a_disk_error_while_writing_is_exit_2_not_a_bug(tmp_path, monkeypatch):
     """Disk full / permission errors are the environment's: one line, exit 2, nothing left behind."""
-    import errno
-
-    from repvgg_cli import checkpoint
-
-    real_pwrite = checkpoint._pwrite_all
-    calls = []
-
-    def disk_full_on_third_write(fd, data, offset):  # the streamed file is half written by then
-        calls.append(offset)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(checkpoint, "_pwrite_all", disk_full_on_third_write)
+    calls = disk_full_at_write(monkeypatch, 3)  # the streamed file is half written by then
     output = tmp_path / "deploy.safetensors"
     result = CliRunner().invoke(app, ["convert", str(SAMPLES / "plain_net.pt"), str(output)])
     assert len(calls) == 3
