@@ -30,6 +30,7 @@ from .families.base import join
 from .fusion import FusedConv, as_meta, fuse_branches, fused_weight_shape, map_branch_tensors
 from .verify import (
     BlockCheck,
+    CentreProbe,
     ModelCheck,
     Tolerance,
     block_seed,
@@ -153,13 +154,16 @@ def fuse_block(block: Block, options: ConvertOptions, state: Mapping[str, Tensor
     """
     try:
         fused64: FusedConv | None = None
+        probe: CentreProbe | None = None
         if block.dtype in (torch.float32, torch.float64):
-            # float64 arithmetic a chunk of rows at a time, written straight into the shipped dtype
-            shipped = fuse_branches(block.branches, dtype=block.dtype, out=out)
+            # float64 arithmetic a chunk of rows at a time, written straight into the shipped
+            # dtype; the check's centre products are taken from the same chunks while in cache
+            probe = CentreProbe(block.name, block.branches, options.seed)
+            shipped = fuse_branches(block.branches, dtype=block.dtype, out=out, observer=probe, check_finite=False)
         else:  # float16/bfloat16: keep the float64 result to report the error the cast adds
             fused64 = fuse_branches(block.branches)
             shipped = fused64.to(block.dtype)
-        check = check_block(block.name, block.branches, fused64, shipped, options.seed, options.tolerance)
+        check = check_block(block.name, block.branches, fused64, shipped, options.seed, options.tolerance, probe)
     except RepvggError as error:
         raise type(error)(_in_block(error.message, block.name), error.hint) from None
     params_before = _block_params(block, state)

@@ -10,7 +10,10 @@ the caller casts the result to the dtype it ships (see :meth:`FusedConv.to`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -372,8 +375,9 @@ def _centred_slice(big: Pair, small: Pair) -> tuple[slice, slice]:
     return slice(dh // 2, dh // 2 + small[0]), slice(dw // 2, dw // 2 + small[1])
 
 
-def _raise_non_finite(branches: Branches) -> None:
-    """Name the branch whose weight holds NaN/Inf (checked once on the sum, diagnosed only then)."""
+def raise_non_finite(branches: Branches) -> None:
+    """Raise the :class:`InputError` for a fused weight found to hold NaN/Inf, naming the branch
+    weight that holds one if any (the fast checks look at sums; this looks element-wise)."""
     for index, conv in enumerate(branches.convs):
         if not torch.isfinite(conv.weight.detach()).all():
             raise InputError(f"branch {index} weight holds NaN or Inf")
@@ -393,10 +397,27 @@ def _checked_weight(weight: Tensor, out: int, what: str) -> Tensor:
     return weight.detach()
 
 
-def _rows64(buffer: Tensor, weight: Tensor, start: int, stop: int, factor: Tensor | None) -> Tensor:
+class RowObserver(Protocol):
+    """Sees every chunk :func:`fuse_branches` works on, while it is in cache (e.g. to compute a
+    check's matrix-vector products without reading the weights again)."""
+
+    def source(self, index: int, start: int, stop: int, rows: Tensor) -> None:
+        """Rows ``start:stop`` of ``branches.convs[index].weight``, upcast exactly to float64
+        before any BN or scale factor. Read only, and only during the call."""
+
+    def fused(self, start: int, stop: int, rows: Tensor, scratch: Tensor) -> None:
+        """Rows ``start:stop`` of the fused weight as returned (in its dtype), once written;
+        ``scratch`` is float64 work space of the same shape the observer may overwrite."""
+
+
+def _rows64(buffer: Tensor, weight: Tensor, start: int, stop: int, factor: Tensor | None,
+            observe: Callable[[Tensor], None] | None = None) -> Tensor:
     """Rows ``start:stop`` of ``weight`` upcast into ``buffer`` (reused from chunk to chunk: a new
-    allocation per chunk would cost more in page faults than the arithmetic), times ``factor``."""
+    allocation per chunk would cost more in page faults than the arithmetic), shown to
+    ``observe``, then times ``factor``."""
     rows = buffer[: stop - start].copy_(weight[start:stop])
+    if observe is not None:
+        observe(rows)
     return rows if factor is None else rows.mul_(factor[start:stop].reshape(-1, 1, 1, 1))
 
 
@@ -414,7 +435,8 @@ def fused_weight_shape(branches: Branches) -> tuple[int, int, int, int]:
 
 
 def fuse_branches(branches: Branches, dtype: torch.dtype = FLOAT64, rows_per_chunk: int | None = None,
-                  out: Tensor | None = None) -> FusedConv:
+                  out: Tensor | None = None, observer: RowObserver | None = None,
+                  check_finite: bool = True) -> FusedConv:
     """Fuse every branch of a block into one conv.
 
     The arithmetic is float64 whatever ``dtype`` is: each chunk of output channels is upcast,
@@ -427,6 +449,10 @@ def fuse_branches(branches: Branches, dtype: torch.dtype = FLOAT64, rows_per_chu
         rows_per_chunk: output channels per chunk; None: as many as fit in :data:`CHUNK_BYTES`.
         out: where to write the fused weight (its shape is :func:`fused_weight_shape`, its dtype
             ``dtype``), e.g. a buffer reused from block to block; None: a new tensor.
+        observer: shown every source chunk and every fused chunk (see :class:`RowObserver`).
+        check_finite: raise :class:`InputError` when the fused weight holds NaN/Inf (one sum per
+            chunk). A caller whose observer sees every value anyway (``verify.CentreProbe``)
+            may take the check over and pass False; it then calls :func:`raise_non_finite`.
     Returns:
         A :class:`FusedConv` equal to the block's eval-mode output.
     Raises:
@@ -441,7 +467,7 @@ def fuse_branches(branches: Branches, dtype: torch.dtype = FLOAT64, rows_per_chu
 
     # Per output channel, each branch is ``weight * factor`` plus a bias: BN and scale fold into
     # float64 vectors first; the weights are touched once, chunk by chunk, below.
-    terms: list[tuple[Tensor, Tensor | None, tuple[slice, slice]]] = []
+    terms: list[tuple[int, Tensor, Tensor | None, tuple[slice, slice]]] = []
     bias = torch.zeros(out, dtype=FLOAT64)
     for index, conv in enumerate(branches.convs):
         what = f"branch {index}"
@@ -457,10 +483,10 @@ def fuse_branches(branches: Branches, dtype: torch.dtype = FLOAT64, rows_per_chu
         if s is not None:
             factor = s if factor is None else factor * s
             b = b * s
-        terms.append((w, factor, _centred_slice(kernel_size, conv.kernel_size)))
+        terms.append((index, w, factor, _centred_slice(kernel_size, conv.kernel_size)))
         bias += b
     # The first full-size branch starts the sum (no zero-filled accumulator to add it to).
-    terms.sort(key=lambda term: tuple(term[0].shape[2:]) != kernel_size)
+    terms.sort(key=lambda term: tuple(term[1].shape[2:]) != kernel_size)
 
     diagonal: Tensor | None = None
     if branches.identity is not None:
@@ -505,27 +531,31 @@ def fuse_branches(branches: Branches, dtype: torch.dtype = FLOAT64, rows_per_chu
     # float64 work space, reused from chunk to chunk: the sum, and one buffer per branch shape
     total = torch.empty(step, in_per_group, *kernel_size, dtype=FLOAT64)
     parts = {shape: torch.empty(step, in_per_group, *shape, dtype=FLOAT64)
-             for shape in {tuple(w.shape[2:]) for w, _, _ in terms}}
+             for shape in {tuple(w.shape[2:]) for _, w, _, _ in terms}}
     for start in range(0, out, step):
         stop = min(out, start + step)
         acc: Tensor | None = None
-        for w, factor, (rows_h, rows_w) in terms:
+        for index, w, factor, (rows_h, rows_w) in terms:
+            observe = None if observer is None else partial(observer.source, index, start, stop)
             if acc is None and tuple(w.shape[2:]) == kernel_size:
-                acc = _rows64(total, w, start, stop, factor)
+                acc = _rows64(total, w, start, stop, factor, observe)
                 continue
             if acc is None:
                 acc = total[: stop - start].zero_()
-            acc[:, :, rows_h, rows_w] += _rows64(parts[tuple(w.shape[2:])], w, start, stop, factor)
+            acc[:, :, rows_h, rows_w] += _rows64(parts[tuple(w.shape[2:])], w, start, stop, factor, observe)
         if acc is None:
             acc = total[: stop - start].zero_()
         if diagonal is not None:
             rows = torch.arange(start, stop)
             acc[rows - start, rows % in_per_group, kernel_size[0] // 2, kernel_size[1] // 2] += diagonal[start:stop]
-        if not torch.isfinite(acc.sum()):  # NaN/Inf anywhere propagates into the sum; no mask is built
-            _raise_non_finite(branches)
+        # NaN/Inf anywhere propagates into the sum; no mask is built
+        if check_finite and not torch.isfinite(acc.sum()):
+            raise_non_finite(branches)
         if post is not None:
             acc.mul_(post[start:stop].reshape(-1, 1, 1, 1))
         weight[start:stop] = acc
+        if observer is not None:
+            observer.fused(start, stop, weight[start:stop], acc)
     return FusedConv(
         weight=weight,
         bias=bias.to(dtype),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UnsupportedError
-from .fusion import BatchNorm, Branches, FusedConv, chunk_rows
+from .fusion import BatchNorm, Branches, ConvBranch, FusedConv, chunk_rows, raise_non_finite
 
 FLOAT64 = torch.float64
 
@@ -146,6 +146,14 @@ def _row_chunks(out: int, groups: int, in_per_group: int, row_numel: int):
         yield g0 * per_group, g1 * per_group, g0 * in_per_group, g1 * in_per_group, g1 - g0
 
 
+def _centre_window(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+    """The receptive field of the centre output pixel in a padded input ``x``."""
+    extent = (dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1)
+    size = [(int(x.shape[2 + d]) - extent[d]) // stride[d] + 1 for d in range(2)]
+    top, left = (size[0] // 2) * stride[0], (size[1] // 2) * stride[1]
+    return x[:, :, top : top + extent[0], left : left + extent[1]]
+
+
 def _conv64(x: Tensor, weight: Tensor, bias: Tensor | None, *, stride: tuple[int, int], padding: tuple[int, int],
             dilation: tuple[int, int], groups: int, padding_mode: str, rows: Rows, centre: bool) -> Tensor:
     """``conv2d`` in float64, on the output channels ``rows`` only and, with ``centre``, at the
@@ -161,10 +169,7 @@ def _conv64(x: Tensor, weight: Tensor, bias: Tensor | None, *, stride: tuple[int
         )
     x = _pad(x, padding, padding_mode)
     if centre:
-        extent = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
-        size = [(int(x.shape[2 + d]) - extent[d]) // stride[d] + 1 for d in range(2)]
-        top, left = (size[0] // 2) * stride[0], (size[1] // 2) * stride[1]
-        x = x[:, :, top : top + extent[0], left : left + extent[1]]
+        x = _centre_window(x, (kh, kw), stride, dilation)
     per_group = out // groups
     bias64 = _vector(bias, None)
     if rows is not None:
@@ -193,7 +198,19 @@ def _centre_of(x: Tensor) -> Tensor:
     return x[:, :, h : h + 1, w : w + 1]
 
 
-def reference_forward(branches: Branches, x: Tensor, *, channels: Rows = None, centre: bool = False) -> Tensor:
+def branch_geometry(branches: Branches, conv: ConvBranch) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(padding, dilation)`` a conv branch runs with: its own padding, or the block's padding
+    less the difference of kernel extents; a 1x1 kernel's dilation does not matter (1)."""
+    kernel, block_padding = branches.kernel_size, branches.resolved_padding
+    kh, kw = conv.kernel_size
+    padding = conv.padding
+    if padding is None:
+        padding = tuple(block_padding[d] - branches.dilation[d] * (kernel[d] - (kh, kw)[d]) // 2 for d in range(2))
+    return padding, conv.dilation if (kh, kw) != (1, 1) else (1, 1)
+
+
+def reference_forward(branches: Branches, x: Tensor, *, channels: Rows = None, centre: bool = False,
+                      conv_outputs: Sequence[Tensor] | None = None) -> Tensor:
     """The train-form block's eval output, branch by branch, in float64.
 
     Args:
@@ -202,6 +219,8 @@ def reference_forward(branches: Branches, x: Tensor, *, channels: Rows = None, c
         channels: compute these output channels only (``None``: all).
         centre: compute the centre output pixel only (a ``1x1`` map): every kernel tap of every
             output channel, at the cost of one matrix-vector product.
+        conv_outputs: with ``centre``, each conv branch's centre output (bias included, before its
+            BN) already computed, e.g. by :class:`CentreProbe`; the rest of the block is run here.
     Returns:
         ``sum(scale_b * BN_b(conv_b(x))) [+ scale_id * BN_id(x)]``, then the post-sum BN if any.
     """
@@ -209,18 +228,15 @@ def reference_forward(branches: Branches, x: Tensor, *, channels: Rows = None, c
     rows = None if channels is None else list(channels)
     groups = branches.resolved_groups
     total: Tensor | None = None
-    kernel = branches.kernel_size
-    block_padding = branches.resolved_padding
-    for conv in branches.convs:
-        kh, kw = conv.kernel_size
-        padding = conv.padding
-        if padding is None:
-            padding = tuple(
-                block_padding[d] - branches.dilation[d] * (kernel[d] - (kh, kw)[d]) // 2 for d in range(2)
-            )
-        y = _conv64(x, conv.weight, conv.bias, stride=branches.stride, padding=padding,
-                    dilation=conv.dilation if (kh, kw) != (1, 1) else (1, 1), groups=groups,
-                    padding_mode=branches.padding_mode, rows=rows, centre=centre)
+    if conv_outputs is not None and (len(conv_outputs) != len(branches.convs) or not centre or rows is not None):
+        raise ValueError("conv_outputs: one centre output per conv branch, all channels")
+    for index, conv in enumerate(branches.convs):
+        if conv_outputs is not None:
+            y = conv_outputs[index]
+        else:
+            padding, dilation = branch_geometry(branches, conv)
+            y = _conv64(x, conv.weight, conv.bias, stride=branches.stride, padding=padding, dilation=dilation,
+                        groups=groups, padding_mode=branches.padding_mode, rows=rows, centre=centre)
         if conv.bn is not None:
             y = _bn_eval(y, conv.bn, rows)
         if conv.scale is not None:
@@ -296,6 +312,97 @@ def fused_probe(fused: FusedConv, seed: int) -> Tensor:
     return fused_forward(fused, x, stride=(1, 1), centre=True)[:, :, 0, 0]
 
 
+class CentreProbe:
+    """A block check's centre-pixel products, computed while fusion has the rows in cache.
+
+    A :class:`~repvgg_cli.fusion.RowObserver` for :func:`~repvgg_cli.fusion.fuse_branches`:
+    each chunk of each conv branch's weight (upcast exactly, before any BN) and of the fused
+    weight (as shipped) is multiplied with the probe's centre receptive field as it goes by, so
+    the check does not read every weight twice more once the block is fused. The rest of the
+    reference (BN, scales, identity, post-sum BN) is :func:`reference_forward`'s, as without a
+    probe. It also takes over fusion's NaN/Inf check: every value shipped or read enters a product.
+    """
+
+    def __init__(self, name: str, branches: Branches, seed: int) -> None:
+        self.branches = branches
+        self.x = block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation,
+                             block_seed(seed, name), padding=branches.resolved_padding,
+                             padding_mode=branches.padding_mode)
+        out, groups = branches.out_channels, branches.resolved_groups
+        self._per_group = out // groups if groups >= 1 and out % groups == 0 else 0
+        batch = int(self.x.shape[0])
+        self._conv = [torch.zeros(batch, out, dtype=FLOAT64) for _ in branches.convs]
+        self._fused = torch.zeros(batch, out, dtype=FLOAT64)
+        self._taps: dict[int, Tensor] = {}  # per conv branch (index) and the fused conv (-1)
+        self._covered = [0] * (len(branches.convs) + 1)
+
+    def _taps_for(self, index: int, rows: Tensor) -> Tensor:
+        """The probe's centre receptive field for branch ``index`` (-1: the fused conv) as
+        ``(batch, groups, in_per_group * kh * kw)``, matching ``rows`` flattened."""
+        taps = self._taps.get(index)
+        if taps is not None:
+            return taps
+        b = self.branches
+        kernel = tuple(int(d) for d in rows.shape[2:])
+        if index < 0:
+            padding, dilation = b.resolved_padding, b.dilation
+        else:
+            padding, dilation = branch_geometry(b, b.convs[index])
+        groups, in_per_group = b.resolved_groups, int(rows.shape[1])
+        if not self._per_group or int(self.x.shape[1]) != in_per_group * groups:
+            raise UnsupportedError(
+                f"a conv weight {(b.out_channels, in_per_group, *kernel)} with groups={groups} does not take "
+                f"{int(self.x.shape[1])} input channels"
+            )
+        window = _centre_window(_pad(self.x, padding, b.padding_mode), kernel, (1, 1), dilation)
+        taps = window[:, :, :: dilation[0], :: dilation[1]].reshape(int(self.x.shape[0]), groups, -1)
+        self._taps[index] = taps
+        return taps
+
+    def _products(self, index: int, start: int, rows: Tensor) -> Tensor:
+        """``(batch, len(rows))``: each row times its group's receptive field."""
+        taps = self._taps_for(index, rows)
+        flat = rows.reshape(int(rows.shape[0]), -1)
+        first, last = start // self._per_group, (start + int(rows.shape[0]) - 1) // self._per_group
+        if first == last:
+            return taps[:, first] @ flat.T
+        group = torch.arange(start, start + int(rows.shape[0])) // self._per_group
+        return torch.einsum("nk,bnk->bn", flat, taps[:, group])
+
+    def source(self, index: int, start: int, stop: int, rows: Tensor) -> None:
+        self._conv[index][:, start:stop] = self._products(index, start, rows)
+        self._covered[index] += stop - start
+
+    def fused(self, start: int, stop: int, rows: Tensor, scratch: Tensor) -> None:
+        if rows.dtype != FLOAT64:
+            rows = scratch.copy_(rows)
+        self._fused[:, start:stop] = self._products(-1, start, rows)
+        self._covered[-1] += stop - start
+
+    def outputs(self, shipped: FusedConv) -> tuple[Tensor, Tensor]:
+        """``(reference, shipped output)`` at the centre pixel, ``(batch, C_out, 1, 1)`` each.
+
+        Raises:
+            InputError: a weight read or shipped holds NaN/Inf (see :func:`raise_non_finite`).
+        """
+        b = self.branches
+        if any(c != b.out_channels for c in self._covered):
+            raise RuntimeError(f"fusion showed {self._covered} rows of {b.out_channels} to the check's probe")
+        conv_outputs = []
+        for conv, y in zip(b.convs, self._conv):
+            bias = _vector(conv.bias, None)
+            conv_outputs.append((y if bias is None else y + bias)[:, :, None, None])
+        reference = reference_forward(replace(b, stride=(1, 1)), self.x, centre=True, conv_outputs=conv_outputs)
+        geometry = (shipped.kernel_size, shipped.padding, shipped.dilation, shipped.groups, shipped.padding_mode)
+        if geometry == (b.kernel_size, b.resolved_padding, b.dilation, b.resolved_groups, b.padding_mode):
+            output = (self._fused + _vector(shipped.bias, None))[:, :, None, None]
+        else:  # not the conv these products assumed: run it as shipped
+            output = fused_forward(shipped, self.x, stride=(1, 1), centre=True)
+        if not (torch.isfinite(reference).all() and torch.isfinite(output).all()):
+            raise_non_finite(b)
+        return reference, output
+
+
 GEOMETRY_CHANNELS = 8
 """Output channels checked at every output position (the rest at the centre pixel)."""
 
@@ -339,6 +446,7 @@ def check_block(
     shipped: FusedConv,
     seed: int,
     tolerance: Tolerance,
+    probe: CentreProbe | None = None,
 ) -> BlockCheck:
     """Compare the shipped fused conv against the train-form branches on a seeded input.
 
@@ -358,15 +466,21 @@ def check_block(
         shipped: the fused conv in the dtype that is written.
         seed: the run's seed.
         tolerance: rtol/atol; rtol None means by the shipped dtype.
+        probe: the :class:`CentreProbe` that watched ``shipped`` being fused (same name and
+            seed): its centre products are used instead of running the convs again.
     Returns:
         A :class:`BlockCheck` with the max abs error relative to the output scale.
     """
     stride1 = replace(branches, stride=(1, 1))
-    x = block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation, block_seed(seed, name),
-                    padding=branches.resolved_padding, padding_mode=branches.padding_mode)
+    if probe is not None:
+        x = probe.x
+        reference, output = probe.outputs(shipped)
+    else:
+        x = block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation,
+                        block_seed(seed, name), padding=branches.resolved_padding, padding_mode=branches.padding_mode)
+        reference = reference_forward(stride1, x, centre=True)
+        output = fused_forward(shipped, x, stride=(1, 1), centre=True)
     rows = geometry_channels(shipped.out_channels)
-    reference = reference_forward(stride1, x, centre=True)
-    output = fused_forward(shipped, x, stride=(1, 1), centre=True)
     border = fused_forward(shipped, x, stride=(1, 1), channels=rows)
     err, scale = compare(reference, output)
     border_err, border_scale = compare(reference_forward(stride1, x, channels=rows), border)

@@ -948,3 +948,101 @@ def test_the_check_catches_a_wrong_padding_mode_seen_only_at_the_border() -> Non
     centre_only = verify.compare(verify.reference_forward(branches, x, centre=True),
                                  verify.fused_forward(replace(fused, padding_mode="zeros"), x, centre=True))
     assert centre_only[0] <= 1e-5 * centre_only[1]
+
+
+# -- 5. the check's centre products taken during fusion (verify.CentreProbe) --------------------
+
+
+@property_settings(150)
+@given(spec=block_specs(), rows=st.integers(1, 5))
+def test_centre_probe_equals_the_centre_forwards_and_leaves_fusion_unchanged(spec: BlockSpec, rows: int) -> None:
+    """The probe's products, taken chunk by chunk while fusing (chunks within a group or across
+    groups), are the centre outputs of the train form and of the fused conv as shipped; watching
+    does not change a bit of the fused weight."""
+    block = build_block(spec)
+    dtype = spec.dtype if spec.dtype in (torch.float32, F64) else torch.float32
+    probe = verify.CentreProbe("blk", block.branches, spec.seed)
+    watched = fuse_branches(block.branches, dtype=dtype, rows_per_chunk=rows, observer=probe, check_finite=False)
+    plain = fuse_branches(block.branches, dtype=dtype, rows_per_chunk=rows)
+    assert identical(watched.weight, plain.weight) and identical(watched.bias, plain.bias)
+
+    reference, output = probe.outputs(watched)
+    stride1 = replace(block.branches, stride=(1, 1))
+    expected_reference = verify.reference_forward(stride1, probe.x, centre=True)
+    expected_output = verify.fused_forward(watched, probe.x, stride=(1, 1), centre=True)
+    assert reference.shape == output.shape == (1, spec.out_channels, 1, 1)
+    assert torch.allclose(reference, expected_reference, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(output, expected_output, rtol=1e-12, atol=1e-12)
+    # the probe's input is check_block's own: the same verdict and numbers
+    with_probe = verify.check_block("blk", block.branches, None, watched, spec.seed, verify.Tolerance(), probe)
+    without = verify.check_block("blk", block.branches, None, watched, spec.seed, verify.Tolerance())
+    assert with_probe.ok and without.ok
+    assert with_probe.scale == pytest.approx(without.scale, rel=1e-12)
+    assert with_probe.max_abs_err == pytest.approx(without.max_abs_err, rel=1e-6, abs=1e-12 * without.scale)
+
+
+def _probe_block(weight_value: float | None = None, var: float = 1.0) -> Branches:
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(8, 4, 3, 3, generator=gen, dtype=F64)
+    if weight_value is not None:
+        weight[3, 1, 2, 0] = weight_value
+    point = torch.randn(8, 4, 1, 1, generator=gen, dtype=F64)
+    bn = replace(_bn(8, torch.full((8,), var, dtype=F64)), eps=1e-5 if var >= 1e-5 else 0.0)
+    return Branches(convs=(ConvBranch(weight=weight, bn=bn), ConvBranch(weight=point, bn=_bn(8))), groups=2)
+
+
+def test_centre_probe_reference_is_independent_of_the_folding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fusion that folds BN wrongly is caught with the probe too: the probe only multiplies
+    the raw upcast weights, the BN is the reference's own ``batch_norm``."""
+    from repvgg_cli import fusion
+
+    branches = _probe_block()
+    honest = verify.CentreProbe("b", branches, 0)
+    fused = fuse_branches(branches, dtype=torch.float32, observer=honest, check_finite=False)
+    assert verify.check_block("b", branches, None, fused, 0, verify.Tolerance(), honest).ok
+
+    real = fusion.bn_scale_shift
+    monkeypatch.setattr(fusion, "bn_scale_shift", lambda *a, **k: tuple(t * 1.001 for t in real(*a, **k)))
+    probe = verify.CentreProbe("b", branches, 0)
+    wrong = fuse_branches(branches, dtype=torch.float32, observer=probe, check_finite=False)
+    caught = verify.check_block("b", branches, None, wrong, 0, verify.Tolerance(), probe)
+    assert not caught.ok and caught.rel_err > 1e-4
+
+
+def test_centre_probe_refuses_rows_fusion_did_not_show() -> None:
+    branches = _probe_block()
+    probe = verify.CentreProbe("b", branches, 0)
+    fused = fuse_branches(branches, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="rows of 8"):
+        probe.outputs(fused)  # nothing was shown
+    probe = verify.CentreProbe("b", branches, 0)
+    scratch = torch.empty(3, 4, 3, 3, dtype=F64)
+    probe.fused(0, 3, fused.weight[0:3], scratch)
+    for index, conv in enumerate(branches.convs):
+        probe.source(index, 0, 8, conv.weight.clone())
+    with pytest.raises(RuntimeError, match=r"\[8, 8, 3\] rows of 8"):
+        probe.outputs(fused)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_centre_probe_takes_over_the_nan_check(value: float) -> None:
+    """With ``check_finite=False`` fusion does not look; the probe's products see the value and
+    its outputs raise the error fusion would have raised, naming the branch."""
+    branches = _probe_block(value)
+    probe = verify.CentreProbe("b", branches, 0)
+    fused = fuse_branches(branches, dtype=torch.float32, observer=probe, check_finite=False)
+    with pytest.raises(InputError, match="branch 0 weight holds NaN or Inf"):
+        probe.outputs(fused)
+    with pytest.raises(InputError, match="branch 0 weight holds NaN or Inf"):
+        fuse_branches(branches, dtype=torch.float32)
+
+
+def test_centre_probe_reports_a_weight_that_overflows_the_shipped_dtype() -> None:
+    """Finite float64 weights whose fused value exceeds float32's range ship as Inf: an input
+    error (the BN scale is absurd), not a silent Inf in the deploy file."""
+    branches = _probe_block(1e30, var=1e-24)  # BN scale 1e12: 1e42 > float32 max
+    probe = verify.CentreProbe("b", branches, 0)
+    fused = fuse_branches(branches, dtype=torch.float32, observer=probe, check_finite=False)
+    assert not torch.isfinite(fused.weight).all()
+    with pytest.raises(InputError, match="overflows"):
+        probe.outputs(fused)
