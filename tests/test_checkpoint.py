@@ -871,3 +871,19 @@ def test_streamed_convert_gives_its_core_back(tmp_path: Path, monkeypatch) -> No
         assert seen == [2, 2] and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_safetensors_sources_are_memory_mapped_private_and_never_written(tmp_path: Path) -> None:
+    """safetensors' own reader already maps the file copy-on-write (no copy of the source is
+    held): the tensors are the file's pages, and writing to them leaves the file as it was."""
+    source = tmp_path / "train.safetensors"
+    save_file({k: v.clone() for k, v in load_checkpoint(TINY_TRAIN).state_dict.items()}, source)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    loaded = load_checkpoint(source)
+    maps = [line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(str(source.resolve()))]
+    assert maps and all(line.split()[1].endswith("p") for line in maps)  # mapped, and private
+    for t in loaded.state_dict.values():
+        if t.is_floating_point():
+            t.add_(1.0)
+    del loaded
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
