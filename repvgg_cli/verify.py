@@ -363,10 +363,12 @@ class CentreProbe:
         """``(batch, len(rows))``: each row times its group's receptive field."""
         taps = self._taps_for(index, rows)
         flat = rows.reshape(int(rows.shape[0]), -1)
-        first, last = start // self._per_group, (start + int(rows.shape[0]) - 1) // self._per_group
-        if first == last:
-            return taps[:, first] @ flat.T
-        group = torch.arange(start, start + int(rows.shape[0])) // self._per_group
+        n, per_group = int(rows.shape[0]), self._per_group
+        first, last = start // per_group, (start + n - 1) // per_group
+        if last - first < 4:  # a few groups: one matrix-vector product each
+            return torch.cat([taps[:, g] @ flat[max(g * per_group - start, 0) : (g + 1) * per_group - start].T
+                              for g in range(first, last + 1)], dim=1)
+        group = torch.arange(start, start + n) // per_group  # many small groups (depthwise)
         return torch.einsum("nk,bnk->bn", flat, taps[:, group])
 
     def source(self, index: int, start: int, stop: int, rows: Tensor) -> None:
