@@ -745,6 +745,7 @@ class SafetensorsStream:
         self._room = _round_up(table + max(0, reserve) + 64, 8)
         self.digests: dict[str, str] = {}
         self._queued: set[str] = set()
+        self._parts: dict[str, tuple[Any, int]] = {}  # key -> (sha256 so far, next byte) of put_rows
         self._failed: BaseException | None = None
         self._futures: list[Future] = []
         self._fd = os.open(self.path, os.O_RDWR)
@@ -761,23 +762,60 @@ class SafetensorsStream:
             A future that is done once the tensor's bytes are written and hashed: only then may
             the caller reuse its memory (its result raises what the write raised, e.g. disk full).
         """
-        if key not in self._layout or key in self._queued:
+        if key not in self._layout or key in self._queued or key in self._parts:
             raise RuntimeError(f"{key} is not in the layout, or was written twice")
         dtype, shape = self._layout[key]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise RuntimeError(f"{key} is {tensor.dtype} {tuple(tensor.shape)}; the layout says {dtype} {shape}")
         self._queued.add(key)
-        future = self._writer.submit(self._write, key, tensor_bytes(tensor))
+        future = self._writer.submit(self._write_rows, key, tensor_bytes(tensor), hashlib.sha256(), 0, True)
         self._futures.append(future)
         return future
 
-    def _write(self, key: str, data: memoryview) -> None:
-        if self._failed is not None:  # after a failed write (disk full...) the rest is not tried
+    def put_rows(self, key: str, rows: Tensor, start: int) -> Future:
+        """Queue the leading-dimension slice ``start:start + len(rows)`` of one tensor of the
+        layout: its slices in order, from the first, so each is written and hashed while the
+        caller computes the next (a large weight need not be finished before it is written).
+
+        Returns:
+            A future as :meth:`put`'s, for this slice's memory.
+        """
+        if key not in self._layout or key in self._queued:
+            raise RuntimeError(f"{key} is not in the layout, or was written twice")
+        dtype, shape = self._layout[key]
+        if (rows.dtype != dtype or not shape or tuple(rows.shape[1:]) != shape[1:]
+                or start < 0 or start + int(rows.shape[0]) > shape[0]):
+            raise RuntimeError(f"rows {start}:{start + int(rows.shape[0])} of {key} are {rows.dtype} "
+                               f"{tuple(rows.shape)}; the layout says {dtype} {shape}")
+        data = tensor_bytes(rows)
+        row_bytes = len(data) // max(1, int(rows.shape[0])) if len(data) else 0
+        digest, expected = self._parts.get(key, (None, 0))
+        if start * row_bytes != expected and len(data):
+            raise RuntimeError(f"rows of {key} must come in order: byte {start * row_bytes}, expected {expected}")
+        if digest is None:
+            digest = hashlib.sha256()
+        end = expected + len(data)
+        self._parts[key] = (digest, end)
+        last = start + int(rows.shape[0]) == shape[0]
+        if last:
+            self._queued.add(key)
+            del self._parts[key]
+        future = self._writer.submit(self._write_rows, key, data, digest, expected, last)
+        self._futures.append(future)
+        return future
+
+    def _write_rows(self, key: str, data: memoryview, digest: Any, offset: int, last: bool) -> None:
+        """Writer thread: ``data`` at ``offset`` into ``key``'s bytes, hashed on the hasher thread
+        meanwhile (hashlib and pwrite both release the GIL); after a failed write (disk full...)
+        the rest is not tried."""
+        if self._failed is not None:
             raise self._failed
         try:
-            digest = self._hasher.submit(_sha256_hex, data)  # hashlib and pwrite both release the GIL
-            _pwrite_all(self._fd, data, 8 + self._room + self._entries[key]["data_offsets"][0])
-            self.digests[key] = digest.result()
+            hashed = self._hasher.submit(digest.update, data)  # the hasher runs one task at a time, in order
+            _pwrite_all(self._fd, data, 8 + self._room + self._entries[key]["data_offsets"][0] + offset)
+            hashed.result()
+            if last:
+                self.digests[key] = digest.hexdigest()
         except BaseException as error:
             self._failed = error
             raise
@@ -824,10 +862,6 @@ class SafetensorsStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _sha256_hex(data: memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -140,8 +140,22 @@ def _in_block(message: str, block: str) -> str:
     return message if message.startswith("block ") else f"block {block or '<root>'}: {message}"
 
 
+class _Forward:
+    """The check's probe, then whoever else wants the fused rows as they are written."""
+
+    def __init__(self, probe: CentreProbe, on_rows: Callable[[int, int, Tensor], None]) -> None:
+        self.probe, self.on_rows = probe, on_rows
+
+    def source(self, index: int, start: int, stop: int, rows: Tensor) -> None:
+        self.probe.source(index, start, stop, rows)
+
+    def fused(self, start: int, stop: int, rows: Tensor, scratch: Tensor) -> None:
+        self.probe.fused(start, stop, rows, scratch)
+        self.on_rows(start, stop, rows)
+
+
 def fuse_block(block: Block, options: ConvertOptions, state: Mapping[str, Tensor] | None = None,
-               out: Tensor | None = None) -> BlockResult:
+               out: Tensor | None = None, on_rows: Callable[[int, int, Tensor], None] | None = None) -> BlockResult:
     """Fuse one block, cast to its source dtype and check it against its train form.
 
     Args:
@@ -149,6 +163,8 @@ def fuse_block(block: Block, options: ConvertOptions, state: Mapping[str, Tensor
         options: tolerance and seed.
         state: the source state dict (key tree), to count parameters exactly.
         out: where to write a float32/float64 fused weight (see :func:`fuse_branches`).
+        on_rows: called with ``(start, stop, rows)`` as each chunk of a float32/float64 fused
+            weight is written (e.g. to stream it), before the block is checked.
     Returns:
         A :class:`BlockResult`.
     """
@@ -159,7 +175,8 @@ def fuse_block(block: Block, options: ConvertOptions, state: Mapping[str, Tensor
             # float64 arithmetic a chunk of rows at a time, written straight into the shipped
             # dtype; the check's centre products are taken from the same chunks while in cache
             probe = CentreProbe(block.name, block.branches, options.seed)
-            shipped = fuse_branches(block.branches, dtype=block.dtype, out=out, observer=probe, check_finite=False)
+            observer = probe if on_rows is None else _Forward(probe, on_rows)
+            shipped = fuse_branches(block.branches, dtype=block.dtype, out=out, observer=observer, check_finite=False)
         else:  # float16/bfloat16: keep the float64 result to report the error the cast adds
             fused64 = fuse_branches(block.branches)
             shipped = fused64.to(block.dtype)
@@ -199,6 +216,9 @@ class TensorSink(Protocol):
     def put(self, key: str, tensor: Tensor) -> Future | None:
         """Take one tensor; its memory may be reused once the returned future is done (None: at once)."""
 
+    def put_rows(self, key: str, rows: Tensor, start: int) -> Future | None:
+        """Take rows ``start:start + len(rows)`` of one tensor, the rows of each tensor in order."""
+
 
 OpenSink = Callable[["OrderedDict[str, tuple[torch.dtype, tuple[int, ...]]]", int], TensorSink]
 """``(layout, metadata_reserve) -> sink``: called once the deploy layout is known, before any
@@ -213,11 +233,22 @@ def planned_weight_shape(block: Block) -> tuple[int, int, int, int]:
         raise type(error)(_in_block(error.message, block.name), error.hint) from None
 
 
-def planned_deploy_state(block: Block, shape: tuple[int, int, int, int]) -> dict[str, Tensor]:
-    """The block's deploy keys with data-free tensors of the shape and dtype they will have."""
+def _planned(block: Block, shape: tuple[int, int, int, int]) -> tuple[FusedConv, dict[str, Tensor]]:
     planned = FusedConv(weight=torch.empty(shape, dtype=block.dtype, device="meta"),
                         bias=torch.empty(shape[0], dtype=block.dtype, device="meta"))
-    return block.deploy_state(planned)
+    return planned, block.deploy_state(planned)
+
+
+def planned_deploy_state(block: Block, shape: tuple[int, int, int, int]) -> dict[str, Tensor]:
+    """The block's deploy keys with data-free tensors of the shape and dtype they will have."""
+    return _planned(block, shape)[1]
+
+
+def weight_key(block: Block, shape: tuple[int, int, int, int]) -> str | None:
+    """The deploy key that holds the fused weight itself (not reshaped or split by the family),
+    so its rows can be streamed as they are fused; None if there is none."""
+    planned, state = _planned(block, shape)
+    return next((key for key, tensor in state.items() if tensor is planned.weight), None)
 
 
 def metadata_reserve(blocks: list[Block], keys: list[str], dropped: list[str]) -> int:
@@ -310,6 +341,7 @@ def convert_state_dict(
     shapes: dict[str, tuple[int, int, int, int]] = {}
     buffers: dict[torch.dtype, list[Tensor]] = {}  # two per dtype: one is fused into, one written out
     in_flight: dict[int, list[Future]] = {}
+    weight_keys: dict[str, str | None] = {}
     if open_sink is not None:
         shapes = {b.name: planned_weight_shape(b) for b in blocks}
         by_first_key = {b.source_keys[0]: b for b in blocks if b.source_keys}
@@ -327,6 +359,7 @@ def convert_state_dict(
             if block.dtype in (torch.float32, torch.float64):
                 largest[block.dtype] = max(math.prod(shapes[block.name]), largest.get(block.dtype, 0))
         buffers = {dtype: [torch.empty(numel, dtype=dtype) for _ in range(2)] for dtype, numel in largest.items()}
+        weight_keys = {b.name: weight_key(b, shapes[b.name]) for b in blocks}
 
     def fuse(block: Block) -> BlockResult:
         out = slot = None
@@ -338,9 +371,16 @@ def convert_state_dict(
                 future.result()
             shape = shapes[block.name]
             out = slot[: math.prod(shape)].view(shape)
-        result = fuse_block(block, options, state, out=out)
+        futures: list[Future | None] = []
+        streamed = weight_keys.get(block.name) if slot is not None else None
+        on_rows = None
+        if sink is not None and streamed is not None:
+            def on_rows(start: int, stop: int, rows: Tensor) -> None:  # written while the rest is fused
+                futures.append(sink.put_rows(streamed, rows, start))
+        result = fuse_block(block, options, state, out=out, on_rows=on_rows)
         if sink is not None:
-            futures = [sink.put(key, tensor) for key, tensor in block.deploy_state(result.fused).items()]
+            futures += [sink.put(key, tensor) for key, tensor in block.deploy_state(result.fused).items()
+                        if key != streamed]
             if slot is not None:
                 in_flight[id(slot)] = [f for f in futures if f is not None]
             light = replace(result.fused, weight=as_meta(result.fused.weight), bias=as_meta(result.fused.bias))
@@ -350,10 +390,10 @@ def convert_state_dict(
                 state.pop(key, None)  # type: ignore[attr-defined]
         return result
 
-    results = _fuse_all(blocks, fuse, progress)
-    if sink is not None:
+    if sink is not None:  # first: the writer has them to do while the first block is fused
         for key in passthrough_keys:
             sink.put(key, state[key])
+    results = _fuse_all(blocks, fuse, progress)
     first_key = {r.block.source_keys[0]: r for r in results if r.block.source_keys}
     deploy: OrderedDict[str, Tensor] = OrderedDict()
     passthrough = 0

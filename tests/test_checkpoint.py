@@ -796,11 +796,32 @@ def test_a_failed_streamed_write_stops_the_rest_and_is_raised(tmp_path: Path, mo
     assert len(calls) == 2 and len(futures) == len(state) > 2
 
 
-def test_streamed_convert_writes_what_the_in_memory_path_writes(tmp_path: Path) -> None:
-    """`convert` into safetensors streams block by block through two reused buffers; the
-    tensors and metadata are those of converting in memory and saving the state dict."""
+@pytest.mark.parametrize("rows_per_chunk", [None, 3], ids=["default-chunks", "3-row-chunks"])
+def test_streamed_convert_writes_what_the_in_memory_path_writes(tmp_path: Path, monkeypatch,
+                                                                rows_per_chunk: int | None) -> None:
+    """`convert` into safetensors streams block by block through two reused buffers, each fused
+    weight chunk by chunk as it is written; the tensors and metadata are those of converting in
+    memory and saving the state dict."""
+    from repvgg_cli import fusion
+
+    if rows_per_chunk is not None:
+        monkeypatch.setattr(fusion, "chunk_rows", lambda row_numel: rows_per_chunk)
+    parts: dict[str, list[int]] = {}
+    real_put_rows = checkpoint.SafetensorsStream.put_rows
+
+    def spy(self, key, rows, start):
+        parts.setdefault(key, []).append(start)
+        return real_put_rows(self, key, rows, start)
+
+    monkeypatch.setattr(checkpoint.SafetensorsStream, "put_rows", spy)
     streamed = tmp_path / "streamed.safetensors"
     outcome = convert_file(TINY_TRAIN, streamed)
+    weights = {k for r in outcome.result.blocks for k, t in r.block.deploy_state(r.fused).items() if t.dim() == 4}
+    assert set(parts) == weights  # every fused weight went out in row chunks
+    for key, starts in parts.items():
+        out = outcome.result.state_dict[key].shape[0]
+        step = rows_per_chunk or out
+        assert starts == list(range(0, out, step)), key
     assert outcome.written and outcome.result.ok
     assert all(t.device.type == "meta" for t in outcome.result.state_dict.values())
     loaded = load_checkpoint(TINY_TRAIN)
@@ -887,3 +908,33 @@ def test_safetensors_sources_are_memory_mapped_private_and_never_written(tmp_pat
             t.add_(1.0)
     del loaded
     assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
+
+
+def test_streamed_rows_write_and_hash_what_a_whole_put_does(tmp_path: Path) -> None:
+    """A tensor put as slices of its rows, in order, gives the same bytes and sha256 as one put;
+    slices out of order, with a gap, of the wrong shape, or mixed with a whole put are refused."""
+    state = OrderedDict([("w", torch.randn(7, 3, 2, 2)), ("b", torch.randn(7)), ("e", torch.zeros(0, 4))])
+    whole, rows = tmp_path / "whole.safetensors", tmp_path / "rows.safetensors"
+    expected = _stream(whole, state, list(state), {"format": "pt"}, 256)
+    rows.touch()
+    with checkpoint.SafetensorsStream(rows, _layout(state), 256) as stream:
+        with pytest.raises(RuntimeError, match="must come in order"):
+            stream.put_rows("w", state["w"][2:4], 2)
+        for start, stop in [(0, 2), (2, 3), (3, 7)]:
+            stream.put_rows("w", state["w"][start:stop], start)
+        with pytest.raises(RuntimeError, match="written twice"):
+            stream.put_rows("w", state["w"][0:1], 0)
+        stream.put_rows("b", state["b"][:5], 0)
+        with pytest.raises(RuntimeError, match="must come in order"):
+            stream.put_rows("b", state["b"][6:], 6)
+        with pytest.raises(RuntimeError, match="written twice"):
+            stream.put("b", state["b"])
+        with pytest.raises(RuntimeError, match="the layout says"):
+            stream.put_rows("e", torch.zeros(1, 3), 0)
+        with pytest.raises(RuntimeError, match="were not written, e.g. b"):
+            stream.finish({"format": "pt"})
+        stream.put_rows("b", state["b"][5:], 5)
+        stream.put_rows("e", state["e"], 0)
+        assert stream.wait() == expected
+        stream.finish({"format": "pt"})
+    assert rows.read_bytes() == whole.read_bytes()
