@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 not equivalent, 2 bad input or usage, 3 unsupported structur
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -13,7 +14,7 @@ import sys
 import traceback
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -432,9 +433,44 @@ def families(
         _stdout().print(families_table())
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="repvgg")
+def main() -> NoReturn:
+    """Console-script entry point: run the command, then end the process.
+
+    Once the command is done (files written, closed and renamed, worker processes joined), the
+    atexit handlers run and stdout/stderr are flushed, the process ends with ``os._exit``: what
+    that skips is the interpreter freeing every module of torch and running libtorch's static
+    destructors, which took about 0.7 s per process on the benchmark machine and does nothing a
+    finished command needs. An exception other than an exit (a bug) propagates as usual.
+    Embedding code should call :data:`app` instead (this never returns).
+    """
+    try:
+        app(prog_name="repvgg")
+        code = 0
+    except SystemExit as stop:
+        code = _exit_status(stop.code)
+    end_process(code)
+
+
+def _exit_status(value: object) -> int:
+    """The status ``sys.exit(value)`` would give: None 0, an int itself, anything else printed, 1."""
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value
+    print(value, file=sys.stderr)
+    return 1
+
+
+def end_process(code: int) -> NoReturn:
+    """Run the atexit handlers, flush stdout/stderr and ``os._exit(code)`` (see :func:`main`);
+    a flush that fails (a closed pipe) makes a 0 status 120, as Python's own exit does."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 120
+    os._exit(code)
 
 
 from . import cli_tools  # noqa: E402,F401 - registers the bench and export commands

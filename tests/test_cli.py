@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -608,3 +610,49 @@ def test_fsync_flushes_the_output_before_the_rename_only_when_asked(tmp_path, mo
     assert len(synced) == 2 and synced[1] == f"rename {durable}"
     assert synced[0].startswith(str(tmp_path / f".{durable.name}.")) and synced[0].endswith(".tmp")
     assert load_file(str(durable)) if suffix == ".safetensors" else torch.load(durable, weights_only=True)
+
+
+# -- the real process: main() ends it with os._exit once the command is done ---------------------
+
+
+def _run_main(tmp_path: Path, *args: object, code: str = "") -> subprocess.CompletedProcess[str]:
+    """``repvgg ARGS`` through ``repvgg_cli.cli.main`` in a fresh interpreter, ``code`` run first."""
+    script = (f"import sys\n{code}\nfrom repvgg_cli.cli import main\n"
+              f"sys.argv = ['repvgg', *{[str(a) for a in args]!r}]\nmain()\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as usual
+    return subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**env, "COLUMNS": "200"})
+
+
+def test_the_process_ends_with_the_commands_status_output_and_files(tmp_path: Path) -> None:
+    """Ending with os._exit loses nothing: the exit status, every line of stdout and stderr (not
+    a terminal, so block-buffered), the written file, and the atexit handlers (they run first)."""
+    marker = tmp_path / "atexit-ran"
+    handler = f"import atexit, pathlib\natexit.register(pathlib.Path({str(marker)!r}).touch)"
+    out = tmp_path / "deploy.safetensors"
+    done = _run_main(tmp_path, "convert", SAMPLES / "repvgg_tiny_train.pt", out, "--json", code=handler)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)  # the whole document arrived
+    assert report["ok"] is True and out.is_file() and marker.exists()
+    with safe_open(str(out), framework="pt") as handle:  # the file is whole: header, metadata, digest
+        metadata = json.loads(handle.metadata()[METADATA_KEY])
+    assert metadata["source"]["sha256"] == hashlib.sha256((SAMPLES / "repvgg_tiny_train.pt").read_bytes()).hexdigest()
+
+    marker.unlink()
+    said = "import atexit, sys\natexit.register(sys.stdout.write, 'said at exit')"  # buffered: needs the flush
+    failed = _run_main(tmp_path, "convert", tmp_path / "missing.pt", tmp_path / "x.safetensors",
+                       code=f"{handler}\n{said}")
+    assert failed.returncode == 2 and failed.stderr.startswith("Error: ") and marker.exists()
+    assert failed.stdout.endswith("said at exit")
+    assert not (tmp_path / "x.safetensors").exists()
+    usage = _run_main(tmp_path, "convert")
+    assert usage.returncode == 2 and "Missing argument" in usage.stderr
+    version = _run_main(tmp_path, "--version")
+    assert version.returncode == 0 and __version__ in version.stdout
+
+
+def test_exit_statuses_follow_sys_exit() -> None:
+    from repvgg_cli.cli import _exit_status
+
+    assert _exit_status(None) == 0 and _exit_status(3) == 3
+    assert _exit_status("a message") == 1
