@@ -140,8 +140,8 @@ def _in_block(message: str, block: str) -> str:
     return message if message.startswith("block ") else f"block {block or '<root>'}: {message}"
 
 
-class _Forward:
-    """The check's probe, then whoever else wants the fused rows as they are written."""
+class _ProbeThenStream:
+    """Shows fusion's chunks to the check's probe, then hands each fused chunk on (to be written)."""
 
     def __init__(self, probe: CentreProbe, on_rows: Callable[[int, int, Tensor], None]) -> None:
         self.probe, self.on_rows = probe, on_rows
@@ -175,7 +175,7 @@ def fuse_block(block: Block, options: ConvertOptions, state: Mapping[str, Tensor
             # float64 arithmetic a chunk of rows at a time, written straight into the shipped
             # dtype; the check's centre products are taken from the same chunks while in cache
             probe = CentreProbe(block.name, block.branches, options.seed)
-            observer = probe if on_rows is None else _Forward(probe, on_rows)
+            observer = probe if on_rows is None else _ProbeThenStream(probe, on_rows)
             shipped = fuse_branches(block.branches, dtype=block.dtype, out=out, observer=observer, check_finite=False)
         else:  # float16/bfloat16: keep the float64 result to report the error the cast adds
             fused64 = fuse_branches(block.branches)

@@ -2,7 +2,9 @@
 
 The reference is computed independently of :mod:`repvgg_cli.fusion`: every train-form branch
 is run as the ops it stands for (``conv2d`` then eval-mode ``batch_norm``), in float64, and
-summed. The fused conv is run with the tensors actually shipped (cast to the source dtype).
+summed. (During a conversion, :class:`CentreProbe` takes each branch's centre products from the
+weight rows fusion has just upcast, before it folds anything into them; BN, scales and identity
+are still this module's.) The fused conv is run with the tensors actually shipped (cast to the source dtype).
 This module returns numbers; callers decide pass/fail from :attr:`BlockCheck.ok`.
 """
 
@@ -297,12 +299,16 @@ def block_probe(in_channels: int, kernel_size: tuple[int, int], dilation: tuple[
     return torch.randn(batch, in_channels, h, w, generator=generator, dtype=FLOAT64)
 
 
+def branches_probe(branches: Branches, seed: int) -> Tensor:
+    """:func:`block_probe` for a train-form block (its input channels, kernel and padding)."""
+    return block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation, seed,
+                       padding=branches.resolved_padding, padding_mode=branches.padding_mode)
+
+
 def reference_probe(branches: Branches, seed: int) -> Tensor:
     """The train-form output at the centre pixel for the block's seeded probe: ``(batch, C_out)``."""
     stride1 = replace(branches, stride=(1, 1))
-    x = block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation, seed,
-                    padding=branches.resolved_padding, padding_mode=branches.padding_mode)
-    return reference_forward(stride1, x, centre=True)[:, :, 0, 0]
+    return reference_forward(stride1, branches_probe(branches, seed), centre=True)[:, :, 0, 0]
 
 
 def fused_probe(fused: FusedConv, seed: int) -> Tensor:
@@ -325,9 +331,7 @@ class CentreProbe:
 
     def __init__(self, name: str, branches: Branches, seed: int) -> None:
         self.branches = branches
-        self.x = block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation,
-                             block_seed(seed, name), padding=branches.resolved_padding,
-                             padding_mode=branches.padding_mode)
+        self.x = branches_probe(branches, block_seed(seed, name))
         out, groups = branches.out_channels, branches.resolved_groups
         self._per_group = out // groups if groups >= 1 and out % groups == 0 else 0
         batch = int(self.x.shape[0])
@@ -478,8 +482,7 @@ def check_block(
         x = probe.x
         reference, output = probe.outputs(shipped)
     else:
-        x = block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation,
-                        block_seed(seed, name), padding=branches.resolved_padding, padding_mode=branches.padding_mode)
+        x = branches_probe(branches, block_seed(seed, name))
         reference = reference_forward(stride1, x, centre=True)
         output = fused_forward(shipped, x, stride=(1, 1), centre=True)
     rows = geometry_channels(shipped.out_channels)
