@@ -233,22 +233,14 @@ def planned_weight_shape(block: Block) -> tuple[int, int, int, int]:
         raise type(error)(_in_block(error.message, block.name), error.hint) from None
 
 
-def _planned(block: Block, shape: tuple[int, int, int, int]) -> tuple[FusedConv, dict[str, Tensor]]:
+def planned_deploy_state(block: Block, shape: tuple[int, int, int, int]) -> tuple[dict[str, Tensor], str | None]:
+    """The block's deploy keys with data-free tensors of the shape and dtype they will have, and
+    the key that holds the fused weight itself (not reshaped or split by the family), whose rows
+    can be streamed as they are fused (None if no key does)."""
     planned = FusedConv(weight=torch.empty(shape, dtype=block.dtype, device="meta"),
                         bias=torch.empty(shape[0], dtype=block.dtype, device="meta"))
-    return planned, block.deploy_state(planned)
-
-
-def planned_deploy_state(block: Block, shape: tuple[int, int, int, int]) -> dict[str, Tensor]:
-    """The block's deploy keys with data-free tensors of the shape and dtype they will have."""
-    return _planned(block, shape)[1]
-
-
-def weight_key(block: Block, shape: tuple[int, int, int, int]) -> str | None:
-    """The deploy key that holds the fused weight itself (not reshaped or split by the family),
-    so its rows can be streamed as they are fused; None if there is none."""
-    planned, state = _planned(block, shape)
-    return next((key for key, tensor in state.items() if tensor is planned.weight), None)
+    state = block.deploy_state(planned)
+    return state, next((key for key, tensor in state.items() if tensor is planned.weight), None)
 
 
 def metadata_reserve(blocks: list[Block], keys: list[str], dropped: list[str]) -> int:
@@ -336,6 +328,7 @@ def convert_state_dict(
                 )
     unrecognised = tuple(unrecognised_blocks(state, consumed | dropped_set))
     passthrough_keys = [k for k in keys if k not in consumed and k not in dropped_set]
+    passthrough_set = set(passthrough_keys)
 
     sink: TensorSink | None = None
     shapes: dict[str, tuple[int, int, int, int]] = {}
@@ -349,9 +342,9 @@ def convert_state_dict(
         for key in keys:
             if key in by_first_key:
                 block = by_first_key[key]
-                layout.update((k, (t.dtype, tuple(t.shape)))
-                              for k, t in planned_deploy_state(block, shapes[block.name]).items())
-            elif key in passthrough_keys:
+                planned, weight_keys[block.name] = planned_deploy_state(block, shapes[block.name])
+                layout.update((k, (t.dtype, tuple(t.shape))) for k, t in planned.items())
+            elif key in passthrough_set:
                 layout[key] = (state[key].dtype, tuple(state[key].shape))
         sink = open_sink(layout, metadata_reserve(blocks, list(layout), dropped))
         largest: dict[torch.dtype, int] = {}
@@ -359,7 +352,6 @@ def convert_state_dict(
             if block.dtype in (torch.float32, torch.float64):
                 largest[block.dtype] = max(math.prod(shapes[block.name]), largest.get(block.dtype, 0))
         buffers = {dtype: [torch.empty(numel, dtype=dtype) for _ in range(2)] for dtype, numel in largest.items()}
-        weight_keys = {b.name: weight_key(b, shapes[b.name]) for b in blocks}
 
     def fuse(block: Block) -> BlockResult:
         out = slot = None
@@ -400,7 +392,7 @@ def convert_state_dict(
     for key in keys:
         if key in first_key:
             deploy.update(first_key[key].block.deploy_state(first_key[key].fused))
-        elif key in passthrough_keys:
+        elif key in passthrough_set:
             deploy[key] = state[key] if sink is None else as_meta(state[key])
             passthrough += 1
     return ConversionResult(
