@@ -4,16 +4,14 @@ A RepVGG-style block is a sum of parallel branches (k×k conv+BN, smaller convs+
 identity, optionally scaled), maybe followed by a BatchNorm. Because every branch is linear
 in eval mode, the sum equals one k×k convolution with bias. This module computes that conv.
 
-Tensors in, tensors out: no ``nn.Module`` walking, no IO. Everything is computed in float64;
-the caller casts the result to the dtype it ships (see :meth:`FusedConv.to`).
+Tensors in, tensors out: no ``nn.Module`` walking, no IO. Everything is computed in float64,
+a few output channels at a time, and rounded once into the dtype asked for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import partial
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -410,15 +408,24 @@ class RowObserver(Protocol):
         ``scratch`` is float64 work space of the same shape the observer may overwrite."""
 
 
-def _rows64(buffer: Tensor, weight: Tensor, start: int, stop: int, factor: Tensor | None,
-            observe: Callable[[Tensor], None] | None = None) -> Tensor:
-    """Rows ``start:stop`` of ``weight`` upcast into ``buffer`` (reused from chunk to chunk: a new
-    allocation per chunk would cost more in page faults than the arithmetic), shown to
-    ``observe``, then times ``factor``."""
-    rows = buffer[: stop - start].copy_(weight[start:stop])
-    if observe is not None:
-        observe(rows)
-    return rows if factor is None else rows.mul_(factor[start:stop].reshape(-1, 1, 1, 1))
+class _Term(NamedTuple):
+    """One conv branch in the sum: ``weight * factor`` (per output channel) placed at ``window``
+    of the fused kernel."""
+
+    index: int
+    weight: Tensor
+    factor: Tensor | None
+    window: tuple[slice, slice]
+
+
+def _rows64(buffer: Tensor, term: _Term, start: int, stop: int, observer: RowObserver | None) -> Tensor:
+    """Rows ``start:stop`` of the term's weight upcast into ``buffer`` (reused from chunk to chunk:
+    a new allocation per chunk would cost more in page faults than the arithmetic), shown to the
+    observer, then times the factor."""
+    rows = buffer[: stop - start].copy_(term.weight[start:stop])
+    if observer is not None:
+        observer.source(term.index, start, stop, rows)
+    return rows if term.factor is None else rows.mul_(term.factor[start:stop].reshape(-1, 1, 1, 1))
 
 
 def fused_weight_shape(branches: Branches) -> tuple[int, int, int, int]:
@@ -467,7 +474,7 @@ def fuse_branches(branches: Branches, dtype: torch.dtype = FLOAT64, rows_per_chu
 
     # Per output channel, each branch is ``weight * factor`` plus a bias: BN and scale fold into
     # float64 vectors first; the weights are touched once, chunk by chunk, below.
-    terms: list[tuple[int, Tensor, Tensor | None, tuple[slice, slice]]] = []
+    terms: list[_Term] = []
     bias = torch.zeros(out, dtype=FLOAT64)
     for index, conv in enumerate(branches.convs):
         what = f"branch {index}"
@@ -483,10 +490,12 @@ def fuse_branches(branches: Branches, dtype: torch.dtype = FLOAT64, rows_per_chu
         if s is not None:
             factor = s if factor is None else factor * s
             b = b * s
-        terms.append((index, w, factor, _centred_slice(kernel_size, conv.kernel_size)))
+        terms.append(_Term(index, w, factor, _centred_slice(kernel_size, conv.kernel_size)))
         bias += b
     # The first full-size branch starts the sum (no zero-filled accumulator to add it to).
-    terms.sort(key=lambda term: tuple(term[1].shape[2:]) != kernel_size)
+    terms.sort(key=lambda term: tuple(term.weight.shape[2:]) != kernel_size)
+    first = terms[0] if terms and tuple(terms[0].weight.shape[2:]) == kernel_size else None
+    rest = terms[1:] if first is not None else terms
 
     diagonal: Tensor | None = None
     if branches.identity is not None:
@@ -531,20 +540,14 @@ def fuse_branches(branches: Branches, dtype: torch.dtype = FLOAT64, rows_per_chu
     # float64 work space, reused from chunk to chunk: the sum, and one buffer per branch shape
     total = torch.empty(step, in_per_group, *kernel_size, dtype=FLOAT64)
     parts = {shape: torch.empty(step, in_per_group, *shape, dtype=FLOAT64)
-             for shape in {tuple(w.shape[2:]) for _, w, _, _ in terms}}
+             for shape in {tuple(term.weight.shape[2:]) for term in rest}}
     for start in range(0, out, step):
         stop = min(out, start + step)
-        acc: Tensor | None = None
-        for index, w, factor, (rows_h, rows_w) in terms:
-            observe = None if observer is None else partial(observer.source, index, start, stop)
-            if acc is None and tuple(w.shape[2:]) == kernel_size:
-                acc = _rows64(total, w, start, stop, factor, observe)
-                continue
-            if acc is None:
-                acc = total[: stop - start].zero_()
-            acc[:, :, rows_h, rows_w] += _rows64(parts[tuple(w.shape[2:])], w, start, stop, factor, observe)
-        if acc is None:
-            acc = total[: stop - start].zero_()
+
+        acc = total[: stop - start].zero_() if first is None else _rows64(total, first, start, stop, observer)
+        for term in rest:
+            rows_h, rows_w = term.window
+            acc[:, :, rows_h, rows_w] += _rows64(parts[tuple(term.weight.shape[2:])], term, start, stop, observer)
         if diagonal is not None:
             rows = torch.arange(start, stop)
             acc[rows - start, rows % in_per_group, kernel_size[0] // 2, kernel_size[1] // 2] += diagonal[start:stop]
