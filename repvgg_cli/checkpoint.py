@@ -745,7 +745,7 @@ class SafetensorsStream:
         self._room = _round_up(table + max(0, reserve) + 64, 8)
         self.digests: dict[str, str] = {}
         self._queued: set[str] = set()
-        self._parts: dict[str, tuple[Any, int]] = {}  # key -> (sha256 so far, next byte) of put_rows
+        self._partial: dict[str, tuple[Any, int]] = {}  # put in rows: key -> (sha256 so far, next row)
         self._failed: BaseException | None = None
         self._futures: list[Future] = []
         self._fd = os.open(self.path, os.O_RDWR)
@@ -762,15 +762,10 @@ class SafetensorsStream:
             A future that is done once the tensor's bytes are written and hashed: only then may
             the caller reuse its memory (its result raises what the write raised, e.g. disk full).
         """
-        if key not in self._layout or key in self._queued or key in self._parts:
-            raise RuntimeError(f"{key} is not in the layout, or was written twice")
-        dtype, shape = self._layout[key]
+        dtype, shape = self._expect(key, None)
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise RuntimeError(f"{key} is {tensor.dtype} {tuple(tensor.shape)}; the layout says {dtype} {shape}")
-        self._queued.add(key)
-        future = self._writer.submit(self._write_rows, key, tensor_bytes(tensor), hashlib.sha256(), 0, True)
-        self._futures.append(future)
-        return future
+        return self._queue(key, tensor_bytes(tensor), hashlib.sha256(), 0, True)
 
     def put_rows(self, key: str, rows: Tensor, start: int) -> Future:
         """Queue the leading-dimension slice ``start:start + len(rows)`` of one tensor of the
@@ -780,27 +775,31 @@ class SafetensorsStream:
         Returns:
             A future as :meth:`put`'s, for this slice's memory.
         """
-        if key not in self._layout or key in self._queued:
+        dtype, shape = self._expect(key, start)
+        stop = start + int(rows.shape[0]) if rows.dim() else -1
+        if rows.dtype != dtype or not shape or tuple(rows.shape[1:]) != shape[1:] or stop > shape[0]:
+            raise RuntimeError(f"rows {start}:{stop} of {key} are {rows.dtype} {tuple(rows.shape)}; "
+                               f"the layout says {dtype} {shape}")
+        digest = self._partial.pop(key, (hashlib.sha256(), 0))[0]
+        last = stop == shape[0]
+        if not last:
+            self._partial[key] = (digest, stop)
+        offset = start * math.prod(shape[1:]) * rows.element_size()
+        return self._queue(key, tensor_bytes(rows), digest, offset, last)
+
+    def _expect(self, key: str, start: int | None) -> tuple[torch.dtype, tuple[int, ...]]:
+        """The layout of ``key``, if writing it (from row ``start``; None: whole) is what comes next."""
+        if key not in self._layout or key in self._queued or (start is None and key in self._partial):
             raise RuntimeError(f"{key} is not in the layout, or was written twice")
-        dtype, shape = self._layout[key]
-        if (rows.dtype != dtype or not shape or tuple(rows.shape[1:]) != shape[1:]
-                or start < 0 or start + int(rows.shape[0]) > shape[0]):
-            raise RuntimeError(f"rows {start}:{start + int(rows.shape[0])} of {key} are {rows.dtype} "
-                               f"{tuple(rows.shape)}; the layout says {dtype} {shape}")
-        data = tensor_bytes(rows)
-        row_bytes = len(data) // max(1, int(rows.shape[0])) if len(data) else 0
-        digest, expected = self._parts.get(key, (None, 0))
-        if start * row_bytes != expected and len(data):
-            raise RuntimeError(f"rows of {key} must come in order: byte {start * row_bytes}, expected {expected}")
-        if digest is None:
-            digest = hashlib.sha256()
-        end = expected + len(data)
-        self._parts[key] = (digest, end)
-        last = start + int(rows.shape[0]) == shape[0]
+        expected = self._partial.get(key, (None, 0))[1]
+        if start is not None and start != expected:
+            raise RuntimeError(f"rows of {key} must come in order: row {start}, expected {expected}")
+        return self._layout[key]
+
+    def _queue(self, key: str, data: memoryview, digest: Any, offset: int, last: bool) -> Future:
         if last:
             self._queued.add(key)
-            del self._parts[key]
-        future = self._writer.submit(self._write_rows, key, data, digest, expected, last)
+        future = self._writer.submit(self._write_rows, key, data, digest, offset, last)
         self._futures.append(future)
         return future
 
