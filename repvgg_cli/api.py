@@ -12,6 +12,7 @@ import torch
 from . import checkpoint
 from .checkpoint import (
     METADATA_KEY,
+    TENSOR_DIGESTS,
     LoadedCheckpoint,
     SafetensorsStream,
     check_output_path,
@@ -90,14 +91,14 @@ def convert_file(
     result = replace(result, notes=tuple(loaded.notes) + result.notes)
     if not result.ok:
         return ConvertOutcome(result, loaded, written=False)
-    metadata = build_metadata(result, source.name, loaded.sha256, loaded.entry, loaded.stripped_prefixes)
+    metadata = {**build_metadata(result, source.name, loaded.sha256, loaded.entry, loaded.stripped_prefixes),
+                TENSOR_DIGESTS: tensor_digests(result.state_dict)}
     if loaded.model is not None and output.suffix != ".safetensors":
-        save_model(output, result.model, loaded, {**metadata, "tensors": tensor_digests(result.state_dict)},
-                   fsync=options.fsync)
+        save_model(output, result.model, loaded, metadata, fsync=options.fsync)
     else:
         container = loaded.raw if loaded.entry is not None and output.suffix != ".safetensors" else None
         save_state_dict(output, result.state_dict, metadata, container=container, entry=loaded.entry,
-                        digests_key="tensors", fsync=options.fsync)
+                        fsync=options.fsync)
     return ConvertOutcome(result, loaded, written=True)
 
 
@@ -133,7 +134,7 @@ def _convert_streaming(loaded: LoadedCheckpoint, source: Path, output: Path, opt
                 raise _NotEquivalent(result)
             stream = streams[0]
             metadata = build_metadata(result, source.name, loaded.sha256, loaded.entry, loaded.stripped_prefixes)
-            metadata["tensors"] = stream.wait()
+            metadata[TENSOR_DIGESTS] = stream.wait()
             stream.finish({"format": "pt", METADATA_KEY: metadata_json(metadata)})
             written.append(result)
         finally:

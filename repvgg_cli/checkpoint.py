@@ -33,6 +33,9 @@ from torch import Tensor, nn
 from .digest import FileDigest, sha256_file  # noqa: F401 - sha256_file is part of this module's API
 from .errors import InputError, OutputExistsError, PickleRefusedError, one_line
 
+TENSOR_DIGESTS = "tensors"
+"""The metadata field with ``{key: sha256}`` of every tensor as written (``verify`` checks them)."""
+
 METADATA_KEY = "repvgg_cli"
 """Where convert records its metadata: a safetensors header entry, or a ``_metadata`` entry of a
 ``.pt`` state dict (a name no module prefix can take, so ``load_state_dict`` never reads it)."""
@@ -465,7 +468,7 @@ def metadata_problem(metadata: Any, complete: bool = False) -> str | None:
     options = metadata.get("options")
     checks: list[tuple[str, Any, Callable[[Any], bool], str]] = [
         ("blocks", metadata.get("blocks", []), lambda v: isinstance(v, list), "a list"),
-        ("tensors", metadata.get("tensors", {}),
+        (TENSOR_DIGESTS, metadata.get(TENSOR_DIGESTS, {}),
          lambda v: isinstance(v, Mapping) and all(isinstance(h, str) for h in v.values()),
          "an object of sha256 strings"),
         ("source", source, lambda v: v is None or isinstance(v, Mapping), "an object"),
@@ -616,7 +619,6 @@ def save_state_dict(
     metadata: Mapping,
     container: Mapping | None = None,
     entry: str | None = None,
-    digests_key: str | None = None,
     fsync: bool = False,
 ) -> None:
     """Write a deploy state dict atomically; the extension picks the format.
@@ -628,11 +630,8 @@ def save_state_dict(
         container: for ``.pt``: the source's container, so the output loads the same way
             (the state dict goes back into ``entry``; other weight entries are dropped).
         entry: the container entry the weights came from.
-        digests_key: record ``{key: sha256}`` of every tensor written under this metadata key.
         fsync: flush the file to disk before it is renamed into place (see :func:`atomic_write`).
     """
-    if digests_key:
-        metadata = {**metadata, digests_key: tensor_digests(state)}
     text = metadata_json(metadata)
     if output.suffix == ".safetensors":
         header_metadata = {"format": "pt", METADATA_KEY: text}

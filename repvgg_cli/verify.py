@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import TENSOR_DIGESTS
 from .errors import UnsupportedError
 from .fusion import BatchNorm, Branches, ConvBranch, FusedConv, chunk_rows, raise_non_finite
 
@@ -630,7 +631,7 @@ def verify_deploy(state, metadata: dict, tolerance: Tolerance | None = None) -> 
         problems.append(f"a train-form block is left, and malformed: {error.message}")
     problems += [f"unfused {b.family} block left: {b.name or '<root>'}" for b in left]
 
-    recorded_hashes: dict = metadata.get("tensors", {})
+    recorded_hashes: dict = metadata.get(TENSOR_DIGESTS, {})
     written = list(recorded_hashes)
     missing = [k for k in written if k not in state]
     extra = [k for k in state if k not in recorded_hashes]

@@ -32,6 +32,7 @@ from repvgg_cli.checkpoint import (
     save_state_dict,
     sha256_file,
     strip_prefixes,
+    tensor_digests,
 )
 from repvgg_cli.errors import InputError, OutputExistsError, PickleRefusedError
 from tests.helpers import SAMPLES, disk_full_at_write
@@ -828,7 +829,7 @@ def test_streamed_convert_writes_what_the_in_memory_path_writes(tmp_path: Path, 
     result = convert_state_dict(loaded.state_dict)
     in_memory = tmp_path / "in_memory.safetensors"
     metadata = build_metadata(result, TINY_TRAIN.name, loaded.sha256, loaded.entry, loaded.stripped_prefixes)
-    save_state_dict(in_memory, result.state_dict, metadata, digests_key="tensors")
+    save_state_dict(in_memory, result.state_dict, {**metadata, checkpoint.TENSOR_DIGESTS: tensor_digests(result.state_dict)})
     a, b = load_checkpoint(streamed), load_checkpoint(in_memory)
     assert_same_state(a.state_dict, b.state_dict)
     data = streamed.read_bytes()
