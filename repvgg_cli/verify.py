@@ -157,6 +157,15 @@ def _centre_window(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], 
     return x[:, :, top : top + extent[0], left : left + extent[1]]
 
 
+def _check_groups(shape: tuple[int, ...], groups: int, in_channels: int) -> None:
+    """A conv weight of ``shape`` with ``groups`` takes ``in_channels`` inputs (else UnsupportedError)."""
+    out, in_per_group = shape[0], shape[1]
+    if groups < 1 or out % groups or in_channels != in_per_group * groups:
+        raise UnsupportedError(
+            f"a conv weight {tuple(shape)} with groups={groups} does not take {in_channels} input channels"
+        )
+
+
 def _conv64(x: Tensor, weight: Tensor, bias: Tensor | None, *, stride: tuple[int, int], padding: tuple[int, int],
             dilation: tuple[int, int], groups: int, padding_mode: str, rows: Rows, centre: bool) -> Tensor:
     """``conv2d`` in float64, on the output channels ``rows`` only and, with ``centre``, at the
@@ -166,10 +175,7 @@ def _conv64(x: Tensor, weight: Tensor, bias: Tensor | None, *, stride: tuple[int
     """
     weight = weight.detach()
     out, in_per_group, kh, kw = (int(d) for d in weight.shape)
-    if groups < 1 or out % groups or int(x.shape[1]) != in_per_group * groups:
-        raise UnsupportedError(
-            f"a conv weight {tuple(weight.shape)} with groups={groups} does not take {int(x.shape[1])} input channels"
-        )
+    _check_groups((out, in_per_group, kh, kw), groups, int(x.shape[1]))
     x = _pad(x, padding, padding_mode)
     if centre:
         x = _centre_window(x, (kh, kw), stride, dilation)
@@ -334,7 +340,7 @@ class CentreProbe:
         self.branches = branches
         self.x = branches_probe(branches, block_seed(seed, name))
         out, groups = branches.out_channels, branches.resolved_groups
-        self._per_group = out // groups if groups >= 1 and out % groups == 0 else 0
+        self._per_group = out // max(1, groups)  # groups that do not divide out are refused on first use
         batch = int(self.x.shape[0])
         self._conv = [torch.zeros(batch, out, dtype=FLOAT64) for _ in branches.convs]
         self._fused = torch.zeros(batch, out, dtype=FLOAT64)
@@ -353,12 +359,8 @@ class CentreProbe:
             padding, dilation = b.resolved_padding, b.dilation
         else:
             padding, dilation = branch_geometry(b, b.convs[index])
-        groups, in_per_group = b.resolved_groups, int(rows.shape[1])
-        if not self._per_group or int(self.x.shape[1]) != in_per_group * groups:
-            raise UnsupportedError(
-                f"a conv weight {(b.out_channels, in_per_group, *kernel)} with groups={groups} does not take "
-                f"{int(self.x.shape[1])} input channels"
-            )
+        groups = b.resolved_groups
+        _check_groups((b.out_channels, *rows.shape[1:]), groups, int(self.x.shape[1]))
         window = _centre_window(_pad(self.x, padding, b.padding_mode), kernel, (1, 1), dilation)
         taps = window[:, :, :: dilation[0], :: dilation[1]].reshape(int(self.x.shape[0]), groups, -1)
         self._taps[index] = taps
