@@ -69,7 +69,7 @@ def make_checkpoint(name: str, folder: Path) -> tuple[Path, int]:
 def side_by_side(commands: list[tuple[list[str], Path]], repeat: int) -> list[tuple[float, float, list[float]]]:
     """``(median seconds, max peak MiB, every time)`` per command, the commands run in turn
     ``repeat`` times after one unmeasured warm-up round, so that both see the same machine (page
-    cache, memory the host has to hand back, other load) and drift hits them alike."""
+    cache, other load) and drift hits them alike."""
     times: list[list[float]] = [[] for _ in commands]
     peaks: list[list[float]] = [[] for _ in commands]
     for round_ in range(repeat + 1):
@@ -107,16 +107,17 @@ def main() -> None:
                 ([sys.executable, "-c", FLOOR, str(source), str(floor_out)], floor_out),
                 ([*repvgg_command(), "convert", str(source), str(deploy_out)], deploy_out),
             ], args.repeat)
+            round_ratios = [c / f for f, c in zip(floor_runs, conv_runs)]
             rows.append({
                 "model": f"RepVGG-{name}", "params_m": params / 1e6, "file_mib": size_mib,
                 "floor_s": floor_s, "convert_s": conv_s,
                 # each round runs both back to back: the median of the rounds' ratios is robust
                 # to the machine drifting between rounds (which the ratio of medians is not)
-                "time_ratio": statistics.median(c / f for f, c in zip(floor_runs, conv_runs)),
+                "time_ratio": statistics.median(round_ratios),
                 "floor_peak_mib": floor_mib, "convert_peak_mib": conv_mib,
                 "extra_peak_vs_file": (conv_mib - floor_mib) / size_mib,
                 "floor_runs_s": floor_runs, "convert_runs_s": conv_runs,
-                "round_ratios": [c / f for f, c in zip(floor_runs, conv_runs)],
+                "round_ratios": round_ratios,
             })
             source.unlink()
         help_s = statistics.median(measure([*repvgg_command(), "--help"])[0] for _ in range(5))
