@@ -5,9 +5,10 @@ Usage::
 
     python scripts/make_samples.py [--out DIR]
 
-Two small networks from :mod:`repvgg_cli.zoo` are trained for a few seeded SGD steps on a fixed
-synthetic dataset (so every BatchNorm carries real running statistics, not mean 0 / var 1) and
-then put in eval mode:
+Two small networks from :mod:`repvgg_cli.zoo` are built with seeded weights, given random BN
+affine parameters, and run in train mode over a fixed synthetic dataset in float64 (so every
+BatchNorm carries the real running statistics of its input, not mean 0 / var 1), then rounded
+to float32 and put in eval mode:
 
 * ``repvgg_tiny*``: the official RepVGG layout, ``zoo.repvgg("tiny_g2", num_classes=10)``
   (grouped blocks, strided blocks without identity, blocks with identity);
@@ -18,8 +19,11 @@ For each one three files are written: a bare state dict (``<name>.pt``), a train
 as DistributedDataParallel writes it) and a ``<name>.safetensors``. ``SHA256SUMS`` (sha256sum
 format, sorted by name) lists them all.
 
-Everything runs on the CPU with one thread and deterministic algorithms, so a rerun with the same
-torch/safetensors versions on the same kind of CPU reproduces the files byte for byte.
+Everything runs on the CPU with one thread and deterministic algorithms, from ``torch.rand`` only
+(drawn one value at a time on every CPU), with no gradient step, and the float64 statistics are
+rounded to float32: a rerun with the same torch/safetensors versions reproduces the files byte
+for byte on any x86-64 CPU (checked with ``ATEN_CPU_CAPABILITY``/``MKL_ENABLE_INSTRUCTIONS``/
+``ONEDNN_MAX_CPU_ISA`` forcing AVX2, AVX512 and default kernels).
 ``torch.save`` names the zip archive's inner folder after the file it writes, so each file is
 always written under its final name.
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import sys
 from pathlib import Path
 
@@ -43,7 +48,7 @@ NUM_CLASSES = 10
 IMAGE_SIZE = 32
 DATASET_SIZE = 256
 BATCH_SIZE = 16
-EPOCHS = 2  # 2 * 256 / 16 = 32 SGD steps
+EPOCHS = 2  # 2 * 256 / 16 = 32 train-mode passes (BN momentum 0.1: the statistics settle)
 DATA_SEED = 1234
 
 # name -> (model seed, constructor)
@@ -53,29 +58,63 @@ MODELS = {
 }
 
 
-def _dataset() -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed synthetic dataset: images with a per-channel offset/scale, and labels."""
+def _dataset() -> torch.Tensor:
+    """A fixed synthetic dataset in float64: uniform noise with a per-channel offset and scale.
+
+    Only ``torch.rand`` is used: its CPU kernel draws one value at a time, so it gives the same
+    numbers on every CPU (``randn`` has vectorised paths that differ in the last bits).
+    """
     g = torch.Generator().manual_seed(DATA_SEED)
-    images = torch.randn(DATASET_SIZE, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
-    images = images * torch.tensor([0.8, 1.1, 1.3]).view(1, 3, 1, 1) + torch.tensor([0.2, -0.1, 0.4]).view(1, 3, 1, 1)
-    labels = torch.randint(0, NUM_CLASSES, (DATASET_SIZE,), generator=g)
-    return images, labels
+    images = torch.rand(DATASET_SIZE, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g, dtype=torch.float64) * 2 - 1
+    scale = torch.tensor([0.8, 1.1, 1.3], dtype=torch.float64).view(1, 3, 1, 1)
+    offset = torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64).view(1, 3, 1, 1)
+    return images * scale + offset
 
 
-def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.optim.Optimizer:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    loss_fn = nn.CrossEntropyLoss()
+def _init_parameters(model: nn.Module, seed: int) -> None:
+    """Seeded parameters drawn in float64 and rounded to float32 (torch's own float32 init differs
+    in the last bit between CPU kernels): conv and linear weights and biases uniform in
+    ``±1/sqrt(fan_in)`` (PyTorch's default bound), BN affine parameters away from 1 and 0 (as
+    training leaves them)."""
     g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(EPOCHS):
-        order = torch.randperm(DATASET_SIZE, generator=g)
-        for start in range(0, DATASET_SIZE, BATCH_SIZE):
-            idx = order[start : start + BATCH_SIZE]
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(images[idx]), labels[idx])
-            loss.backward()
-            optimizer.step()
-    model.eval()
+
+    def uniform(shape: torch.Size, low: float, high: float) -> torch.Tensor:
+        return (torch.rand(shape, generator=g, dtype=torch.float64) * (high - low) + low).float()
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.weight.copy_(uniform(module.weight.shape, 0.5, 1.5))
+                module.bias.copy_(uniform(module.bias.shape, -0.3, 0.3))
+            elif isinstance(module, (nn.Conv2d, nn.Linear)):
+                bound = 1.0 / math.sqrt(module.weight[0].numel())
+                module.weight.copy_(uniform(module.weight.shape, -bound, bound))
+                if module.bias is not None:
+                    module.bias.copy_(uniform(module.bias.shape, -bound, bound))
+            elif any(True for _ in module.parameters(recurse=False)):
+                raise TypeError(f"no seeded init for {type(module).__name__}")
+
+
+def _collect_statistics(model: nn.Module, images: torch.Tensor) -> torch.optim.Optimizer:
+    """Run the data through the model in train mode, in float64, so every BN's running statistics
+    are the real statistics of its input; then round the model back to float32.
+
+    No weight is updated: a gradient step would make the weights depend on the CPU's summation
+    order. The float64 statistics differ between CPUs only in their last bits, far below float32's
+    resolution, so the float32 files are the same everywhere.
+    """
+    model.double().train()
+    with torch.no_grad():
+        for _ in range(EPOCHS):
+            for start in range(0, DATASET_SIZE, BATCH_SIZE):
+                model(images[start : start + BATCH_SIZE])
+    model.float().eval()
+    # a training container holds an optimizer with its state: momentum buffers, seeded
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(DATA_SEED + 1)
+    for parameter in model.parameters():
+        buffer = (torch.rand(parameter.shape, generator=g, dtype=torch.float64) * 2e-3 - 1e-3).float()
+        optimizer.state[parameter]["momentum_buffer"] = buffer
     return optimizer
 
 
@@ -89,12 +128,13 @@ def build(out: Path) -> list[Path]:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     out.mkdir(parents=True, exist_ok=True)
-    images, labels = _dataset()
+    images = _dataset()
     written: list[Path] = []
     for name, (seed, make) in MODELS.items():
         torch.manual_seed(seed)
         model = make()
-        optimizer = _train(model, images, labels, seed)
+        _init_parameters(model, seed)
+        optimizer = _collect_statistics(model, images)
         sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
         path = out / f"{name}.pt"
