@@ -25,7 +25,7 @@ _API = {
     "verify_deploy": "verify",
     "verify_against": "verify",
     "Tolerance": "verify",
-    "load_checkpoint": "checkpoint",
+    "load_checkpoint": "io.read",
     "summarize": "inspection",
     "fuse_branches": "fusion",
     "FAMILIES": "families",

@@ -9,21 +9,12 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from .checkpoint import (
-    METADATA_KEY,
-    TENSOR_DIGESTS,
-    LoadedCheckpoint,
-    SafetensorsStream,
-    check_output_path,
-    load_checkpoint,
-    metadata_json,
-    metadata_problem,
-    save_model,
-    save_state_dict,
-    tensor_digests,
-)
-from .digest import FileDigest
+from .io import write as io_write
+from .io.metadata import METADATA_KEY, TENSOR_DIGESTS, metadata_json, metadata_problem, tensor_digests
+from .io.read import LoadedCheckpoint, load_checkpoint
+from .io.safetensors_file import SafetensorsStream
+from .io.write import check_output_path, save_model, save_state_dict
+from .io.digest import FileDigest
 from .convert import (
     ConversionResult,
     ConvertOptions,
@@ -146,7 +137,7 @@ def _convert_streaming(loaded: LoadedCheckpoint, source: Path, output: Path, opt
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1))
     try:
-        checkpoint.atomic_write(output, write, fsync=options.fsync)  # by module: tests inject failures there
+        io_write.atomic_write(output, write, fsync=options.fsync)  # by module: tests inject failures there
     except _NotEquivalent as failed:
         return ConvertOutcome(failed.result, loaded, written=False)
     finally:

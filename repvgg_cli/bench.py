@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import LoadedCheckpoint, load_checkpoint
+from .io.read import LoadedCheckpoint, load_checkpoint
 from .convert import (
     ConversionResult,
     ConvertOptions,

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .digest import FileDigest
+from .io.digest import FileDigest
 from .errors import InputError, RepvggError
 
 app = typer.Typer(
@@ -404,7 +404,7 @@ def inspect(
     debug: DebugOption = False,
 ) -> None:
     """What is in a checkpoint: format, entry, dtypes, blocks by family, train or deploy form."""
-    from .checkpoint import load_checkpoint
+    from .io.read import load_checkpoint
     from .inspection import summarize
     from .render import summary_json, summary_tree
 

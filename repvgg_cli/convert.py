@@ -635,7 +635,7 @@ def build_metadata(result: ConversionResult, source_name: str, source_sha256: st
                    stripped: tuple[str, ...]) -> dict:
     """The metadata recorded in a deploy file (deterministic: no time, no absolute paths).
 
-    The sha256 of every tensor (``checkpoint.TENSOR_DIGESTS``) is added by the writer."""
+    The sha256 of every tensor (``io.metadata.TENSOR_DIGESTS``) is added by the writer."""
     options = result.options
     metadata = {
         "tool": "repvgg_cli",

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from . import __version__
 from .bench import model_dtype
-from .checkpoint import LoadedCheckpoint, atomic_write, load_checkpoint
+from .io.read import LoadedCheckpoint, load_checkpoint
+from .io.write import atomic_write
 from .convert import (
     ConversionResult,
     ConvertOptions,

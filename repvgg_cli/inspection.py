@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .checkpoint import LoadedCheckpoint
+from .io.read import LoadedCheckpoint
 from .errors import RepvggError
 from .families import FAMILIES, find_blocks, unrecognised_blocks
 from .families.base import join
@@ -109,7 +109,7 @@ def summarize(loaded: LoadedCheckpoint) -> CheckpointSummary:
     """Build the summary ``repvgg inspect`` prints.
 
     Args:
-        loaded: a checkpoint from :func:`repvgg_cli.checkpoint.load_checkpoint`.
+        loaded: a checkpoint from :func:`repvgg_cli.io.read.load_checkpoint`.
     Returns:
         A :class:`CheckpointSummary`; malformed blocks are listed in ``problems``, not raised.
     """

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import TENSOR_DIGESTS
+from .io.metadata import TENSOR_DIGESTS
 from .errors import UnsupportedError
 from .fusion import BatchNorm, Branches, ConvBranch, FusedConv, chunk_rows, raise_non_finite
 
@@ -620,7 +620,7 @@ def verify_deploy(state, metadata: dict, tolerance: Tolerance | None = None) -> 
     Returns:
         A :class:`VerifyReport`.
     """
-    from .checkpoint import tensor_sha256
+    from .io.metadata import tensor_sha256
     from .errors import RepvggError
     from .families import find_blocks
 

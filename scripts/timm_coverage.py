@@ -362,7 +362,7 @@ def print_table(reports: list[ModelReport]) -> None:
         noops = ", ".join(f"{c} x{n}" for c, n in r.noop_calls.items())
         print(f"  {r.model}: {classes}" + (f"  [no-op: {noops}]" if noops else ""))
         if r.mirror_matches_timm is False:
-            print(f"    WARNING: the recording walk's result differs from timm's reparameterize_model")
+            print("    WARNING: the recording walk's result differs from timm's reparameterize_model")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from repvgg_cli import checkpoint
+from repvgg_cli.io import safetensors_file
 from repvgg_cli.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +44,7 @@ def disk_full_at_write(monkeypatch, n: int) -> list[int]:
     """
     import errno
 
-    real = checkpoint._pwrite_all
+    real = safetensors_file._pwrite_all
     offsets: list[int] = []
 
     def write(fd, data, offset):
@@ -53,5 +53,5 @@ def disk_full_at_write(monkeypatch, n: int) -> list[int]:
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fd, data, offset)
 
-    monkeypatch.setattr(checkpoint, "_pwrite_all", write)
+    monkeypatch.setattr(safetensors_file, "_pwrite_all", write)
     return offsets

@@ -1,4 +1,4 @@
-"""checkpoint.py and api.convert_file at library level: loading, pickle safety, broken files, writing.
+"""repvgg_cli.io and api.convert_file at library level: loading, pickle safety, broken files, writing.
 
 Every test works on copies in ``tmp_path`` or on the bundled samples (read only); the samples' bytes
 are never changed.
@@ -21,19 +21,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from repvgg_cli import checkpoint, zoo
+from repvgg_cli import zoo
+from repvgg_cli.io import metadata as io_metadata, safetensors_file, write as io_write
 from repvgg_cli.api import convert_file
 from repvgg_cli.convert import build_metadata, convert_state_dict
-from repvgg_cli.digest import FileDigest
-from repvgg_cli.checkpoint import (
-    METADATA_KEY,
-    check_output_path,
-    load_checkpoint,
-    save_state_dict,
-    sha256_file,
-    strip_prefixes,
-    tensor_digests,
-)
+from repvgg_cli.io.digest import FileDigest
+from repvgg_cli.io.containers import strip_prefixes
+from repvgg_cli.io.digest import sha256_file
+from repvgg_cli.io.metadata import METADATA_KEY, tensor_digests
+from repvgg_cli.io.read import load_checkpoint
+from repvgg_cli.io.write import check_output_path, save_state_dict
 from repvgg_cli.errors import InputError, OutputExistsError, PickleRefusedError
 from tests.helpers import SAMPLES, disk_full_at_write
 
@@ -510,7 +507,7 @@ class DiskFull(OSError):
 
 def _fail_after_writing(monkeypatch) -> list[Path]:
     """Make every atomic write fail once its temporary file holds the full payload."""
-    real = checkpoint.atomic_write
+    real = io_write.atomic_write
     temps: list[Path] = []
 
     def failing_atomic_write(output: Path, write, fsync: bool = False) -> None:
@@ -522,7 +519,7 @@ def _fail_after_writing(monkeypatch) -> list[Path]:
 
         real(output, write_then_fail, fsync=fsync)
 
-    monkeypatch.setattr(checkpoint, "atomic_write", failing_atomic_write)
+    monkeypatch.setattr(io_write, "atomic_write", failing_atomic_write)
     return temps
 
 
@@ -548,7 +545,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch, suffix:
 
 
 def test_failed_serialisation_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:
-    real_write = checkpoint.write_safetensors
+    real_write = io_write.write_safetensors
 
     def broken_write(path, state, metadata):
         real_write(path, state, metadata)
@@ -556,7 +553,7 @@ def test_failed_serialisation_leaves_nothing_behind(tmp_path: Path, monkeypatch)
             handle.truncate(100)  # half written, then the disk fails
         raise RuntimeError("serialisation failed")
 
-    monkeypatch.setattr(checkpoint, "write_safetensors", broken_write)
+    monkeypatch.setattr(io_write, "write_safetensors", broken_write)
     output = tmp_path / "deploy.safetensors"
     with pytest.raises(RuntimeError, match="serialisation failed"):
         save_state_dict(output, plain_state(), {"n": 1})
@@ -574,7 +571,7 @@ def test_safetensors_writer_round_trips_through_the_safetensors_library(tmp_path
     shared = base.to(dtype)
     state = {"a.weight": shared, "a.view": shared[1], "empty": torch.zeros(0, 3).to(dtype), "scalar": shared[0, 0, 0, 0]}
     path = tmp_path / "x.safetensors"
-    checkpoint.write_safetensors(path, state, {"z": "1", "a": "2"})
+    safetensors_file.write_safetensors(path, state, {"z": "1", "a": "2"})
     with safe_open(str(path), framework="pt") as handle:
         assert handle.metadata() == {"a": "2", "z": "1"}
         assert sorted(handle.keys()) == sorted(state)
@@ -583,7 +580,7 @@ def test_safetensors_writer_round_trips_through_the_safetensors_library(tmp_path
             assert loaded.dtype == dtype and loaded.shape == value.shape
             assert torch.equal(loaded, value)
     first = path.read_bytes()
-    checkpoint.write_safetensors(path, dict(state), {"a": "2", "z": "1"})
+    safetensors_file.write_safetensors(path, dict(state), {"a": "2", "z": "1"})
     assert path.read_bytes() == first
 
 
@@ -596,7 +593,7 @@ def test_atomic_write_cleans_up_when_interrupted(tmp_path: Path) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.atomic_write(output, interrupted)
+        io_write.atomic_write(output, interrupted)
     assert os.listdir(tmp_path) == ["x.pt"]
     assert output.read_bytes() == b"old"
 
@@ -735,7 +732,7 @@ def _layout(state) -> "OrderedDict[str, tuple[torch.dtype, tuple[int, ...]]]":
 
 def _stream(path: Path, state, order: list[str], metadata: dict[str, str], reserve: int) -> dict[str, str]:
     path.touch()
-    with checkpoint.SafetensorsStream(path, _layout(state), reserve) as stream:
+    with safetensors_file.SafetensorsStream(path, _layout(state), reserve) as stream:
         for key in order:
             stream.put(key, state[key])
         digests = stream.wait()
@@ -773,7 +770,7 @@ def test_streamed_safetensors_refuse_what_the_layout_does_not_say(tmp_path: Path
     key, other = list(state)[:2]
     path = tmp_path / "s.safetensors"
     path.touch()
-    with checkpoint.SafetensorsStream(path, _layout(state), 1024) as stream:
+    with safetensors_file.SafetensorsStream(path, _layout(state), 1024) as stream:
         with pytest.raises(RuntimeError, match="not in the layout"):
             stream.put("nope", state[key])
         with pytest.raises(RuntimeError, match="the layout says"):
@@ -790,7 +787,7 @@ def test_a_failed_streamed_write_stops_the_rest_and_is_raised(tmp_path: Path, mo
     calls = disk_full_at_write(monkeypatch, 2)
     path = tmp_path / "s.safetensors"
     path.touch()
-    with checkpoint.SafetensorsStream(path, _layout(state), 1024) as stream:
+    with safetensors_file.SafetensorsStream(path, _layout(state), 1024) as stream:
         futures = [stream.put(k, v) for k, v in state.items()]
         with pytest.raises(OSError, match="No space left"):
             stream.wait()
@@ -808,13 +805,13 @@ def test_streamed_convert_writes_what_the_in_memory_path_writes(tmp_path: Path, 
     if rows_per_chunk is not None:
         monkeypatch.setattr(fusion, "chunk_rows", lambda row_numel: rows_per_chunk)
     parts: dict[str, list[int]] = {}
-    real_put_rows = checkpoint.SafetensorsStream.put_rows
+    real_put_rows = safetensors_file.SafetensorsStream.put_rows
 
     def spy(self, key, rows, start):
         parts.setdefault(key, []).append(start)
         return real_put_rows(self, key, rows, start)
 
-    monkeypatch.setattr(checkpoint.SafetensorsStream, "put_rows", spy)
+    monkeypatch.setattr(safetensors_file.SafetensorsStream, "put_rows", spy)
     streamed = tmp_path / "streamed.safetensors"
     outcome = convert_file(TINY_TRAIN, streamed)
     weights = {k for r in outcome.result.blocks for k, t in r.block.deploy_state(r.fused).items() if t.dim() == 4}
@@ -829,7 +826,7 @@ def test_streamed_convert_writes_what_the_in_memory_path_writes(tmp_path: Path, 
     result = convert_state_dict(loaded.state_dict)
     in_memory = tmp_path / "in_memory.safetensors"
     metadata = build_metadata(result, TINY_TRAIN.name, loaded.sha256, loaded.entry, loaded.stripped_prefixes)
-    save_state_dict(in_memory, result.state_dict, {**metadata, checkpoint.TENSOR_DIGESTS: tensor_digests(result.state_dict)})
+    save_state_dict(in_memory, result.state_dict, {**metadata, io_metadata.TENSOR_DIGESTS: tensor_digests(result.state_dict)})
     a, b = load_checkpoint(streamed), load_checkpoint(in_memory)
     assert_same_state(a.state_dict, b.state_dict)
     data = streamed.read_bytes()
@@ -918,7 +915,7 @@ def test_streamed_rows_write_and_hash_what_a_whole_put_does(tmp_path: Path) -> N
     whole, rows = tmp_path / "whole.safetensors", tmp_path / "rows.safetensors"
     expected = _stream(whole, state, list(state), {"format": "pt"}, 256)
     rows.touch()
-    with checkpoint.SafetensorsStream(rows, _layout(state), 256) as stream:
+    with safetensors_file.SafetensorsStream(rows, _layout(state), 256) as stream:
         with pytest.raises(RuntimeError, match="must come in order"):
             stream.put_rows("w", state["w"][2:4], 2)
         for start, stop in [(0, 2), (2, 3), (3, 7)]:

@@ -19,7 +19,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from repvgg_cli import __version__, zoo
-from repvgg_cli.checkpoint import METADATA_KEY, tensor_sha256
+from repvgg_cli.io.metadata import METADATA_KEY, tensor_sha256
 from repvgg_cli.cli import app
 from tests.helpers import SAMPLES, disk_full_at_write, error_lines, invoke
 
@@ -587,7 +587,7 @@ def test_a_disk_error_while_writing_is_exit_2_not_a_bug(tmp_path, monkeypatch):
 def test_fsync_flushes_the_output_before_the_rename_only_when_asked(tmp_path, monkeypatch, suffix):
     import os as os_module
 
-    from repvgg_cli import checkpoint
+    from repvgg_cli.io import write as checkpoint
 
     synced: list[str] = []
     real_fsync, real_replace = os_module.fsync, os_module.replace

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repvgg_cli import zoo
-from repvgg_cli.checkpoint import METADATA_KEY
+from repvgg_cli.io.metadata import METADATA_KEY
 from repvgg_cli.convert import ConvertOptions, convert_state_dict, reparameterize
 from tests.helpers import invoke, SAMPLES
 

@@ -38,7 +38,8 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from repvgg_cli.api import convert_file, verify_file
-from repvgg_cli.checkpoint import METADATA_KEY, load_checkpoint
+from repvgg_cli.io.metadata import METADATA_KEY
+from repvgg_cli.io.read import load_checkpoint
 from repvgg_cli.errors import RepvggError
 from repvgg_cli.inspection import summarize
 from tests.helpers import invoke, SAMPLES

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from repvgg_cli import checkpoint
-from repvgg_cli.checkpoint import load_checkpoint
+from repvgg_cli.io import read as checkpoint
+from repvgg_cli.io.read import load_checkpoint
 from repvgg_cli.errors import InputError, PickleRefusedError
 from tests.helpers import invoke, SAMPLES
 

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from repvgg_cli.checkpoint import METADATA_KEY, tensor_sha256
+from repvgg_cli.io.metadata import METADATA_KEY, tensor_sha256
 from tests.helpers import error_lines, invoke, SAMPLES
 
 SOURCES = {"repvgg_tiny": SAMPLES / "repvgg_tiny.pt", "plain_net": SAMPLES / "plain_net.pt"}

@@ -7,7 +7,7 @@ import hashlib
 import threading
 from pathlib import Path
 
-from .errors import InputError, one_line
+from ..errors import InputError, one_line
 
 CHUNK = 4 << 20
 
