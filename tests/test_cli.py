@@ -652,7 +652,7 @@ def test_the_process_ends_with_the_commands_status_output_and_files(tmp_path: Pa
 
 
 def test_exit_statuses_follow_sys_exit() -> None:
-    from repvgg_cli.cli import _exit_status
+    from repvgg_cli.cli.app import _exit_status
 
     assert _exit_status(None) == 0 and _exit_status(3) == 3
     assert _exit_status("a message") == 1

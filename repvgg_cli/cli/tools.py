@@ -1,4 +1,4 @@
-"""More `repvgg` commands (bench, export), registered on the same Typer app as cli.py's."""
+"""``repvgg bench`` and ``repvgg export``: latency side by side, ONNX of the deploy model."""
 
 from __future__ import annotations
 
@@ -8,44 +8,24 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from .cli import (  # the commands below register on cli.py's app
-    AtolOption,
-    DebugOption,
-    EntryOption,
-    JsonOption,
-    PickleOption,
-    RtolOption,
-    _parse_shape,
-    _print_json,
-    _stderr,
-    _stdout,
-    app,
-    handle_errors,
-)
-from .errors import InputError
+from ..errors import InputError
+from .app import app, handle_errors, print_json, stderr_console, stdout_console
+from .options import AtolOption, DebugOption, EntryOption, JsonOption, ModelOption, PickleOption, RtolOption, parse_shape
 
 if TYPE_CHECKING:
-    from .bench import BenchResult
-    from .export import ExportResult
-
-ModelOption = Annotated[
-    Optional[str],
-    typer.Option("--model", help="MODULE:CALLABLE building the train-form model the state dict loads into."),
-]
-
+    from ..bench import BenchResult
+    from ..export import ExportResult
 
 def _ms(value: float) -> str:
     return f"{value:.3f}"
-
 
 def _num(value: float) -> float | None:
     """JSON has no NaN or infinity: those become null."""
     return value if math.isfinite(value) else None
 
-
 def bench_json(result: BenchResult, source: str) -> dict[str, Any]:
     """The bench report as one JSON-ready document."""
-    from .render import model_check_json
+    from ..render import model_check_json
 
     def timing(t) -> dict[str, Any]:
         return {"median_ms": t.median_ms, "min_ms": t.min_ms, "samples_ms": list(t.samples_ms)}
@@ -73,7 +53,6 @@ def bench_json(result: BenchResult, source: str) -> dict[str, Any]:
         "timed_outputs": {"max_abs_err": _num(result.timed_max_abs_err), "rel_err": _num(result.timed_rel_err)},
     }
 
-
 @app.command()
 @handle_errors
 def bench(
@@ -97,10 +76,10 @@ def bench(
     debug: DebugOption = False,
 ) -> None:
     """Time the train-form and the deploy-form forward pass side by side (fused in place between)."""
-    from .bench import DEFAULT_RESOLUTION, BenchOptions, bench_file
-    from .verify import Tolerance
+    from ..bench import DEFAULT_RESOLUTION, BenchOptions, bench_file
+    from ..verify import Tolerance
 
-    shape = _parse_shape(input_shape)
+    shape = parse_shape(input_shape)
     if shape is not None and (batch is not None or resolution is not None):
         raise InputError("--input-shape gives the whole shape: do not combine it with --batch or --resolution")
     if shape is not None and len(shape) != 4:
@@ -113,20 +92,19 @@ def bench(
     )
     result = bench_file(checkpoint, options, allow_pickle=allow_pickle, entry=entry, model_spec=model)
     if as_json:
-        _print_json(bench_json(result, str(checkpoint)))
+        print_json(bench_json(result, str(checkpoint)))
     else:
         _print_bench(result, str(checkpoint))
     if not result.outputs_match:
         failed = [r.block.name or "<root>" for r in result.conversion.failures]
         detail = f"block(s) {', '.join(failed[:5])}" if failed else "the whole-model check"
-        _stderr().print(f"Error: not equivalent: {detail} exceed the tolerance", markup=False, highlight=False)
+        stderr_console().print(f"Error: not equivalent: {detail} exceed the tolerance", markup=False, highlight=False)
         raise typer.Exit(1)
-
 
 def _print_bench(result: BenchResult, source: str) -> None:
     from rich.table import Table
 
-    console = _stdout()
+    console = stdout_console()
     title = (f"bench {source}: input {tuple(result.input_shape)} {result.dtype} on {result.device}, "
              f"{result.threads} thread(s), median of {result.repeat} after {result.warmup} warm-up")
     console.print(title, highlight=False, markup=False)
@@ -146,10 +124,9 @@ def _print_bench(result: BenchResult, source: str) -> None:
     console.print(f"timed outputs ({result.dtype}, {result.device}): max abs diff {result.timed_max_abs_err:.2e}, "
                   f"rel {result.timed_rel_err:.2e}" + ("; TF32 off" if result.tf32_disabled else ""), highlight=False)
 
-
 def export_json(result: ExportResult) -> dict[str, Any]:
     """The export report as one JSON-ready document."""
-    from .render import model_check_json
+    from ..render import model_check_json
 
     conversion = result.conversion
     return {
@@ -183,7 +160,6 @@ def export_json(result: ExportResult) -> dict[str, Any]:
         "notes": list(result.notes),
     }
 
-
 @app.command()
 @handle_errors
 def export(
@@ -208,9 +184,9 @@ def export(
     debug: DebugOption = False,
 ) -> None:
     """Export the deploy-form model to ONNX (fusing first if needed), checked with onnxruntime."""
-    from .export import ExportOptions, export_file
+    from ..export import ExportOptions, export_file
 
-    shape = _parse_shape(input_shape)
+    shape = parse_shape(input_shape)
     if shape is not None and len(shape) != 4:
         raise InputError(f"--input-shape {input_shape!r}: expected four integers N,C,H,W")
     options = ExportOptions(opset=opset, input_shape=shape, dynamic_batch=dynamic_batch, rtol=rtol, atol=atol,
@@ -218,21 +194,20 @@ def export(
     result = export_file(source, output, options, allow_pickle=allow_pickle, entry=entry, model_spec=model,
                          force=force)
     for note in result.notes:
-        _stderr().print(note, markup=False, highlight=False)
+        stderr_console().print(note, markup=False, highlight=False)
     if as_json:
-        _print_json(export_json(result))
+        print_json(export_json(result))
     else:
         _print_export(result)
     if not result.written:
         what = "the fused model differs from its train form" if result.conversion is not None and not \
             result.conversion.ok else "onnxruntime's output differs from torch's"
-        _stderr().print(f"Error: not equivalent: {what} beyond the tolerance; nothing was written",
+        stderr_console().print(f"Error: not equivalent: {what} beyond the tolerance; nothing was written",
                         markup=False, highlight=False)
         raise typer.Exit(1)
 
-
 def _print_export(result: ExportResult) -> None:
-    console = _stdout()
+    console = stdout_console()
     conversion = result.conversion
     if conversion is None:
         console.print(f"{result.source}: {result.source_form}, exported as is", highlight=False, markup=False)

@@ -1,0 +1,48 @@
+"""``repvgg inspect`` and ``repvgg families``: what is in a checkpoint, what the tool knows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import app, handle_errors, print_json, stdout_console
+from .options import DebugOption, EntryOption, JsonOption, PickleOption
+
+@app.command()
+@handle_errors
+def inspect(
+    path: Annotated[Path, typer.Argument(help="Any checkpoint: train, deploy or neither.")],
+    entry: EntryOption = None,
+    allow_pickle: PickleOption = False,
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """What is in a checkpoint: format, entry, dtypes, blocks by family, train or deploy form."""
+    from ..io.read import load_checkpoint
+    from ..inspection import summarize
+    from ..render import summary_json, summary_tree
+
+    summary = summarize(load_checkpoint(path, allow_pickle=allow_pickle, entry=entry))
+    if as_json:
+        print_json(summary_json(summary))
+    else:
+        stdout_console().print(summary_tree(summary))
+
+@app.command()
+@handle_errors
+def families(
+    as_json: JsonOption = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as Markdown (the README's).")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """List every supported block family with its train and deploy key patterns."""
+    from ..render import families_markdown, families_rows, families_table
+
+    if as_json:
+        print_json({"command": "families", "families": families_rows()})
+    elif markdown:
+        typer.echo(families_markdown())
+    else:
+        stdout_console().print(families_table())
