@@ -108,7 +108,7 @@ class KeyEntry:
     nbytes: int
 
     @classmethod
-    def of(cls, key: str, tensor: Tensor) -> "KeyEntry":
+    def of(cls, key: str, tensor: Tensor) -> KeyEntry:
         return cls(key, tuple(tensor.shape), dtype_name(tensor), _nbytes(tensor))
 
 
@@ -516,10 +516,13 @@ def summary_line(diff: FileDiff) -> str:
         worst_rel = max((b.max_rel for b in diff.blocks if b.max_rel is not None), default=None)
         rtols = sorted({b.rtol for b in diff.blocks})
         rtol_text = "rtol " + "/".join(f"{r:g}" for r in rtols)
-        blocks = (f"{len(diff.blocks) - len(bad)} of {len(diff.blocks)} fused block(s) of {fused} agree with "
-                  f"{other} ({rtol_text}, max rel {format_number(worst_rel)})")
+        numbers = f"{rtol_text}, max rel {format_number(worst_rel)}"
         if bad:
-            blocks += "; differ: " + ", ".join(b.name or "<root>" for b in bad)
+            names = [b.name or "<root>" for b in bad]
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            blocks = f"{len(bad)} of {len(diff.blocks)} fused block(s) of {fused} differ from {other} ({shown}; {numbers})"
+        else:
+            blocks = f"all {len(diff.blocks)} fused block(s) of {fused} agree with {other} ({numbers})"
         others = f"{len(keys.shared) - len(keys.different)} other key(s) {tolerance}"
         verdict = "Agree" if diff.same else "Differ"
         return f"{verdict}: {blocks}; {others}" + ("; " + "; ".join(rest) if rest else "") + "."

@@ -33,7 +33,6 @@ from repvgg_cli.diff import (
 )
 from tests.helpers import cli_runner, error_lines, invoke
 
-
 # -- the official RepVGG conversion, rewritten -------------------------------------------------
 
 
@@ -223,7 +222,7 @@ def test_train_against_the_official_conversion_agrees_block_by_block(official):
 
     text = invoke("diff", train, upstream, runner=cli_runner(columns=80))
     assert text.exit_code == 0
-    assert "Agree: 7 of 7 fused block(s) of A agree with B" in " ".join(text.stdout.split())
+    assert "Agree: all 7 fused block(s) of A agree with B" in " ".join(text.stdout.split())
 
 
 def test_deploy_first_fuses_the_second_file(official):
@@ -234,7 +233,7 @@ def test_deploy_first_fuses_the_second_file(official):
 
 
 def test_tampered_official_deploy_names_the_block(official, tmp_path):
-    model, train, _, deploy = official
+    _, train, _, deploy = official
     tampered = {k: v.clone() for k, v in deploy.items()}
     tampered["stage2.1.rbr_reparam.weight"] *= 1.001
     path = save(tampered, tmp_path / "tampered.pt")
@@ -249,7 +248,8 @@ def test_tampered_official_deploy_names_the_block(official, tmp_path):
     assert weight["key"] == "stage2.1.rbr_reparam.weight"
 
     text = invoke("diff", train, path, runner=cli_runner(columns=80)).stdout
-    assert "DIFFERS" in text and "differ: stage2.1" in " ".join(text.split())
+    summary = "Differ: 1 of 7 fused block(s) of A differ from B (stage2.1; rtol 1e-05, max rel 1.0e-03)"
+    assert "DIFFERS" in text and summary in " ".join(text.split())
 
 
 def test_missing_deploy_key_is_reported_for_its_block(official, tmp_path):
@@ -295,7 +295,7 @@ def test_json_document_structure(official, tmp_path):
                                         "max_rel", "within", "problem"}
     assert set(report["blocks"][0]) == {"name", "family", "eps_note", "agree", "max_abs", "max_rel", "rtol", "atol",
                                         "missing", "problem", "tensors"}
-    assert report["summary"].startswith("Agree: 7 of 7 fused block(s)")
+    assert report["summary"].startswith("Agree: all 7 fused block(s) of A agree with B (rtol 1e-05, max rel ")
 
 
 def test_unreadable_file_exits_2(official, tmp_path):

@@ -12,10 +12,18 @@ from rich.table import Table
 from rich.text import Text
 
 from .app import app, handle_errors, print_json, stdout_console
-from .options import AtolOption, DebugOption, EntryOption, EpsOption, JsonOption, PickleOption, RtolOption
+from .options import (
+    AtolOption,
+    DebugOption,
+    EntryOption,
+    EpsOption,
+    JsonOption,
+    PickleOption,
+    RtolOption,
+)
 
 if TYPE_CHECKING:  # the library imports torch; keep `repvgg --help` fast
-    from ..diff import BlockAgreement, CheckpointSide, FileDiff, KeyComparison, KeyEntry
+    from ..diff import CheckpointSide, FileDiff, KeyComparison, KeyEntry
 
 
 @app.command()
@@ -73,7 +81,7 @@ def _tensor_text(shape: tuple[int, ...], dtype: str) -> str:
     return f"{shape_text(shape)} {short_dtype(dtype)}"
 
 
-def _side_line(label: str, side: "CheckpointSide") -> Text:
+def _side_line(label: str, side: CheckpointSide) -> Text:
     from ..render import human_size
 
     entry = f", entry {side.entry}" if side.entry else ""
@@ -92,7 +100,7 @@ def _verdict(ok: bool, bad: str = "DIFFERS") -> Text:
     return Text("ok", style="green") if ok else Text(bad, style="bold red")
 
 
-def blocks_table(result: "FileDiff", width: int) -> Table:
+def blocks_table(result: FileDiff, width: int) -> Table:
     """Each fused block against the other side: max abs / max rel difference and the verdict."""
     other = "B" if result.fused_side == "A" else "A"
     table = _table(f"Blocks: {result.fused_side} fused by repvgg vs {other}")
@@ -110,7 +118,7 @@ def blocks_table(result: "FileDiff", width: int) -> Table:
     return table
 
 
-def keys_table(title: str, comparisons: "tuple[KeyComparison, ...]", width: int) -> Table:
+def keys_table(title: str, comparisons: tuple[KeyComparison, ...], width: int) -> Table:
     """Shared keys that differ: shape and dtype (A → B where they differ), max abs, max rel, why."""
     table = _table(title)
     key_width = max(16, width - 44)
@@ -129,7 +137,7 @@ def keys_table(title: str, comparisons: "tuple[KeyComparison, ...]", width: int)
     return table
 
 
-def entries_table(title: str, entries: "tuple[KeyEntry, ...]", width: int) -> Table:
+def entries_table(title: str, entries: tuple[KeyEntry, ...], width: int) -> Table:
     table = _table(title)
     table.add_column("key", overflow="fold")
     table.add_column("shape dtype", overflow="fold")
@@ -138,7 +146,7 @@ def entries_table(title: str, entries: "tuple[KeyEntry, ...]", width: int) -> Ta
     return table
 
 
-def render(result: "FileDiff", console: Console) -> None:
+def render(result: FileDiff, console: Console) -> None:
     """The terminal report: the two files, the tables that have rows, the notes, the summary."""
     from ..diff import summary_line
 
