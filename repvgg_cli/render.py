@@ -15,6 +15,16 @@ if TYPE_CHECKING:  # the core imports torch; keep `repvgg --help` fast
     from .verify import BlockCheck, ModelCheck, VerifyReport
 
 
+def printable(text: object) -> str:
+    """``text`` on one line, safe for a terminal: every character that is not printable (newline,
+    tab, escape, other control and format characters) is written as Python writes it in a ``repr``
+    (``\\n``, ``\\t``, ``\\x1b``, ``\\u200b``); everything else is kept as it is."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _num(value: float) -> float | None:
     """JSON has no Inf/NaN: they become null."""
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None

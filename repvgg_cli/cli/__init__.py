@@ -6,7 +6,7 @@ types every command shares; one module per command group registers its commands 
 
 from __future__ import annotations
 
-from . import convert, diff, inspect, tools, verify  # noqa: F401 - each registers its commands on the app
+from . import convert, diff, env, inspect, tools, verify  # noqa: F401 - each registers its commands on the app
 from .app import app, main
 
 __all__ = ["app", "main"]

@@ -12,24 +12,132 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, Callable, NoReturn
 
 import typer
+import typer.core
 from rich.console import Console
 
 from .. import __version__
 from ..errors import InputError, RepvggError
 
-app = typer.Typer(
+# Typer >= 0.2x vendors click as typer._click; older Typer uses click itself.
+_click: Any = getattr(typer.core, "_click", None)
+if _click is None:  # pragma: no cover - older Typer
+    import click as _click
+
+USAGE_ERROR = 2
+INTERNAL_ERROR = 4
+
+_documents: list[str] | None = None
+"""While a ``--json`` command runs (see :func:`json_stdout`): the documents it printed, written
+to stdout once the command is done."""
+
+
+@contextmanager
+def json_stdout() -> Iterator[None]:
+    """While a ``--json`` command runs, stdout carries nothing but the JSON document.
+
+    Model code run by a command (an imported ``--model`` module, a constructor, ``forward``, C
+    extensions) may print. Until the command is done, ``sys.stdout`` is ``sys.stderr`` and file
+    descriptor 1 is a copy of descriptor 2, so every such print goes to stderr; :func:`print_json`
+    holds the document back, and it is written to the real stdout when the command ends (an error
+    exit included).
+    """
+    global _documents
+    real = sys.stdout
+    try:
+        real.flush()
+        fd = real.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stream (Typer's test runner): no descriptor
+        fd = None
+    saved = None
+    if fd is not None:
+        sys.stderr.flush()
+        saved = os.dup(fd)
+        os.dup2(sys.stderr.fileno(), fd)
+    outer, _documents = _documents, []
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        sys.stdout = real
+        if saved is not None:
+            os.dup2(saved, fd)
+            os.close(saved)
+        documents, _documents = _documents, outer
+        for text in documents:
+            real.write(text + "\n")
+        real.flush()
+
+
+class RepvggCommand(typer.core.TyperCommand):
+    """Every command: with ``--json`` it runs inside :func:`json_stdout`."""
+
+    def invoke(self, ctx: Any) -> Any:
+        if ctx.params.get("as_json"):
+            with json_stdout():
+                return super().invoke(ctx)
+        return super().invoke(ctx)
+
+
+class RepvggGroup(typer.core.TyperGroup):
+    """The ``repvgg`` group: a usage error is one ``Error: …`` line (and a hint) with exit 2, like
+    every other error, instead of Typer's boxed panel."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            value = super().main(*args, standalone_mode=False, **kwargs)
+        except _click.exceptions.ClickException as error:
+            if type(error).__name__ == "NoArgsIsHelpError":  # the help was printed already
+                sys.exit(error.exit_code)
+            _print_usage_error(error)
+            sys.exit(USAGE_ERROR)
+        except typer.Abort:
+            stderr_console().print("Error: aborted", markup=False, highlight=False)
+            sys.exit(1)
+        # Without standalone mode an exit (typer.Exit, --help) comes back as its code; a command's
+        # own return value (always None here) means success.
+        sys.exit(value if isinstance(value, int) else 0)
+
+
+def _print_usage_error(error: Any) -> None:
+    from ..render import printable
+
+    console = stderr_console()
+    message = " ".join(printable(line.strip()) for line in error.format_message().splitlines() if line.strip())
+    console.print(f"Error: {message}", markup=False, highlight=False)
+    ctx = getattr(error, "ctx", None)
+    if ctx is not None:
+        console.print(f"Hint: see '{printable(ctx.command_path)} --help'", markup=False, highlight=False)
+
+
+class RepvggTyper(typer.Typer):
+    """A Typer app whose commands are :class:`RepvggCommand`s unless told otherwise."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or RepvggCommand, **kwargs)
+
+
+app = RepvggTyper(
     name="repvgg",
+    cls=RepvggGroup,
     help="Fuse RepVGG-style multi-branch checkpoints into deploy form, prove equivalence, report what was done.",
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-INTERNAL_ERROR = 4
 
 
 def stdout_console() -> Console:
@@ -41,7 +149,12 @@ def stderr_console() -> Console:
     return Console(stderr=True, soft_wrap=True)
 
 def print_json(document: dict[str, Any]) -> None:
-    typer.echo(json.dumps(document, indent=2))
+    """The command's JSON document on stdout (held back until the command ends, see :func:`json_stdout`)."""
+    text = json.dumps(document, indent=2)
+    if _documents is not None:
+        _documents.append(text)
+    else:
+        typer.echo(text)
 
 def handle_errors(command: Callable[..., None]) -> Callable[..., None]:
     """Turn expected errors into one ``Error: …`` line on stderr and their exit code."""
