@@ -418,6 +418,11 @@ def _fused_against(train: Mapping[str, Tensor], deploy: Mapping[str, Tensor], bn
         if all(k in deploy for k in deployed) and not any(k in deploy for k in block.block.source_keys
                                                           if k not in deployed):
             return result, None
+    if result.blocks and not any(k in deploy for r in result.blocks for k in r.block.source_keys):
+        other = "B" if label == "A" else "A"
+        example = next(iter(_deploy_tensors(result.blocks[0])), "")
+        return None, (f"{label} is a train form ({len(result.blocks)} block(s)) but {other} has none of its blocks in "
+                      f"either form (no {example}): compared key by key")
     return None, None
 
 

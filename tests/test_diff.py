@@ -225,6 +225,15 @@ def test_train_against_the_official_conversion_agrees_block_by_block(official):
     assert "Agree: all 7 fused block(s) of A agree with B" in " ".join(text.stdout.split())
 
 
+def test_deploy_keys_of_another_layout_are_compared_key_by_key_with_a_note(official, tmp_path):
+    _, train, _, deploy = official
+    renamed = save({k.replace("rbr_reparam", "fused"): v for k, v in deploy.items()}, tmp_path / "renamed.pt")
+    diff = diff_files(train, renamed)
+    assert diff.mode == "keys" and not diff.same and diff.keys.only_b and diff.keys.only_a
+    assert "A is a train form (7 block(s)) but B has none of its blocks in either form (no stage0.rbr_reparam.weight)" in (
+        diff.notes[0])
+
+
 def test_deploy_first_fuses_the_second_file(official):
     _, train, upstream, _ = official
     report = json.loads(invoke("diff", upstream, train, "--json").stdout)
@@ -248,6 +257,7 @@ def test_tampered_official_deploy_names_the_block(official, tmp_path):
     assert weight["key"] == "stage2.1.rbr_reparam.weight"
 
     text = invoke("diff", train, path, runner=cli_runner(columns=80)).stdout
+    assert max(len(line) for line in text.splitlines()) <= 80
     summary = "Differ: 1 of 7 fused block(s) of A differ from B (stage2.1; rtol 1e-05, max rel 1.0e-03)"
     assert "DIFFERS" in text and summary in " ".join(text.split())
 
