@@ -475,6 +475,28 @@ def diff_loaded(a: Any, b: Any, rtol: float | None = None, atol: float = 0.0, bn
     return FileDiff(_side(a), _side(b), mode="keys", keys=diff_states(sa, sb, key_rtol, atol), notes=tuple(notes))
 
 
+def _load_side(path: str | os.PathLike, fmt: str, entry: str | None, allow_pickle: bool) -> tuple[Any, bool]:
+    """Load one file; ``entry`` applies to a torch container, a plain state dict is used as it is
+    (noted). Returns the checkpoint and whether ``entry`` was used."""
+    from dataclasses import replace
+
+    from .errors import PickleRefusedError
+    from .io.read import load_checkpoint
+
+    if entry is None or fmt == "safetensors":
+        return load_checkpoint(path, allow_pickle=allow_pickle), False
+    try:
+        return load_checkpoint(path, allow_pickle=allow_pickle, entry=entry), True
+    except PickleRefusedError:
+        raise
+    except InputError:
+        plain = load_checkpoint(path, allow_pickle=allow_pickle)
+        if plain.entry is not None or plain.container_keys:  # a container without that entry: say so
+            raise
+    note = f"--entry {entry} not used: the file is a plain state dict"
+    return replace(plain, notes=(*plain.notes, note)), False
+
+
 def diff_files(a_path: str | os.PathLike, b_path: str | os.PathLike, rtol: float | None = None, atol: float = 0.0,
                bn_eps: float | None = None, allow_pickle: bool = False, entry: str | None = None,
                fuse: bool = True) -> FileDiff:
@@ -484,21 +506,22 @@ def diff_files(a_path: str | os.PathLike, b_path: str | os.PathLike, rtol: float
         a_path, b_path: any supported checkpoint files.
         rtol, atol, bn_eps, fuse: as for :func:`diff_loaded`.
         allow_pickle: permit full unpickling of both files (only for trusted files).
-        entry: the container entry of each torch file (a safetensors file has none and ignores it;
-            with two safetensors files it is an error).
+        entry: the container entry of each torch container; a safetensors file or a plain state
+            dict has none and is used as it is. An error when neither file has one.
     Returns:
         A :class:`FileDiff`.
     Raises:
-        InputError: a file is unreadable or holds no state dict; PickleRefusedError: needs --allow-pickle.
+        InputError: a file is unreadable or holds no state dict, a container lacks ``entry``;
+        PickleRefusedError: needs --allow-pickle.
     """
-    from .io.read import load_checkpoint, sniff_format
+    from .io.read import sniff_format
 
-    formats = [sniff_format(p) for p in (a_path, b_path)]
-    if entry is not None and all(f == "safetensors" for f in formats):
-        raise InputError(f"--entry {entry}: both files are safetensors, which have no container entries")
-    loaded = [load_checkpoint(p, allow_pickle=allow_pickle, entry=None if f == "safetensors" else entry)
-              for p, f in zip((a_path, b_path), formats)]
-    return diff_loaded(loaded[0], loaded[1], rtol=rtol, atol=atol, bn_eps=bn_eps, fuse=fuse)
+    paths = (a_path, b_path)
+    sides = [_load_side(p, sniff_format(p), entry, allow_pickle) for p in paths]
+    if entry is not None and not any(used for _, used in sides):
+        raise InputError(f"--entry {entry}: neither {a_path} nor {b_path} is a container with entries",
+                         hint="drop --entry: both files are state dicts already")
+    return diff_loaded(sides[0][0], sides[1][0], rtol=rtol, atol=atol, bn_eps=bn_eps, fuse=fuse)
 
 
 def summary_line(diff: FileDiff) -> str:

@@ -324,10 +324,17 @@ def test_entry_applies_to_torch_files_and_is_refused_for_two_safetensors(officia
     torch.save({"model": state, "epoch": 3}, container)
     flat = tmp_path / "flat.safetensors"
     save_file(state, str(flat))
-    result = invoke("diff", container, flat, "--entry", "model")
-    assert result.exit_code == 0, result.output
-    result = invoke("diff", flat, flat, "--entry", "model")
-    assert result.exit_code == 2 and "no container entries" in result.stderr
+    plain = save(state, tmp_path / "plain.pt")
+    for other in (flat, plain):  # the entry applies to the container; the state dict is used as it is
+        result = invoke("diff", container, other, "--entry", "model")
+        assert result.exit_code == 0, result.output
+    assert "--entry model not used: the file is a plain state dict" in result.stderr  # a note: stderr
+    assert "--entry" not in result.stdout
+    for a, b in ((flat, flat), (plain, flat)):
+        result = invoke("diff", a, b, "--entry", "model")
+        assert result.exit_code == 2 and "is a container with entries" in result.stderr
+    result = invoke("diff", container, plain, "--entry", "ema")
+    assert result.exit_code == 2 and error_lines(result)
 
 
 # -- key_diff: what a conversion did ----------------------------------------------------------

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .app import app, handle_errors, print_json, stdout_console
+from .app import app, handle_errors, print_json, stderr_console, stdout_console
 from .options import (
     AtolOption,
     DebugOption,
@@ -29,8 +29,8 @@ if TYPE_CHECKING:  # the library imports torch; keep `repvgg --help` fast
 @app.command()
 @handle_errors
 def diff(
-    a: Annotated[Path, typer.Argument(help="First checkpoint (e.g. the train form).")],
-    b: Annotated[Path, typer.Argument(help="Second checkpoint (e.g. a deploy form written by another converter).")],
+    a: Annotated[Path, typer.Argument(metavar="A", help="First checkpoint (e.g. the train form).")],
+    b: Annotated[Path, typer.Argument(metavar="B", help="Second checkpoint (e.g. a deploy form written by another converter).")],
     rtol: RtolOption = None,
     atol: AtolOption = 0.0,
     bn_eps: EpsOption = None,
@@ -41,10 +41,11 @@ def diff(
 ) -> None:
     """Compare two checkpoints: keys only in A or B, and each shared key's shape, dtype and difference.
 
-    When one file is the train form and the other a deploy form of the same model, the train form
-    is fused and each block is compared with the other file's tensors (rtol by dtype, fp32 1e-5,
-    unless --rtol is given). Other keys must be bit-identical unless --rtol/--atol say otherwise.
-    Exit 0: identical (within the tolerances), 1: different, 2: unreadable.
+    A train form against a deploy form of the same model: the train form is fused, each block compared.
+
+    Keys must be bit-identical and blocks agree within rtol by dtype (fp32 1e-5), unless --rtol/--atol.
+
+    Exit 0: the same (within the tolerances), 1: different, 2: unreadable.
     """
     from ..diff import diff_files, file_diff_json
 
@@ -52,7 +53,7 @@ def diff(
     if as_json:
         print_json(file_diff_json(result))
     else:
-        render(result, stdout_console())
+        render(result, stdout_console(), stderr_console())
     if not result.same:
         raise typer.Exit(1)
 
@@ -146,8 +147,9 @@ def entries_table(title: str, entries: tuple[KeyEntry, ...], width: int) -> Tabl
     return table
 
 
-def render(result: FileDiff, console: Console) -> None:
-    """The terminal report: the two files, the tables that have rows, the notes, the summary."""
+def render(result: FileDiff, console: Console, notes: Console) -> None:
+    """The terminal report on ``console``: the two files, the tables that have rows, the summary;
+    what loading and the comparison noted goes to ``notes`` (stderr)."""
     from ..diff import summary_line
 
     width = console.width
@@ -155,7 +157,7 @@ def render(result: FileDiff, console: Console) -> None:
     console.print(_side_line("B", result.b))
     for label, side in (("A", result.a), ("B", result.b)):
         for note in side.notes:
-            console.print(Text(f"{label}: {note}", style="dim"))
+            notes.print(Text(f"{label}: {note}", style="dim"))
     if result.mode == "fused":
         console.print()
         console.print(blocks_table(result, width))
@@ -176,6 +178,6 @@ def render(result: FileDiff, console: Console) -> None:
     if result.dropped:
         console.print(Text(f"dropped by the fusion (training-only): {', '.join(result.dropped)}"))
     for note in result.notes:
-        console.print(Text(note, style="dim"))
+        notes.print(Text(note, style="dim"))
     console.print()
     console.print(Text(summary_line(result), style="green" if result.same else "bold red"))
