@@ -464,7 +464,7 @@ def diff_loaded(a: Any, b: Any, rtol: float | None = None, atol: float = 0.0, bn
             else:
                 keys = diff_states(other_rest, fused_rest, key_rtol, atol)
                 sides = (_side(a, "deploy"), _side(b, "train (fused here)"))
-            failed = [r.block.name or "<root>" for r in result.blocks if not r.check.ok]
+            failed = [r.block.name or "<root>" for r in result.blocks if not getattr(getattr(r, "check", None), "ok", True)]
             if failed:
                 notes.append(f"this tool's own check failed for block(s) {', '.join(failed)} of {label}")
             notes.extend(result.notes)
