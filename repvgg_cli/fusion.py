@@ -89,6 +89,13 @@ class Branches:
     in_channels: int | None = None
     geometry_known: bool = False
     """True when stride/groups/padding were read from live modules (module tree), not assumed."""
+    post_scale: Tensor | None = None
+    """A per-channel factor applied after ``post_bn`` (a layer scale after a sum that has a BN)."""
+    composite: bool = False
+    """Some conv term was computed from a composition (see :mod:`repvgg_cli.algebra`): the check
+    then runs :attr:`ops`, the expression it came from, instead of trusting those weights."""
+    ops: object | None = field(default=None, compare=False, repr=False)
+    """The expression (:mod:`repvgg_cli.algebra` ``*Op`` nodes) of a composite value."""
 
     @property
     def groups_known(self) -> bool:
@@ -202,7 +209,8 @@ def map_branch_tensors(branches: Branches, fn) -> Branches:
                   for c in branches.convs)
     identity = None if branches.identity is None else replace(
         branches.identity, bn=bn(branches.identity.bn), scale=t(branches.identity.scale))
-    return replace(branches, convs=convs, identity=identity, post_bn=bn(branches.post_bn))
+    return replace(branches, convs=convs, identity=identity, post_bn=bn(branches.post_bn),
+                   post_scale=t(branches.post_scale), ops=None)
 
 
 def as_meta(tensor: Tensor) -> Tensor:
@@ -531,6 +539,10 @@ def fuse_branches(branches: Branches, dtype: torch.dtype = FLOAT64, rows_per_chu
     if branches.post_bn is not None:
         post, shift = bn_scale_shift(branches.post_bn, out, "post-sum BatchNorm")
         bias = bias * post + shift
+    post_scale = _check_vector(branches.post_scale, out, "post-sum scale")
+    if post_scale is not None:
+        post = post_scale if post is None else post * post_scale
+        bias = bias * post_scale
 
     weight = torch.empty(out, in_per_group, *kernel_size, dtype=dtype) if target is None else target
     if tuple(weight.shape) != (out, in_per_group, *kernel_size) or weight.dtype != dtype:

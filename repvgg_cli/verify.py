@@ -263,6 +263,8 @@ def reference_forward(branches: Branches, x: Tensor, *, channels: Rows = None, c
     assert total is not None
     if branches.post_bn is not None:
         total = _bn_eval(total, branches.post_bn, rows)
+    if branches.post_scale is not None:
+        total = total * _vector(branches.post_scale, rows).reshape(1, -1, 1, 1)
     return total
 
 

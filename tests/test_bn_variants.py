@@ -150,8 +150,8 @@ def test_linear_batch_norm_subclasses_fuse(build, make) -> None:
     assert converts(model) < 1e-6
 
 
-@pytest.mark.parametrize(("build", "where"), [(official_net, "block 0: 0.rbr_dense BN"),
-                                             (plain_net, "block features.0: features.0.conv3x3 BN")],
+@pytest.mark.parametrize(("build", "where"), [(official_net, "block 0: 0.rbr_dense.bn"),
+                                             (plain_net, "block features.0: features.0.bn3x3")],
                          ids=["official", "plain"])
 def test_an_activation_inside_a_branch_is_refused(build, where: str) -> None:
     model = zoo.randomize_bn(with_bns(build(), lambda n: BatchNormAct2d(n, apply_act=True)))
@@ -168,7 +168,7 @@ def test_timm_repvgg_block_with_an_activation_inside_a_branch_is_refused() -> No
     assert type(block.conv_kxk.bn) is BatchNormAct2d and isinstance(block.conv_kxk.bn.act, nn.Identity)
     assert reparameterize(copy.deepcopy(block), ConvertOptions(input_shape=(2, 8, 8, 8))).ok
     block.conv_kxk.bn.act = nn.ReLU()
-    with pytest.raises(UnsupportedError, match=r"<root>\.conv_kxk\.bn applies ReLU inside the branch"):
+    with pytest.raises(UnsupportedError, match=r"block <root>: conv_kxk\.bn applies ReLU inside the branch"):
         reparameterize(block, ConvertOptions(input_shape=(2, 8, 8, 8)))
 
 
@@ -180,7 +180,7 @@ def test_an_activation_inside_a_branch_is_exit_3_on_the_cli(tmp_path: Path) -> N
     assert result.exit_code == 3, result.stdout + result.stderr
     errors = error_lines(result)
     assert len(errors) == 1 and errors[0].startswith("Error: ") and errors[0].endswith(
-        "block features.0: features.0.conv3x3 BN applies ReLU after the BatchNorm, inside the branch; "
+        "block features.0: features.0.bn3x3 applies ReLU after the BatchNorm, inside the branch; "
         "a branch with an activation before the sum cannot be fused")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["act.pt"]
 
@@ -211,7 +211,7 @@ def test_track_running_stats_false_is_refused_with_the_reason(tmp_path: Path) ->
         reparameterize(copy.deepcopy(model))
     assert caught.value.exit_code == 3
     assert caught.value.message == (
-        "block features.2: features.2.conv1x1 BN has track_running_stats=False: it normalises with batch "
+        "block features.2: features.2.bn1x1 has track_running_stats=False: it normalises with batch "
         "statistics and cannot be folded into a conv")
     source = tmp_path / "batch_stats.pt"
     torch.save(model, source)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from torch import Tensor
 
 from ..errors import UnsupportedError
+from .architectures import ARCHITECTURES, Architecture, detect_architecture
 from .base import Block, Family, FamilyOptions, KeyView, join
 from .official import OfficialRepVGG
 from .plain import PlainBlock
@@ -62,10 +64,15 @@ def find_blocks(
     """
     options = options or FamilyOptions()
     keys = list(state.keys())
+    if options.architecture is None:
+        options = replace(options, architecture=detect_architecture(keys))
+    architecture = options.architecture.name if options.architecture is not None else None
     owner: dict[str, Block] = {}
     blocks: list[Block] = []
     by_name = {f.name: f for f in families}
     for family in families:
+        if family.only_in and architecture not in family.only_in:
+            continue
         for prefix in family.find_prefixes(keys):
             anchor = join(prefix, family.anchor)
             if anchor in owner and family.name in by_name[owner[anchor].family].encloses:
@@ -94,7 +101,8 @@ def find_blocks(
     return blocks
 
 
-__all__ = ["Block", "FAMILIES", "Family", "FamilyOptions", "family_by_name", "find_blocks"]
+__all__ = ["ARCHITECTURES", "Architecture", "Block", "FAMILIES", "Family", "FamilyOptions", "detect_architecture",
+           "family_by_name", "find_blocks"]
 
 
 def _conv_bn_units(state: Mapping[str, Tensor], keys: list[str]) -> dict[str, dict[str, tuple[str, Tensor]]]:

@@ -10,20 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..fusion import Branches, FusedConv
-from .base import (
-    Block,
-    Family,
-    FamilyOptions,
-    KeyView,
-    conv_branch_from_module,
-    conv_from_fused,
-    geometry_from_conv,
-    identity_from_module,
-    source_dtype,
-)
-
-PARTS = ("conv3x3", "bn3x3", "conv1x1", "bn1x1", "identity")
+from ..algebra import Map, plus
+from .base import Family
 
 
 class PlainBlock(Family):
@@ -31,37 +19,21 @@ class PlainBlock(Family):
     title = "plain block (tutorials, blog posts)"
     source = "Ding et al., RepVGG (CVPR 2021), the form most tutorials copy"
     anchor = "conv3x3.weight"
+    parts = ("",)  # the whole block becomes one conv: nothing else may live under its prefix
+    deploy = ""
     train_keys = "conv3x3, bn3x3, conv1x1, bn1x1, [identity (BN)]"
     deploy_keys = "<block>.weight, <block>.bias (the block becomes a Conv2d)"
     after_sum = "nothing"
 
-    def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
-        if not view.has("conv1x1.weight"):
+    def expression(self, v) -> Map | None:
+        if not v.has("conv1x1.weight"):
             return None
-        # The whole block becomes one conv: nothing else may live under its prefix.
-        return self.parse_dense_point_identity(
-            view, options, ("conv3x3", "bn3x3"), ("conv1x1", "bn1x1"), "identity", deploy_leaf="", owned=("",),
-        )
+        identity = v.identity_bn("identity")
+        return plus(v.conv_bn("conv3x3", "bn3x3"), v.conv_bn("conv1x1", "bn1x1"),
+                    *([identity] if identity is not None else []))
 
     def matches_module(self, module: nn.Module) -> bool:
-        return all(isinstance(getattr(module, p, None), nn.Module) for p in PARTS[:4]) and isinstance(
+        children = ("conv3x3", "bn3x3", "conv1x1", "bn1x1")
+        return all(isinstance(getattr(module, p, None), nn.Module) for p in children) and isinstance(
             module.conv3x3, nn.Conv2d
         )
-
-    def parse_module(self, name: str, module: nn.Module, options: FamilyOptions) -> Block:
-        where = name or "<root>"
-        dense = conv_branch_from_module(module.conv3x3, module.bn3x3, f"{where}.conv3x3")
-        point = conv_branch_from_module(module.conv1x1, module.bn1x1, f"{where}.conv1x1")
-        identity = identity_from_module(getattr(module, "identity", None), f"{where}.identity")
-        branches = Branches(convs=(dense, point), identity=identity, **geometry_from_conv(module.conv3x3))
-        return Block(
-            name=name,
-            family=self.name,
-            branches=branches,
-            source_keys=self.module_keys(name, module, *PARTS),
-            deploy_prefix=name,
-            dtype=source_dtype(module.conv3x3.weight),
-        )
-
-    def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:
-        return conv_from_fused(fused, like=module.conv3x3.weight)

@@ -20,21 +20,16 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..errors import UnsupportedError
-from ..fusion import Branches, ConvBranch, FusedConv, IdentityBranch
+from ..algebra import Map, plus
+from ..fusion import ConvBranch, IdentityBranch
 from .base import (
-    Block,
     Family,
-    FamilyOptions,
     KeyView,
     bn_from_keys,
     conv_branch_from_keys,
     conv_branch_from_module,
-    conv_from_fused,
-    geometry_from_conv,
-    identity_from_module,
     is_batch_norm,
     join,
-    source_dtype,
 )
 
 BRANCHES = ("conv_kxk", "conv_1x1", "identity")
@@ -122,6 +117,31 @@ def first_tensor(*tensors: Tensor | None) -> Tensor:
     raise UnsupportedError("a block without any tensor")  # pragma: no cover - parse_module guards
 
 
+# -- the declaration shared by timm's families -------------------------------------------------
+
+
+def conv_norm(v, local: str) -> Map:
+    """timm's ``ConvNormAct`` used without activation: ``<local>.conv`` then ``<local>.bn`` (the BN
+    may be absent; a live pair must be a plain Conv2d with no anti-aliasing and no activation)."""
+    if v.tree == "module":
+        module = v.get(local)
+        if not is_conv_norm(module):
+            raise UnsupportedError(f"{v._label(local)} is a {type(module).__name__}, not a conv+BN pair")
+        _check_plain_conv(module.conv, v._label(join(local, "conv")))
+        aa = getattr(module, "aa", None)
+        if aa is not None and not isinstance(aa, nn.Identity):
+            raise UnsupportedError(f"{v._label(local)} has an anti-aliasing layer ({type(aa).__name__}) after the BN")
+        if not is_batch_norm(module.bn):
+            if isinstance(module.bn, nn.Sequential) and any(
+                not isinstance(m, (nn.Identity, nn.Dropout)) for m in module.bn
+            ):
+                raise UnsupportedError(f"{v._label(local)}.bn holds layers that are not a BatchNorm")
+            return v.conv(join(local, "conv"))
+        _check_no_act(module.bn, v._label(join(local, "bn")))
+    norm = join(local, "bn") if v.has_any(join(local, "bn")) and (v.tree == "key" or is_batch_norm(v.get(join(local, "bn")))) else None
+    return v.conv_bn(join(local, "conv"), norm)
+
+
 # -- the family --------------------------------------------------------------------------------
 
 
@@ -131,51 +151,25 @@ class TimmRepVggBlock(Family):
     source = "huggingface/pytorch-image-models timm/models/byobnet.py RepVggBlock (after RepVGG, CVPR 2021)"
     anchor = "conv_kxk.conv.weight"
     deploy_anchor = "reparam_conv.weight"
+    parts = ("conv_kxk", "conv_1x1", "identity", "drop_path")
+    deploy = "reparam_conv"
     train_keys = "conv_kxk.{conv,bn}, conv_1x1.{conv,bn}, [identity (BN)]"
     deploy_keys = "reparam_conv.{weight,bias}"
     after_sum = "attn (SE or Identity), then act - kept"
 
-    def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
-        has_point = view.has("conv_1x1.conv.weight")
-        if not has_point and (view.has_any("conv_1x1") or not view.has_any("identity")):
+    def expression(self, v) -> Map | None:
+        has_point = v.has("conv_1x1.conv.weight")
+        if v.tree == "key" and not has_point and (v.has_any("conv_1x1") or not v.has_any("identity")):
             # e.g. timm's MobileVitBlock: conv_kxk (ConvNormAct) next to a plain conv_1x1 conv
             return None
-        eps, eps_note = self.eps(options)
-        convs = [conv_norm_branch_from_keys(view, "conv_kxk", eps)]
+        terms = [conv_norm(v, "conv_kxk")]
         if has_point:
-            convs.append(conv_norm_branch_from_keys(view, "conv_1x1", eps))
-        return self.finish_key_block(
-            view,
-            owned=view.owned_under(*BRANCHES),
-            branches=Branches(convs=tuple(convs), identity=identity_from_keys(view, "identity", eps)),
-            deploy_prefix=join(view.prefix, "reparam_conv"),
-            eps_note=eps_note,
-            dtype=source_dtype(convs[0].weight),
-        )
+            terms.append(conv_norm(v, "conv_1x1"))
+        identity = v.identity_bn("identity")
+        return plus(*terms, *([identity] if identity is not None else []))
 
     def matches_module(self, module: nn.Module) -> bool:
         if not has_no_deploy_conv(module) or not hasattr(module, "identity"):
             return False
         point = getattr(module, "conv_1x1", False)
         return is_conv_norm(getattr(module, "conv_kxk", None)) and (point is None or is_conv_norm(point))
-
-    def parse_module(self, name: str, module: nn.Module, options: FamilyOptions) -> Block:
-        where = name or "<root>"
-        convs = [conv_norm_branch_from_module(module.conv_kxk, f"{where}.conv_kxk")]
-        if module.conv_1x1 is not None:
-            convs.append(conv_norm_branch_from_module(module.conv_1x1, f"{where}.conv_1x1"))
-        identity = identity_from_module(module.identity, f"{where}.identity")
-        branches = Branches(convs=tuple(convs), identity=identity, **geometry_from_conv(module.conv_kxk.conv))
-        return Block(
-            name=name,
-            family=self.name,
-            branches=branches,
-            source_keys=self.module_keys(name, module, *BRANCHES),
-            deploy_prefix=join(name, "reparam_conv"),
-            dtype=source_dtype(module.conv_kxk.conv.weight),
-        )
-
-    def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:
-        module.reparam_conv = conv_from_fused(fused, like=module.conv_kxk.conv.weight)
-        delete_attributes(module, DEPLOY_DELETES)
-        return module

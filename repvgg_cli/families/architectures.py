@@ -1,0 +1,77 @@
+"""Whole-model architectures, recognised from the whole key layout of a state dict.
+
+A block's own keys cannot always tell which project wrote it: YOLOv6's ``RepVGGBlock`` has the
+official RepVGG block's keys exactly, but YOLOv6 builds every BN with eps 1e-3; timm's LeViT and
+EfficientViT fold conv→BN pairs that other timm models keep. An :class:`Architecture` is
+recognised when every one of its marker patterns matches some key of the checkpoint. It then
+gives the eps of the project's BNs (over the family defaults) and switches on the families that
+only make sense inside it.
+
+Add one: an entry in :data:`ARCHITECTURES` (most specific first), with the upstream file that
+decides its markers and its eps.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A model family recognised from its whole key layout.
+
+    Attributes:
+        name: short name, shown in reports ("yolov6").
+        title: what it is.
+        source: the upstream file whose module names the markers follow.
+        markers: regular expressions; every one must match (``re.search``) at least one key.
+        eps: the BN eps the project builds every BN with; None: the families' own defaults.
+        families: families switched on only inside this architecture (their layout is generic
+            elsewhere, e.g. a conv→BN pair the project itself folds).
+    """
+
+    name: str
+    title: str
+    source: str
+    markers: tuple[str, ...]
+    eps: float | None = None
+    families: tuple[str, ...] = ()
+
+    def matches(self, keys: Iterable[str]) -> bool:
+        patterns = [re.compile(m) for m in self.markers]
+        found = [False] * len(patterns)
+        for key in keys:
+            for index, pattern in enumerate(patterns):
+                if not found[index] and pattern.search(key):
+                    found[index] = True
+            if all(found):
+                return True
+        return False
+
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture(
+        name="yolov6",
+        title="YOLOv6 (EfficientRep backbone, Rep-PAN neck, EffiDeHead)",
+        source="meituan/YOLOv6 yolov6/models/efficientrep.py, reppan.py, effidehead.py; "
+               "yolov6/utils/torch_utils.py initialize_weights (BN eps 1e-3)",
+        markers=(r"^backbone\.(stem|ERBlock_[2-6])\.", r"^neck\.", r"^detect\."),
+        eps=1e-3,
+    ),
+    Architecture(
+        name="yolov7",
+        title="YOLOv7 (numbered model layers, RepConv, IDetect)",
+        source="WongKinYiu/yolov7 models/yolo.py, models/common.py; utils/torch_utils.py initialize_weights "
+               "(BN eps 1e-3)",
+        markers=(r"^model\.\d+\.(conv\.weight|rbr_dense\.0\.weight)$", r"^model\.\d+\.(anchor_grid|ia\.\d+\.implicit)$"),
+        eps=1e-3,
+    ),
+)
+
+
+def detect_architecture(keys: Iterable[str]) -> Architecture | None:
+    """The first architecture of :data:`ARCHITECTURES` whose markers all match, else None."""
+    keys = list(keys)
+    return next((a for a in ARCHITECTURES if a.matches(keys)), None)
