@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +59,19 @@ def _kernel(kernel: Sequence[int] | None) -> str:
 
 def _block_name(block: dict) -> str:
     return block["name"] or "<root>"
+
+
+def _natural(blocks: Sequence[dict]) -> list[dict]:
+    """Blocks in natural order of their names (``stages.2.9`` before ``stages.2.10``)."""
+    def key(block: dict) -> tuple:
+        parts = re.split(r"(\d+)", block.get("name") or "")
+        return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
+
+    return sorted(blocks, key=key)
+
+
+def _eps(values: Sequence[float] | None) -> str:
+    return ", ".join(f"{v:g}" for v in values) if values else "-"
 
 
 def _short(name: str) -> str:
@@ -177,19 +191,22 @@ def params_chart(blocks: Sequence[dict]) -> str:
 
 
 def _block_table(blocks: Sequence[dict]) -> str:
-    head = ("block", "family", "branches", "kernel", "groups", "params before \u2192 after", "max abs err",
-            "rel err", "status")
+    head = ("block", "family", "branches", "kernel", "groups", "BN eps", "params before \u2192 after", "max abs err",
+            "rel err", "rtol", "status")
     rows = ["<table class=\"blocks\">", "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead>",
             "<tbody>"]
     for b in blocks:
-        groups = "?" if b.get("groups") is None else b["groups"]
+        groups = "unknown" if b.get("groups") is None else b["groups"]
+        eps = _eps(b.get("bn_eps")) + (f" ({b['eps_from']})" if b.get("eps_from") and b.get("bn_eps") else "")
+        rtol = "" if b.get("rtol") is None else f"{b['rtol']:g}"
         rows.append(
             "<tr>"
             f'<td class="name">{_e(_block_name(b))}</td><td>{_e(b["family"])}</td>'
             f'<td>{_e(" + ".join(b.get("branches") or ()))}</td><td class="num">{_e(_kernel(b.get("kernel")))}</td>'
-            f'<td class="num">{_e(groups)}</td>'
+            f'<td class="num">{_e(groups)}</td><td>{_e(eps)}</td>'
             f'<td class="num">{b["params_before"]:,} \u2192 {b["params_after"]:,}</td>'
             f'<td class="num">{_e(_err(b.get("max_abs_err")))}</td><td class="num">{_e(_err(b.get("rel_err")))}</td>'
+            f'<td class="num">{_e(rtol)}</td>'
             f"<td>{_status(bool(b.get('ok')))}</td>"
             "</tr>"
         )
@@ -224,6 +241,16 @@ def _summary(document: dict) -> str:
     ]
     if document.get("mode") == "key tree":
         items.append(("other keys", f"{totals.get('passthrough_keys', 0)} passed through unchanged"))
+    eps = document.get("bn_eps")
+    if eps is not None:
+        sources = ", ".join(eps.get("sources") or ()) or "unknown"
+        items.append(("BatchNorm eps", _e(f"{_eps(eps.get('values'))} (from {sources})" if eps.get("values")
+                                          else "none (no block has a BN)")))
+    tolerance = document.get("tolerance")
+    if tolerance is not None:
+        used = ", ".join(f"{v:g}" for v in tolerance.get("rtol_used") or ()) or "none"
+        asked = f"--rtol {tolerance['rtol']:g}" if tolerance.get("rtol") is not None else "by the dtype written"
+        items.append(("tolerance", _e(f"rtol {used} ({asked}), atol {tolerance.get('atol', 0):g}")))
     items.append(("whole-model check", _model_check(document.get("model_check"))))
     dropped = document.get("dropped_keys") or []
     if dropped:
@@ -237,7 +264,7 @@ def _summary(document: dict) -> str:
 def conversion_section(document: dict, heading: str = "h2") -> str:
     """One conversion: summary, per-block table and the two charts (HTML fragment)."""
     sub = "h3" if heading == "h2" else "h4"
-    blocks = document.get("blocks") or []
+    blocks = _natural(document.get("blocks") or [])
     parts = [f"<{heading}>Summary</{heading}>", _summary(document),
              f"<{heading}>Blocks</{heading}>", _block_table(blocks) if blocks else "<p>No block was fused.</p>"]
     if blocks:

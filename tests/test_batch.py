@@ -74,7 +74,9 @@ def test_folder_batch_summary_table(batch_of_samples) -> None:
         assert int(row[2]) == BLOCKS[family]
         assert 0 < float(row[3]) < 1e-6
         assert row[4] == "ok"
-    assert result.stdout.splitlines()[-1] == f"6 of 6 source(s) converted into {out}, 0 failed (2 job(s))"
+    lines = result.stdout.splitlines()
+    assert lines[-7] == f"6 of 6 source(s) converted into {out}, 0 failed (2 job(s))"
+    assert sorted(line.split()[1] for line in lines[-6:]) == sorted(str(p) for p in out.iterdir())  # wrote PATH (SIZE)
 
 
 def test_jobs_1_and_jobs_2_give_byte_identical_outputs(batch_of_samples, tmp_path: Path) -> None:
@@ -125,7 +127,8 @@ def test_summary_table_names_the_error(tmp_path: Path, monkeypatch) -> None:
                     [os.path.join("ckpts", "plain_net.pt"), os.path.join("out", "plain_net.deploy.pt"), rows[1][2]]]
     assert rows[1][2].split()[0] == "4" and rows[1][2].split()[2] == "ok"
     assert sorted(os.listdir(tmp_path / "out")) == ["plain_net.deploy.pt"]
-    assert result.stdout.splitlines()[-1] == "1 of 2 source(s) converted into out, 1 failed (1 job(s))"
+    assert result.stdout.splitlines()[-2] == "1 of 2 source(s) converted into out, 1 failed (1 job(s))"
+    assert result.stdout.splitlines()[-1].startswith("wrote out/plain_net.deploy.pt (")
 
 
 def test_exit_code_is_the_highest_among_failures(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from repvgg_cli import __version__, zoo
 from repvgg_cli.io.metadata import METADATA_KEY, tensor_sha256
 from repvgg_cli.cli import app
+from repvgg_cli.render import human_size
 from tests.helpers import SAMPLES, disk_full_at_write, error_lines, invoke
 
 TINY = SAMPLES / "repvgg_tiny.pt"
@@ -85,7 +86,7 @@ def test_convert_each_sample(tmp_path: Path, sample: str, suffix: str) -> None:
     assert [row[0] for row in rows] == blocks
     assert all(row[1] == family and row[-1] == "ok" for row in rows)
     assert f"{len(blocks)} block(s) fused (key tree), 0 failed" in result.stdout
-    assert lines[-1] == f"wrote {output}"
+    assert lines[-1] == f"wrote {output} ({human_size(output.stat().st_size)})"
     if sample.endswith("_train.pt"):
         assert "used entry 'model'" in result.stderr
         assert "stripped key prefix 'module.'" in result.stderr

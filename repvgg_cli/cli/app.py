@@ -169,10 +169,12 @@ def handle_errors(command: Callable[..., None]) -> Callable[..., None]:
         except RepvggError as error:
             if debug:
                 traceback.print_exc()
+            from ..render import printable  # names and paths in messages: one line, no terminal escapes
+
             console = stderr_console()
-            console.print(f"Error: {error.message}", markup=False, highlight=False)
+            console.print(f"Error: {printable(error.message)}", markup=False, highlight=False)
             if error.hint:
-                console.print(f"Hint: {error.hint}", markup=False, highlight=False)
+                console.print(f"Hint: {printable(error.hint)}", markup=False, highlight=False)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             stderr_console().print("Interrupted; nothing was written.", markup=False)
@@ -180,14 +182,18 @@ def handle_errors(command: Callable[..., None]) -> Callable[..., None]:
         except OSError as error:  # the environment, not a bug: disk full, permissions, a failed rename
             if debug:
                 traceback.print_exc()
+            from ..render import printable
+
             where = f" {error.filename}" if getattr(error, "filename", None) else ""
-            stderr_console().print(f"Error: cannot read or write{where}: {error.strerror or error}; nothing was written",
-                            markup=False, highlight=False)
+            stderr_console().print(printable(f"Error: cannot read or write{where}: {error.strerror or error}; "
+                                             "nothing was written"), markup=False, highlight=False)
             raise typer.Exit(InputError.exit_code) from None
         except Exception as error:  # noqa: BLE001 - anything else is a bug: say so in one line
             if debug:
                 traceback.print_exc()
-            text = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+            from ..render import printable
+
+            text = printable(str(error).strip().splitlines()[0][:300]) if str(error).strip() else ""
             stderr_console().print(
                 f"Error: internal error {type(error).__name__}: {text} (a bug in repvgg_cli; rerun with --debug "
                 "and report it)", markup=False, highlight=False,

@@ -20,10 +20,14 @@ from .options import (
     JsonOption,
     OutputFormat,
     PickleOption,
+    QuietOption,
     RtolOption,
-    block_progress,
+    Activity,
     first_names,
     parse_shape,
+    progress_shown,
+    reading,
+    wrote_lines,
 )
 
 def _split_sources(paths: list[str]) -> tuple[list[Path], Path, bool]:
@@ -92,6 +96,7 @@ def convert(
     fsync: Annotated[
         bool, typer.Option("--fsync", help="Flush each output to disk before renaming it into place (survives a power loss; waits for the disk).")
     ] = False,
+    quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Fuse every block, verify each against its train form, write the deploy checkpoint.
@@ -119,19 +124,22 @@ def convert(
     if batch:  # plain values: with worker processes, torch is imported only in them
         _convert_batch(sources, output, option_fields, jobs=jobs, out_format=out_format.value if out_format else None,
                        allow_pickle=allow_pickle, entry=entry, model_spec=model, force=force, report=report,
-                       as_json=as_json, debug=debug)
+                       as_json=as_json, debug=debug, quiet=quiet)
         return
     source = sources[0]
     # Hash the source on a second core while torch is imported (a single-threaded couple of seconds).
     digest = FileDigest(source) if source.is_file() else None
     from ..api import convert_file
-    from ..render import conversion_json, conversion_markdown, conversion_table, conversion_totals
+    from ..render import conversion_json, conversion_markdown, conversion_table, conversion_totals, printable
 
     options = convert_options(option_fields)
-    outcome = convert_file(source, output, options, allow_pickle=allow_pickle, entry=entry, model_spec=model,
-                           force=force, progress=block_progress, source_digest=digest)
+    with Activity(quiet) as activity:
+        reading(activity, source)
+        outcome = convert_file(source, output, options, allow_pickle=allow_pickle, entry=entry, model_spec=model,
+                               force=force, progress=activity.blocks, source_digest=digest)
     result = outcome.result
-    for note in outcome.loaded.notes:
+    loader_notes = [printable(note) for note in outcome.loaded.notes]
+    for note in loader_notes:
         stderr_console().print(note, markup=False, highlight=False)
     document = conversion_json(result, str(source), str(output), written=outcome.written)
     if as_json:
@@ -140,10 +148,8 @@ def convert(
         console = stdout_console()
         console.print(conversion_table(result))
         for line in conversion_totals(result):
-            if line not in outcome.loaded.notes:  # those went to stderr already
-                console.print(line, highlight=False)
-        if outcome.written:
-            console.print(f"wrote {output}", highlight=False, markup=False)
+            if line not in loader_notes:  # those went to stderr already
+                console.print(line, highlight=False, markup=False)
     if report is not None:
         if report.suffix == ".html":
             from ..html_report import conversion_html
@@ -153,6 +159,7 @@ def convert(
             text = json.dumps(document, indent=2) + "\n" if report.suffix == ".json" else conversion_markdown(
                 result, str(source), str(output))
         report.write_text(text, encoding="utf-8")
+    wrote_lines(([output] if outcome.written else []) + ([report] if report is not None else []), as_json)
     if not result.ok:
         failed = [r.block.name or "<root>" for r in result.failures]
         detail = f"block(s) {first_names(failed)} exceed the tolerance" if failed else "the whole-model check failed"
@@ -162,17 +169,21 @@ def convert(
 
 def _convert_batch(sources: list[Path], output: Path, options: Any, *, jobs: int | None, out_format: str | None,
                    allow_pickle: bool, entry: str | None, model_spec: str | None, force: bool,
-                   report: Path | None, as_json: bool, debug: bool) -> None:
+                   report: Path | None, as_json: bool, debug: bool, quiet: bool = False) -> None:
     """Several sources (or folders) into one output folder: one progress bar, one summary, one exit code."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from rich.markup import escape
+
     from ..batch import batch_json, batch_table, batch_totals, failed_sources, plan_batch, run_batch
+    from ..render import printable
 
     items = plan_batch(sources, output, out_format)
     with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), console=stderr_console(), transient=True) as progress:
+                  TextColumn("{task.description}"), console=stderr_console(), transient=True,
+                  disable=not progress_shown(quiet)) as progress:
         task = progress.add_task("", total=len(items))
-        done = lambda item: progress.update(task, advance=1, description=Path(item.source).name)  # noqa: E731
+        done = lambda item: progress.update(task, advance=1, description=escape(printable(Path(item.source).name)))  # noqa: E731
         try:
             outcome = run_batch(items, options, jobs=jobs, allow_pickle=allow_pickle, entry=entry,
                                 model_spec=model_spec, force=force, debug=debug, on_done=done)
@@ -200,6 +211,8 @@ def _convert_batch(sources: list[Path], output: Path, options: Any, *, jobs: int
         else:
             text = json.dumps(document, indent=2) + "\n"
         report.write_text(text, encoding="utf-8")
+    wrote_lines([Path(item.output) for item in outcome.items if item.written] + ([report] if report is not None else []),
+                as_json)
     if not outcome.ok:
         stderr_console().print(f"Error: {len(outcome.failures)} of {len(outcome.items)} source(s) failed: "
                         f"{first_names(list(failed_sources(outcome)))}; nothing was written for them",

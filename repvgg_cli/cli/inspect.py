@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .app import app, handle_errors, print_json, stdout_console
-from .options import DebugOption, EntryOption, JsonOption, PickleOption
+from .options import Activity, DebugOption, EntryOption, JsonOption, PickleOption, QuietOption, reading
 
 @app.command()
 @handle_errors
@@ -17,6 +17,7 @@ def inspect(
     entry: EntryOption = None,
     allow_pickle: PickleOption = False,
     as_json: JsonOption = False,
+    quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
     """What is in a checkpoint: format, entry, dtypes, blocks by family, train or deploy form."""
@@ -24,7 +25,11 @@ def inspect(
     from ..inspection import summarize
     from ..render import summary_json, summary_tree
 
-    summary = summarize(load_checkpoint(path, allow_pickle=allow_pickle, entry=entry))
+    with Activity(quiet) as activity:
+        reading(activity, path)
+        loaded = load_checkpoint(path, allow_pickle=allow_pickle, entry=entry)
+        activity.step("finding blocks")
+        summary = summarize(loaded)
     if as_json:
         print_json(summary_json(summary))
     else:

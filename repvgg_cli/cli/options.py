@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable, Iterable
 from enum import Enum
-from typing import Annotated, Optional
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
 
 from ..errors import InputError
-from .app import stderr_console
+from .app import stderr_console, stdout_console
 
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
+
+QuietOption = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="No progress display on stderr (there is none anyway when stderr is not a terminal)."),
+]
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
 
@@ -56,18 +65,114 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 
 def first_names(names: list[str], shown: int = 5) -> str:
     """``a, b, c`` or ``a, b, c, d, e and 3 more``: a one-line list that never hides how many."""
+    from ..render import printable
+
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
+    return ", ".join(printable(n) for n in names[:shown]) + more
 
-def block_progress(total: int):
-    """A progress bar on stderr when there are many blocks; a no-op callback otherwise."""
-    from rich.progress import Progress
 
-    if total < 8:
-        return None, (lambda name: None)
-    progress = Progress(console=stderr_console(), transient=True)
-    task = progress.add_task("fusing", total=total)
-    return progress, (lambda name: progress.update(task, advance=1, description=f"fusing {name}"))
+def progress_shown(quiet: bool) -> bool:
+    """Progress goes to stderr only when it is a terminal (not a pipe, a file or a test runner),
+    not ``TERM=dumb``, and the user did not pass ``--quiet``."""
+    try:
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    return not quiet and terminal and os.environ.get("TERM") != "dumb"
+
+
+class Activity:
+    """Progress on stderr for every step that can take more than a second.
+
+    One line, redrawn in place and removed at the end: a spinner, what is being done (reading a
+    checkpoint, fusing block N of M, the whole-model check, timing a form, exporting, onnxruntime),
+    a bar and a count where the work is counted, and the time elapsed. With ``--quiet``, or when
+    stderr is not a terminal, it draws nothing (the methods still accept every call).
+
+    Use as a context manager around the command's work; :meth:`step` names a new step,
+    :meth:`advance` counts one unit of it, :meth:`blocks` is the ``progress`` factory that
+    :func:`repvgg_cli.api.convert_file` and the core's fusing loops call.
+    """
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.shown = progress_shown(quiet)
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Activity:
+        if self.shown:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                      MofNCompleteColumn(), TimeElapsedColumn(), console=stderr_console(),
+                                      transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task("starting", total=None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def step(self, description: str, total: int | None = None) -> None:
+        """A new step: ``description`` (plain text, shown as it is) and, if counted, its total."""
+        if self._progress is not None:
+            from rich.markup import escape
+
+            from ..render import printable
+
+            self._progress.reset(self._task, total=total, description=escape(printable(description)))
+
+    def advance(self, description: str | None = None) -> None:
+        """One more unit of the current step done (and what comes next, if given)."""
+        if self._progress is not None:
+            from rich.markup import escape
+
+            from ..render import printable
+
+            if description is None:
+                self._progress.update(self._task, advance=1)
+            else:
+                self._progress.update(self._task, advance=1, description=escape(printable(description)))
+
+    def blocks(self, total: int) -> tuple[None, Callable[[str], None]]:
+        """The ``progress`` factory of the fusing loops: "fusing block i/N", then "checking"."""
+        self.step("fusing blocks", total=total)
+        done = [0]
+
+        def advance(name: str) -> None:
+            done[0] += 1
+            self.advance(f"fused {name or '<root>'}" if done[0] < total
+                         else "checking and writing (whole-model check where there is a model)")
+
+        return None, advance
+
+
+def reading(activity: Activity, path: Path) -> None:
+    """Name the checkpoint being read (and its size) as the current step."""
+    from ..render import human_size
+
+    try:
+        size = f" ({human_size(path.stat().st_size)})"
+    except OSError:
+        size = ""
+    activity.step(f"reading {path}{size}")
+
+
+def wrote_lines(paths: Iterable[Path], as_json: bool = False) -> None:
+    """The command's last lines: ``wrote PATH (SIZE)`` for every file it wrote, on stdout (on
+    stderr with ``--json``, where stdout holds only the document)."""
+    from ..render import human_size, printable
+
+    console = stderr_console() if as_json else stdout_console()
+    for path in paths:
+        try:
+            size = path.stat().st_size
+        except OSError:
+            continue
+        console.print(f"wrote {printable(path)} ({human_size(size)})", markup=False,
+                      highlight=False, soft_wrap=True)
 
 class OutputFormat(str, Enum):
     """``--format`` of a batch: the format of every output."""

@@ -8,7 +8,19 @@ from typing import Annotated, Optional
 import typer
 
 from .app import app, handle_errors, print_json, stderr_console, stdout_console
-from .options import AtolOption, DebugOption, EntryOption, EpsOption, JsonOption, PickleOption, RtolOption, first_names, parse_shape
+from .options import (
+    Activity,
+    AtolOption,
+    DebugOption,
+    EntryOption,
+    EpsOption,
+    JsonOption,
+    PickleOption,
+    QuietOption,
+    RtolOption,
+    first_names,
+    parse_shape,
+)
 
 @app.command()
 @handle_errors
@@ -22,25 +34,29 @@ def verify(
     allow_pickle: PickleOption = False,
     input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Whole-model probe N,C,H,W (pickled models).")] = None,
     as_json: JsonOption = False,
+    quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Re-check a deploy artifact: structure, integrity and numerical equivalence."""
     from ..api import verify_file
-    from ..render import verify_json, verify_table
+    from ..render import printable, verify_json, verify_table
     from ..verify import Tolerance
 
-    report = verify_file(deploy, against=against, bn_eps=bn_eps, tolerance=Tolerance(rtol=rtol, atol=atol),
-                         allow_pickle=allow_pickle, entry=entry, input_shape=parse_shape(input_shape))
+    with Activity(quiet) as activity:
+        activity.step(f"verifying {deploy}" + (f" against {against}" if against else "") + " (reading, checking)")
+        report = verify_file(deploy, against=against, bn_eps=bn_eps, tolerance=Tolerance(rtol=rtol, atol=atol),
+                             allow_pickle=allow_pickle, entry=entry, input_shape=parse_shape(input_shape))
     if as_json:
         print_json(verify_json(report, str(deploy), str(against) if against else None))
     else:
         console = stdout_console()
         title = f"verify {deploy}" + (f" against {against}" if against else " (recorded probes)")
-        console.print(verify_table(report, title))
+        console.print(printable(title), markup=False, highlight=False, soft_wrap=True)
+        console.print(verify_table(report))
         for problem in report.problems:
-            console.print(f"problem: {problem}", markup=False, highlight=False)
+            console.print(f"problem: {printable(problem)}", markup=False, highlight=False)
         for note in report.notes:
-            console.print(note, markup=False, highlight=False)
+            console.print(printable(note), markup=False, highlight=False)
         if report.model_check is not None:
             mc = report.model_check
             console.print(f"whole model: rel err {mc.rel_err:.2e} (rtol {mc.rtol:g}) {'ok' if mc.ok else 'FAIL'}",
@@ -56,5 +72,6 @@ def verify(
             parts.append(report.problems[0])
         if report.model_check is not None and not report.model_check.ok:
             parts.append("the whole-model outputs differ")
-        stderr_console().print(f"Error: verification failed: {'; '.join(parts)}", markup=False, highlight=False)
+        stderr_console().print(f"Error: verification failed: {printable('; '.join(parts))}", markup=False,
+                               highlight=False)
         raise typer.Exit(1)
