@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from repvgg_cli import verify, zoo
+from repvgg_cli import checks, zoo
 from repvgg_cli.convert import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.errors import UnsupportedError
 from repvgg_cli.fusion import (
@@ -235,27 +235,27 @@ def test_padding_modes_eps_and_dtypes_fuse_exactly(spec: Spec) -> None:
     assert tuple(fused.weight.shape) == (spec.out_channels, spec.in_per_group, spec.k, spec.k)
     shipped = fused.to(spec.dtype)
     exact, cast = deploy_conv(fused), deploy_conv(shipped)
-    rtol = verify.default_rtol(spec.dtype)
+    rtol = checks.default_rtol(spec.dtype)
 
     side = spec.dilation * (spec.k - 1) + 3  # every tap meets real pixels somewhere
     for x in (torch.randn(2, spec.in_channels, spec.height, spec.width, generator=gen, dtype=F64),
               torch.randn(1, spec.in_channels, side, side, generator=gen, dtype=F64)):
         with torch.no_grad():
             truth, out64, out_cast = module(x), exact(x), cast(x)
-        assert rel_error(truth, verify.reference_forward(branches, x)) <= EXACT
+        assert rel_error(truth, checks.reference_forward(branches, x)) <= EXACT
         assert rel_error(truth, out64) <= EXACT
         err = rel_error(truth, out_cast)
         assert err <= rtol, f"{spec.dtype}: {err:.3e} > {rtol:g}"
         if spec.dtype != F64:  # the cast is real: it moves the output a little, within the tolerance
             assert rel_error(out64, out_cast) > 0.0
-        assert rel_error(out_cast, verify.fused_forward(shipped, x)) <= 1e-12
+        assert rel_error(out_cast, checks.fused_forward(shipped, x)) <= 1e-12
         WORST[str(spec.dtype)] = max(WORST.get(str(spec.dtype), 0.0), err)
 
-    check = verify.check_block("blk", branches, fused, shipped, spec.seed % 1000, verify.Tolerance())
+    check = checks.check_block("blk", branches, fused, shipped, spec.seed % 1000, checks.Tolerance())
     assert check.problem is None and check.ok, (check.rel_err, check.rtol)
     assert check.rtol == rtol
     probe_seed = spec.seed % 997
-    assert rel_error(verify.reference_probe(branches, probe_seed), verify.fused_probe(fused, probe_seed)) <= EXACT
+    assert rel_error(checks.reference_probe(branches, probe_seed), checks.fused_probe(fused, probe_seed)) <= EXACT
 
 
 # -- 1b. what is not equivalent is refused -------------------------------------------------------
@@ -407,13 +407,13 @@ def measured_cast_errors(state: dict[str, Tensor], deploy: dict[str, Tensor], se
         with torch.no_grad():
             shipped.weight.copy_(weight.double())
             shipped.bias.copy_(bias.double())
-        gen = torch.Generator().manual_seed(verify.block_seed(seed, name))
+        gen = torch.Generator().manual_seed(checks.block_seed(seed, name))
         x = torch.randn(1, shipped.in_channels, 3, 3, generator=gen, dtype=F64)
         with torch.no_grad():
             train = block.rbr_dense(x) + block.rbr_1x1(x)
             if block.rbr_identity is not None:
                 train = train + block.rbr_identity(x)
-            rows = verify.geometry_channels(shipped.out_channels)
+            rows = checks.geometry_channels(shipped.out_channels)
             seen = torch.cat([train[:, :, 1, 1].flatten(), train[:, rows].flatten()])
             diff = (train - shipped(x)).abs()
             errors[name] = (float(torch.cat([diff[:, :, 1, 1].flatten(), diff[:, rows].flatten()]).max()),
@@ -429,7 +429,7 @@ def test_half_precision_cast_error_is_what_convert_reports(tmp_path: Path, dtype
     assert result.ok and len(result.blocks) == 7
     measured = measured_cast_errors(state, dict(result.state_dict))
     assert sorted(measured) == sorted(r.block.name for r in result.blocks)
-    rtol = verify.default_rtol(dtype)
+    rtol = checks.default_rtol(dtype)
     for r in result.blocks:
         err, scale = measured[r.block.name]
         assert r.fused.weight.dtype == dtype

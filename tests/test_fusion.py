@@ -2,7 +2,7 @@
 
 The ground truth of the property tests is an ``nn.Module`` train-form block built here from real
 ``nn.Conv2d`` and eval-mode ``nn.BatchNorm2d`` modules, run in float64 on the source tensors
-(upcast exactly). ``verify.reference_forward`` is itself under test and is compared against it.
+(upcast exactly). ``checks.reference_forward`` is itself under test and is compared against it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from repvgg_cli import verify
+from repvgg_cli import checks
+from repvgg_cli.checks import forward as checks_forward
 from repvgg_cli.errors import InputError, UnsupportedError
 from repvgg_cli.fusion import (
     BatchNorm,
@@ -382,15 +383,25 @@ def test_fuse_branches_matches_nn_module_train_form(spec: BlockSpec) -> None:
         truth = block.truth(x)
         assert truth.shape[:2] == (x.shape[0], spec.out_channels)
 
-        # verify.reference_forward is under test too: it must agree with the nn.Module forward.
-        assert rel_error(truth, verify.reference_forward(block.branches, x)) <= FLOAT64_FUSION_RTOL
+        # checks.reference_forward is under test too: it must agree with the nn.Module forward.
+        assert rel_error(truth, checks.reference_forward(block.branches, x)) <= FLOAT64_FUSION_RTOL
 
         # float64 fusion is exact up to rounding.
-        assert rel_error(truth, verify.fused_forward(fused, x)) <= FLOAT64_FUSION_RTOL
+        assert rel_error(truth, checks.fused_forward(fused, x)) <= FLOAT64_FUSION_RTOL
 
-        # The shipped tensors, in the source dtype, within the dtype's default tolerance.
-        shipped_out = verify.fused_forward(shipped, x)
-        assert rel_error(truth, shipped_out) <= verify.default_rtol(spec.dtype)
+        # The shipped tensors differ from the float64 result only by their rounding: each weight and
+        # bias by at most half an ulp of the dtype, and the output by at most what those roundings can
+        # add up to (a unit-scale tolerance is not a bound: cancellation can make the sum small).
+        shipped_out = checks.fused_forward(shipped, x)
+        ulp_half = torch.finfo(spec.dtype).eps / 2
+        tiny = torch.finfo(spec.dtype).smallest_normal * torch.finfo(spec.dtype).eps
+        w_err = (fused.weight - shipped.weight.to(F64)).abs()
+        b_err = (fused.bias - shipped.bias.to(F64)).abs()
+        assert bool((w_err <= ulp_half * fused.weight.abs() + tiny).all())
+        assert bool((b_err <= ulp_half * fused.bias.abs() + tiny).all())
+        bound = checks.fused_forward(replace(fused, weight=w_err, bias=b_err), x.abs())
+        exact = checks.fused_forward(fused, x)
+        assert bool(((shipped_out - exact).abs() <= bound * (1 + 1e-9) + 1e-12).all())
 
         # fused_forward is what a real deploy-form nn.Conv2d computes.
         with torch.no_grad():
@@ -406,8 +417,8 @@ def test_sabotaged_fusion_is_detected(spec: BlockSpec) -> None:
     block = build_block(spec)
     truth = block.truth()
     fused = fuse_branches(block.branches)
-    rtol = verify.default_rtol(spec.dtype)
-    assert within(truth, verify.fused_forward(fused.to(spec.dtype), block.x), rtol)
+    rtol = checks.default_rtol(spec.dtype)
+    assert within(truth, checks.fused_forward(fused.to(spec.dtype), block.x), rtol)
 
     # One bias entry off by 1e-3 of the output scale (more for the low-precision tolerances).
     scale = float(truth.abs().max())
@@ -416,19 +427,19 @@ def test_sabotaged_fusion_is_detected(spec: BlockSpec) -> None:
     bump = torch.zeros(spec.out_channels, dtype=F64)
     bump[channel] = relative * scale
     sabotaged = replace(fused, bias=fused.bias + bump)
-    err64 = rel_error(truth, verify.fused_forward(sabotaged, block.x))
+    err64 = rel_error(truth, checks.fused_forward(sabotaged, block.x))
     assert err64 == pytest.approx(relative, rel=1e-6)
-    assert not within(truth, verify.fused_forward(sabotaged, block.x), FLOAT64_FUSION_RTOL)
-    assert not within(truth, verify.fused_forward(sabotaged, block.x), verify.default_rtol(torch.float32))
-    assert not within(truth, verify.fused_forward(sabotaged.to(spec.dtype), block.x), rtol)
+    assert not within(truth, checks.fused_forward(sabotaged, block.x), FLOAT64_FUSION_RTOL)
+    assert not within(truth, checks.fused_forward(sabotaged, block.x), checks.default_rtol(torch.float32))
+    assert not within(truth, checks.fused_forward(sabotaged.to(spec.dtype), block.x), rtol)
 
-    # verify.check_block reaches the same verdicts.
-    honest = verify.check_block("blk", block.branches, fused, fused.to(spec.dtype), spec.seed, verify.Tolerance())
+    # checks.check_block reaches the same verdicts.
+    honest = checks.check_block("blk", block.branches, fused, fused.to(spec.dtype), spec.seed, checks.Tolerance())
     assert honest.ok and honest.rtol == rtol and honest.rel_err <= rtol
     # check_block runs its own input, so the bump is sized to its output scale.
     sabotaged_for_check = replace(fused, bias=fused.bias + bump * (honest.scale / scale))
-    caught = verify.check_block(
-        "blk", block.branches, fused, sabotaged_for_check.to(spec.dtype), spec.seed, verify.Tolerance()
+    caught = checks.check_block(
+        "blk", block.branches, fused, sabotaged_for_check.to(spec.dtype), spec.seed, checks.Tolerance()
     )
     assert not caught.ok and caught.rel_err > rtol
     assert caught.rel_err == pytest.approx(relative, abs=rtol)
@@ -440,13 +451,13 @@ def test_sabotaged_fusion_is_detected(spec: BlockSpec) -> None:
     weight[o, i, spec.k // 2, spec.k // 2] *= 1.0 + relative
     bad_weight = replace(fused, weight=weight)
     truth_full = block.truth(block.x_full)
-    assert within(truth_full, verify.fused_forward(fused, block.x_full), FLOAT64_FUSION_RTOL)
-    assert not within(truth_full, verify.fused_forward(bad_weight, block.x_full), FLOAT64_FUSION_RTOL)
+    assert within(truth_full, checks.fused_forward(fused, block.x_full), FLOAT64_FUSION_RTOL)
+    assert not within(truth_full, checks.fused_forward(bad_weight, block.x_full), FLOAT64_FUSION_RTOL)
 
     if has_batch_norm(block.branches):
         # Forgetting the BN eps is caught in float64.
         no_eps = fuse_branches(map_batch_norms(block.branches, lambda bn: replace(bn, eps=0.0)))
-        assert rel_error(truth, verify.fused_forward(no_eps, block.x)) > 1e3 * FLOAT64_FUSION_RTOL
+        assert rel_error(truth, checks.fused_forward(no_eps, block.x)) > 1e3 * FLOAT64_FUSION_RTOL
 
         # Fusing with fresh statistics (mean 0, var 1, gamma 1, beta 0) is caught at the dtype's tolerance.
         def fresh(bn: BatchNorm) -> BatchNorm:
@@ -460,7 +471,7 @@ def test_sabotaged_fusion_is_detected(spec: BlockSpec) -> None:
             )
 
         fresh_fused = fuse_branches(map_batch_norms(block.branches, fresh)).to(spec.dtype)
-        assert not within(truth, verify.fused_forward(fresh_fused, block.x), rtol)
+        assert not within(truth, checks.fused_forward(fresh_fused, block.x), rtol)
 
 
 def test_comparison_helper_fails_for_a_perturbed_output() -> None:
@@ -487,13 +498,13 @@ def test_comparison_helper_fails_for_a_perturbed_output() -> None:
 def test_reference_and_fused_probes_agree_and_detect_a_changed_weight(spec: BlockSpec, probe_seed: int) -> None:
     block = build_block(spec)
     fused = fuse_branches(block.branches)
-    reference = verify.reference_probe(block.branches, probe_seed)
-    probe = verify.fused_probe(fused, probe_seed)
+    reference = checks.reference_probe(block.branches, probe_seed)
+    probe = checks.fused_probe(fused, probe_seed)
     assert tuple(reference.shape) == (1, spec.out_channels)
     assert rel_error(reference, probe) <= FLOAT64_FUSION_RTOL
 
     # The probe sees every kernel tap at its centre pixel: the stride-1 nn.Module agrees.
-    x = verify.block_probe(spec.in_channels, (spec.k, spec.k), (spec.dilation, spec.dilation), probe_seed)
+    x = checks.block_probe(spec.in_channels, (spec.k, spec.k), (spec.dilation, spec.dilation), probe_seed)
     for conv in block.module.convs:
         conv.stride = (1, 1)
     centre = block.truth(x)[:, :, x.shape[2] // 2 + spec.extra_padding, x.shape[3] // 2 + spec.extra_padding]
@@ -503,7 +514,7 @@ def test_reference_and_fused_probes_agree_and_detect_a_changed_weight(spec: Bloc
     index = int(flat.abs().argmax())
     flat[index] *= 1.01
     changed = replace(fused, weight=flat.reshape(fused.weight.shape))
-    assert rel_error(reference, verify.fused_probe(changed, probe_seed)) > 1e-7
+    assert rel_error(reference, checks.fused_probe(changed, probe_seed)) > 1e-7
 
 
 def test_probes_of_a_fixed_random_block() -> None:
@@ -517,14 +528,14 @@ def test_probes_of_a_fixed_random_block() -> None:
         groups=1,
     )
     fused = fuse_branches(branches)
-    reference = verify.reference_probe(branches, 99)
-    probe = verify.fused_probe(fused, 99)
+    reference = checks.reference_probe(branches, 99)
+    probe = checks.fused_probe(fused, 99)
     assert rel_error(reference, probe) <= FLOAT64_FUSION_RTOL
     weight = fused.weight.clone()
     o, i, kh, kw = divmod_index(int(weight.abs().argmax()), weight.shape)
     weight[o, i, kh, kw] *= 1.01
-    changed = verify.fused_probe(replace(fused, weight=weight), 99)
-    x = verify.block_probe(6, (3, 3), (1, 1), 99)
+    changed = checks.fused_probe(replace(fused, weight=weight), 99)
+    x = checks.block_probe(6, (3, 3), (1, 1), 99)
     # Exactly the changed tap's contribution moves, in output channel o only.
     expected_shift = 0.01 * fused.weight[o, i, kh, kw] * x[:, i, kh, kw]
     torch.testing.assert_close(changed[:, o] - probe[:, o], expected_shift, rtol=1e-9, atol=1e-12)
@@ -553,9 +564,9 @@ def same_bits(a: Tensor, b: Tensor) -> bool:
 
 def test_encode_decode_round_trips_special_values_bit_exactly() -> None:
     t = torch.tensor(SPECIAL_FLOATS, dtype=F64)
-    text = verify.encode_tensor(t)
+    text = checks.encode_tensor(t)
     assert isinstance(text, str) and text.isascii()
-    decoded = verify.decode_tensor(text, t.shape)
+    decoded = checks.decode_tensor(text, t.shape)
     assert same_bits(decoded, t)
     assert math.copysign(1.0, float(decoded[1])) == -1.0
     assert math.isnan(float(decoded[11]))
@@ -566,15 +577,15 @@ def test_encode_decode_round_trips_special_values_bit_exactly() -> None:
 def test_encode_decode_round_trip_by_dtype_and_shape(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     gen = torch.Generator().manual_seed(3)
     t = torch.randn(shape, generator=gen, dtype=F64).to(dtype)
-    decoded = verify.decode_tensor(verify.encode_tensor(t), t.shape)
+    decoded = checks.decode_tensor(checks.encode_tensor(t), t.shape)
     assert same_bits(decoded, t.to(F64))
-    assert len(verify.encode_tensor(t)) == 4 * math.ceil(8 * t.numel() / 3)
+    assert len(checks.encode_tensor(t)) == 4 * math.ceil(8 * t.numel() / 3)
 
 
 def test_encode_decode_non_contiguous_input() -> None:
     t = torch.arange(24, dtype=F64).reshape(2, 3, 4).transpose(0, 2)
     assert not t.is_contiguous()
-    decoded = verify.decode_tensor(verify.encode_tensor(t), t.shape)
+    decoded = checks.decode_tensor(checks.encode_tensor(t), t.shape)
     assert same_bits(decoded, t.contiguous())
 
 
@@ -582,7 +593,7 @@ def test_encode_decode_non_contiguous_input() -> None:
 @given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64), max_size=40))
 def test_encode_decode_round_trip_property(values: list[float]) -> None:
     t = torch.tensor(values, dtype=F64)
-    decoded = verify.decode_tensor(verify.encode_tensor(t), (len(values),))
+    decoded = checks.decode_tensor(checks.encode_tensor(t), (len(values),))
     assert same_bits(decoded, t)
 
 
@@ -891,9 +902,9 @@ def test_centre_and_channel_restricted_forwards_equal_slices_of_the_full_ones(
     x = block.x_full[:1]
     rows = sorted(data.draw(st.sets(st.integers(0, spec.out_channels - 1), min_size=1, max_size=4)))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(verify, "chunk_rows", lambda row_numel: chunk)
-        for forward in (lambda **kw: verify.reference_forward(stride1, x, **kw),
-                        lambda **kw: verify.fused_forward(fused, x, stride=(1, 1), **kw)):
+        patch.setattr(checks_forward, "chunk_rows", lambda row_numel: chunk)
+        for forward in (lambda **kw: checks.reference_forward(stride1, x, **kw),
+                        lambda **kw: checks.fused_forward(fused, x, stride=(1, 1), **kw)):
             full = forward()
             h, w = full.shape[2] // 2, full.shape[3] // 2
             centre = forward(centre=True)
@@ -913,23 +924,23 @@ def test_centre_and_channels_with_padding_modes_and_cropped_branches(mode: str) 
     point = ConvBranch(weight=torch.randn(6, 3, 1, 1, generator=gen, dtype=F64), bn=_bn(6))
     branches = Branches(convs=(square, crop, point), groups=2, padding=(1, 1), padding_mode=mode)
     fused = fuse_branches(branches)
-    x = verify.block_probe(6, (3, 3), (1, 1), 3, padding=(1, 1), padding_mode=mode)
-    full = verify.reference_forward(branches, x)
+    x = checks.block_probe(6, (3, 3), (1, 1), 3, padding=(1, 1), padding_mode=mode)
+    full = checks.reference_forward(branches, x)
     h, w = full.shape[2] // 2, full.shape[3] // 2
-    assert torch.allclose(verify.reference_forward(branches, x, centre=True)[:, :, 0, 0], full[:, :, h, w],
+    assert torch.allclose(checks.reference_forward(branches, x, centre=True)[:, :, 0, 0], full[:, :, h, w],
                           rtol=1e-12, atol=1e-12)
-    assert torch.allclose(verify.reference_forward(branches, x, channels=[1, 4]), full[:, [1, 4]],
+    assert torch.allclose(checks.reference_forward(branches, x, channels=[1, 4]), full[:, [1, 4]],
                           rtol=1e-12, atol=1e-12)
-    assert torch.allclose(verify.fused_forward(fused, x, centre=True)[:, :, 0, 0], full[:, :, h, w],
+    assert torch.allclose(checks.fused_forward(fused, x, centre=True)[:, :, 0, 0], full[:, :, h, w],
                           rtol=1e-10, atol=1e-10)
-    assert torch.allclose(verify.fused_forward(fused, x, channels=[1, 4]), full[:, [1, 4]], rtol=1e-10, atol=1e-10)
+    assert torch.allclose(checks.fused_forward(fused, x, channels=[1, 4]), full[:, [1, 4]], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("channels", [1, 5, 8, 9, 64, 2560])
 def test_geometry_channels_spread_over_the_block(channels: int) -> None:
-    rows = verify.geometry_channels(channels)
+    rows = checks.geometry_channels(channels)
     assert rows == sorted(set(rows)) and all(0 <= r < channels for r in rows)
-    assert len(rows) == min(channels, verify.GEOMETRY_CHANNELS)
+    assert len(rows) == min(channels, checks.GEOMETRY_CHANNELS)
     assert rows[0] == 0 and rows[-1] == channels - 1
 
 
@@ -940,17 +951,17 @@ def test_the_check_catches_a_wrong_padding_mode_seen_only_at_the_border() -> Non
     branches = Branches(convs=(ConvBranch(weight=torch.randn(16, 16, 3, 3, generator=gen, dtype=F64), bn=_bn(16)),),
                         groups=1, padding_mode="reflect")
     fused = fuse_branches(branches, dtype=torch.float32)
-    good = verify.check_block("b", branches, None, fused, 0, verify.Tolerance())
-    wrong = verify.check_block("b", branches, None, replace(fused, padding_mode="zeros"), 0, verify.Tolerance())
+    good = checks.check_block("b", branches, None, fused, 0, checks.Tolerance())
+    wrong = checks.check_block("b", branches, None, replace(fused, padding_mode="zeros"), 0, checks.Tolerance())
     assert good.ok and good.rel_err < 1e-6
     assert not wrong.ok and wrong.rel_err > 1e-2
-    x = verify.block_probe(16, (3, 3), (1, 1), verify.block_seed(0, "b"), padding=(1, 1), padding_mode="reflect")
-    centre_only = verify.compare(verify.reference_forward(branches, x, centre=True),
-                                 verify.fused_forward(replace(fused, padding_mode="zeros"), x, centre=True))
+    x = checks.block_probe(16, (3, 3), (1, 1), checks.block_seed(0, "b"), padding=(1, 1), padding_mode="reflect")
+    centre_only = checks.compare(checks.reference_forward(branches, x, centre=True),
+                                 checks.fused_forward(replace(fused, padding_mode="zeros"), x, centre=True))
     assert centre_only[0] <= 1e-5 * centre_only[1]
 
 
-# -- 5. the check's centre products taken during fusion (verify.CentreProbe) --------------------
+# -- 5. the check's centre products taken during fusion (checks.CentreProbe) --------------------
 
 
 @property_settings(150)
@@ -961,21 +972,21 @@ def test_centre_probe_equals_the_centre_forwards_and_leaves_fusion_unchanged(spe
     does not change a bit of the fused weight."""
     block = build_block(spec)
     dtype = spec.dtype if spec.dtype in (torch.float32, F64) else torch.float32
-    probe = verify.CentreProbe("blk", block.branches, spec.seed)
+    probe = checks.CentreProbe("blk", block.branches, spec.seed)
     watched = fuse_branches(block.branches, dtype=dtype, rows_per_chunk=rows, observer=probe, check_finite=False)
     plain = fuse_branches(block.branches, dtype=dtype, rows_per_chunk=rows)
     assert identical(watched.weight, plain.weight) and identical(watched.bias, plain.bias)
 
     reference, output = probe.outputs(watched)
     stride1 = replace(block.branches, stride=(1, 1))
-    expected_reference = verify.reference_forward(stride1, probe.x, centre=True)
-    expected_output = verify.fused_forward(watched, probe.x, stride=(1, 1), centre=True)
+    expected_reference = checks.reference_forward(stride1, probe.x, centre=True)
+    expected_output = checks.fused_forward(watched, probe.x, stride=(1, 1), centre=True)
     assert reference.shape == output.shape == (1, spec.out_channels, 1, 1)
     assert torch.allclose(reference, expected_reference, rtol=1e-12, atol=1e-12)
     assert torch.allclose(output, expected_output, rtol=1e-12, atol=1e-12)
     # the probe's input is check_block's own: the same verdict and numbers
-    with_probe = verify.check_block("blk", block.branches, None, watched, spec.seed, verify.Tolerance(), probe)
-    without = verify.check_block("blk", block.branches, None, watched, spec.seed, verify.Tolerance())
+    with_probe = checks.check_block("blk", block.branches, None, watched, spec.seed, checks.Tolerance(), probe)
+    without = checks.check_block("blk", block.branches, None, watched, spec.seed, checks.Tolerance())
     assert with_probe.ok and without.ok
     assert with_probe.scale == pytest.approx(without.scale, rel=1e-12)
     assert with_probe.max_abs_err == pytest.approx(without.max_abs_err, rel=1e-6, abs=1e-12 * without.scale)
@@ -997,25 +1008,25 @@ def test_centre_probe_reference_is_independent_of_the_folding(monkeypatch: pytes
     from repvgg_cli import fusion
 
     branches = _probe_block()
-    honest = verify.CentreProbe("b", branches, 0)
+    honest = checks.CentreProbe("b", branches, 0)
     fused = fuse_branches(branches, dtype=torch.float32, observer=honest, check_finite=False)
-    assert verify.check_block("b", branches, None, fused, 0, verify.Tolerance(), honest).ok
+    assert checks.check_block("b", branches, None, fused, 0, checks.Tolerance(), honest).ok
 
     real = fusion.bn_scale_shift
     monkeypatch.setattr(fusion, "bn_scale_shift", lambda *a, **k: tuple(t * 1.001 for t in real(*a, **k)))
-    probe = verify.CentreProbe("b", branches, 0)
+    probe = checks.CentreProbe("b", branches, 0)
     wrong = fuse_branches(branches, dtype=torch.float32, observer=probe, check_finite=False)
-    caught = verify.check_block("b", branches, None, wrong, 0, verify.Tolerance(), probe)
+    caught = checks.check_block("b", branches, None, wrong, 0, checks.Tolerance(), probe)
     assert not caught.ok and caught.rel_err > 1e-4
 
 
 def test_centre_probe_refuses_rows_fusion_did_not_show() -> None:
     branches = _probe_block()
-    probe = verify.CentreProbe("b", branches, 0)
+    probe = checks.CentreProbe("b", branches, 0)
     fused = fuse_branches(branches, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="rows of 8"):
         probe.outputs(fused)  # nothing was shown
-    probe = verify.CentreProbe("b", branches, 0)
+    probe = checks.CentreProbe("b", branches, 0)
     scratch = torch.empty(3, 4, 3, 3, dtype=F64)
     probe.fused(0, 3, fused.weight[0:3], scratch)
     for index, conv in enumerate(branches.convs):
@@ -1029,7 +1040,7 @@ def test_centre_probe_takes_over_the_nan_check(value: float) -> None:
     """With ``check_finite=False`` fusion does not look; the probe's products see the value and
     its outputs raise the error fusion would have raised, naming the branch."""
     branches = _probe_block(value)
-    probe = verify.CentreProbe("b", branches, 0)
+    probe = checks.CentreProbe("b", branches, 0)
     fused = fuse_branches(branches, dtype=torch.float32, observer=probe, check_finite=False)
     with pytest.raises(InputError, match="branch 0 weight holds NaN or Inf"):
         probe.outputs(fused)
@@ -1041,7 +1052,7 @@ def test_centre_probe_reports_a_weight_that_overflows_the_shipped_dtype() -> Non
     """Finite float64 weights whose fused value exceeds float32's range ship as Inf: an input
     error (the BN scale is absurd), not a silent Inf in the deploy file."""
     branches = _probe_block(1e30, var=1e-24)  # BN scale 1e12: 1e42 > float32 max
-    probe = verify.CentreProbe("b", branches, 0)
+    probe = checks.CentreProbe("b", branches, 0)
     fused = fuse_branches(branches, dtype=torch.float32, observer=probe, check_finite=False)
     assert not torch.isfinite(fused.weight).all()
     with pytest.raises(InputError, match="overflows"):
