@@ -21,8 +21,6 @@ from torch import nn
 
 from .timm_mobileone import TimmMobileOneBlock
 
-BRANCHES = ("rbr_conv", "rbr_scale", "rbr_skip")
-
 
 class AppleMobileOneBlock(TimmMobileOneBlock):
     """timm's MobileOne family under Apple's names (the fusion and the deploy form are the same)."""
@@ -32,11 +30,11 @@ class AppleMobileOneBlock(TimmMobileOneBlock):
     source = "apple/ml-mobileone mobileone.py, apple/ml-fastvit models/modules/mobileone.py (MobileOne, CVPR 2023)"
     anchor = "rbr_conv.0.conv.weight"
     deploy_anchor = "reparam_conv.weight"
+    branches = ("rbr_conv", "rbr_scale", "rbr_skip")
+    parts = ("rbr_conv", "rbr_scale", "rbr_skip", "id_tensor")
     train_keys = "rbr_conv.{i}.{conv,bn}, [rbr_scale.{conv,bn}], [rbr_skip (BN)]"
     deploy_keys = "reparam_conv.{weight,bias}"
     after_sum = "se, then activation (ReLU) - kept"
-    branch_names = BRANCHES
-    deploy_deletes = BRANCHES
     in_channels_attribute = "in_channels"
 
     def is_train_form(self, module: nn.Module) -> bool:
