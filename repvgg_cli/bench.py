@@ -5,17 +5,32 @@ place** by :func:`repvgg_cli.convert.reparameterize` (which also runs the whole-
 then timed again on the same input. The benchmark itself never copies the model; the
 whole-model check casts a temporary float64 copy of it, one at a time, and drops it.
 
-No printing here: :func:`bench_model` returns a frozen :class:`BenchResult`; the CLI renders it.
+Each form's passes are timed one by one; the report gives each form's median and spread
+(interquartile range, min-max) and the speedup with a 95% interval from a seeded bootstrap of the
+two forms' samples (resampled with replacement, the ratio of medians each time), and calls the
+comparison inconclusive when that interval includes 1. The two forms run one after the other (the
+model is fused in place between them), so their passes cannot be paired.
+
+With ``onnx=True`` the train form is also exported to ONNX before fusing, and the deploy form after,
+and both graphs are timed in onnxruntime with all its graph optimizations on
+(``ORT_ENABLE_ALL``, which folds conv+BN itself): what the conversion buys beyond the runtime's
+own folding.
+
+No printing here: :func:`bench_model` returns a frozen :class:`BenchResult`; the CLI renders it;
+progress goes through an optional :class:`Steps` object.
 """
 
 from __future__ import annotations
 
+import inspect
+import random
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +47,27 @@ from .errors import InputError
 from .verify import Tolerance, compare_outputs, flatten_outputs, infer_input_shape
 
 DEFAULT_RESOLUTION = 224
+BOOTSTRAP_ROUNDS = 2000
+INTERVAL = 0.95
+
+
+class Steps(Protocol):
+    """Where progress goes (the CLI's progress display); every method may do nothing."""
+
+    def step(self, description: str, total: int | None = None) -> None: ...
+
+    def advance(self, description: str | None = None) -> None: ...
+
+
+class _NoSteps:
+    def step(self, description: str, total: int | None = None) -> None:
+        return None
+
+    def advance(self, description: str | None = None) -> None:
+        return None
+
+
+NO_STEPS: Steps = _NoSteps()
 
 
 @dataclass(frozen=True)
@@ -60,6 +96,17 @@ class BenchOptions:
     device: str = "cpu"
     seed: int = 0
     tolerance: Tolerance = field(default_factory=Tolerance)
+    onnx: bool = False
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear interpolation between the closest ranks (numpy's default)."""
+    if len(sorted_values) == 1:
+        return float(sorted_values[0])
+    position = q * (len(sorted_values) - 1)
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return float(sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low))
 
 
 @dataclass(frozen=True)
@@ -75,6 +122,84 @@ class Timing:
     @property
     def min_ms(self) -> float:
         return float(min(self.samples_ms))
+
+    @property
+    def max_ms(self) -> float:
+        return float(max(self.samples_ms))
+
+    @property
+    def q1_ms(self) -> float:
+        return _quantile(sorted(self.samples_ms), 0.25)
+
+    @property
+    def q3_ms(self) -> float:
+        return _quantile(sorted(self.samples_ms), 0.75)
+
+    @property
+    def iqr_ms(self) -> float:
+        """Interquartile range: the spread of the middle half of the passes."""
+        return self.q3_ms - self.q1_ms
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """``slow`` median over ``fast`` median, with a bootstrap interval.
+
+    Attributes:
+        ratio: the ratio of the two medians.
+        low, high: the central :data:`INTERVAL` of the ratio of medians over
+            :data:`BOOTSTRAP_ROUNDS` seeded resamples (with replacement) of each form's passes.
+    """
+
+    ratio: float
+    low: float
+    high: float
+
+    @property
+    def conclusive(self) -> bool:
+        """The interval does not include 1: one form is faster beyond the spread of the passes."""
+        return not (self.low <= 1.0 <= self.high)
+
+
+def speedup_of(slow: Timing, fast: Timing, seed: int = 0) -> Speedup:
+    """The speedup of ``fast`` over ``slow`` with a seeded bootstrap interval (see :class:`Speedup`)."""
+    ratio = slow.median_ms / fast.median_ms if fast.median_ms > 0 else float("inf")
+    rng = random.Random(seed)
+    a, b = list(slow.samples_ms), list(fast.samples_ms)
+    ratios = []
+    for _ in range(BOOTSTRAP_ROUNDS):
+        num = statistics.median(rng.choices(a, k=len(a)))
+        den = statistics.median(rng.choices(b, k=len(b)))
+        ratios.append(num / den if den > 0 else float("inf"))
+    ratios.sort()
+    tail = (1.0 - INTERVAL) / 2
+    return Speedup(ratio, _quantile(ratios, tail), _quantile(ratios, 1.0 - tail))
+
+
+@dataclass(frozen=True)
+class OnnxBench:
+    """Both forms as ONNX graphs, timed in onnxruntime with every graph optimization on.
+
+    Attributes:
+        train, deploy: the latencies of each graph.
+        speedup: train over deploy, with its interval.
+        version: onnxruntime's version; optimization: the graph optimization level used.
+        opset: the ONNX opset of both graphs.
+        max_abs_err, scale: the deploy graph's output against the train graph's, same input.
+    """
+
+    train: Timing
+    deploy: Timing
+    speedup: Speedup
+    version: str
+    optimization: str
+    opset: int
+    max_abs_err: float
+    scale: float
+
+    @property
+    def rel_err(self) -> float:
+        return self.max_abs_err / self.scale if self.scale > 0 else self.max_abs_err
 
 
 @dataclass(frozen=True)
@@ -109,11 +234,19 @@ class BenchResult:
     timed_max_abs_err: float
     timed_scale: float
     tf32_disabled: bool = False
+    speedup_interval: Speedup | None = None
+    onnx: OnnxBench | None = None
+    seed: int = 0
 
     @property
     def speedup(self) -> float:
         """Train-form median latency over deploy-form median latency."""
         return self.train.median_ms / self.deploy.median_ms if self.deploy.median_ms > 0 else float("inf")
+
+    @property
+    def interval(self) -> Speedup:
+        """The speedup with its bootstrap interval."""
+        return self.speedup_interval or speedup_of(self.train, self.deploy, self.seed)
 
     @property
     def timed_rel_err(self) -> float:
@@ -127,6 +260,10 @@ class BenchResult:
     @property
     def blocks(self) -> int:
         return len(self.conversion.blocks)
+
+
+_IN_PLACE = {"inplace": True} if "inplace" in inspect.signature(reparameterize).parameters else {}
+"""The benchmark fuses the model it timed (no copy), whatever ``reparameterize``'s default."""
 
 
 def check_device(device: str) -> torch.device:
@@ -168,12 +305,36 @@ def load_model(
     loaded = load_checkpoint(path, allow_pickle=allow_pickle, entry=entry)
     if loaded.model is not None:
         return loaded.model, loaded
+    refuse_deploy_form(loaded)
     if model_spec is None:
         raise InputError(
             f"{path} holds a state dict, not a model: there is no forward pass to run",
             hint="pass --model MODULE:CALLABLE that builds the train-form model, or a pickled model with --allow-pickle",
         )
     return build_model(model_spec, loaded.state_dict), loaded
+
+
+def refuse_deploy_form(loaded: LoadedCheckpoint) -> None:
+    """A state dict already in deploy form (fused blocks, no train-form block) has no train form
+    to time against: say so, instead of the missing-keys error loading it into a train model gives.
+
+    Raises:
+        InputError: the checkpoint is in deploy form.
+    """
+    from .inspection import summarize
+
+    try:
+        summary = summarize(loaded)
+    except Exception:  # noqa: BLE001 - only a better message is at stake: loading decides the rest
+        return
+    if summary.form != "deploy":
+        return
+    by = " (written by repvgg convert)" if summary.metadata else ""
+    raise InputError(
+        f"{loaded.path} is already in deploy form{by}: {len(summary.deploy_blocks)} fused block(s), no train-form "
+        "block, so there is no train form to time against",
+        hint="bench the train-form checkpoint it was converted from",
+    )
 
 
 def resolve_input_shape(model: nn.Module, options: BenchOptions) -> tuple[int, ...]:
@@ -227,7 +388,8 @@ def _synchronize(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def time_forward(model: nn.Module, x: Tensor, warmup: int, repeat: int, device: torch.device) -> tuple[Timing, list[Tensor]]:
+def time_forward(model: nn.Module, x: Tensor, warmup: int, repeat: int, device: torch.device,
+                 steps: Steps = NO_STEPS, label: str = "") -> tuple[Timing, list[Tensor]]:
     """Run ``warmup`` untimed and ``repeat`` timed forward passes; return the timings and the last output.
 
     Args:
@@ -236,22 +398,66 @@ def time_forward(model: nn.Module, x: Tensor, warmup: int, repeat: int, device: 
         warmup: untimed passes first.
         repeat: timed passes (each timed on its own; CUDA is synchronized around each).
         device: where it runs.
+        steps: progress (one step per pass, counted outside the timed region).
+        label: what is timed, for the progress display.
     Returns:
         ``(Timing, flattened output tensors of the last pass)``.
     """
     sync = _synchronize(device)
     samples: list[float] = []
     output: object = None
+    steps.step(f"timing {label}: {warmup} warm-up and {repeat} timed pass(es)", total=warmup + repeat)
     with torch.inference_mode():
         for _ in range(warmup):
             output = model(x)
+            steps.advance()
         sync()
         for _ in range(repeat):
             start = time.perf_counter()
             output = model(x)
             sync()
             samples.append((time.perf_counter() - start) * 1000.0)
+            steps.advance()
     return Timing(tuple(samples)), [t.detach() for t in flatten_outputs(output)]
+
+
+def _onnx_session(data: bytes, threads: int) -> tuple[Any, Any]:
+    from .export import require_onnx
+
+    _, onnxruntime = require_onnx()
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return onnxruntime, onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def time_onnx(data: bytes, x: Tensor, warmup: int, repeat: int, threads: int, steps: Steps = NO_STEPS,
+              label: str = "") -> tuple[Timing, list[Any]]:
+    """Time an ONNX graph in onnxruntime (CPU, ``ORT_ENABLE_ALL``) as :func:`time_forward` times torch."""
+    from .export import INPUT_NAME
+
+    _, session = _onnx_session(data, threads)
+    feed = {INPUT_NAME: x.cpu().numpy()}
+    samples: list[float] = []
+    output: list[Any] = []
+    steps.step(f"timing {label}: {warmup} warm-up and {repeat} timed pass(es)", total=warmup + repeat)
+    for _ in range(warmup):
+        output = session.run(None, feed)
+        steps.advance()
+    for _ in range(repeat):
+        start = time.perf_counter()
+        output = session.run(None, feed)
+        samples.append((time.perf_counter() - start) * 1000.0)
+        steps.advance()
+    return Timing(tuple(samples)), output
+
+
+def _export_for_bench(model: nn.Module, x: Tensor, outputs: int, steps: Steps, label: str) -> bytes:
+    from .export import DEFAULT_OPSET, onnx_bytes
+
+    steps.step(f"exporting the {label} to ONNX")
+    return onnx_bytes(model, x, DEFAULT_OPSET, False, outputs)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -259,7 +465,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(int(p.numel()) for p in model.parameters())
 
 
-def bench_model(model: nn.Module, options: BenchOptions | None = None) -> BenchResult:
+def bench_model(model: nn.Module, options: BenchOptions | None = None, steps: Steps = NO_STEPS) -> BenchResult:
     """Time the train-form model, reparameterize it in place, time the deploy form.
 
     The model is modified: on return it is in deploy form (``result.conversion.model``) and back
@@ -267,7 +473,8 @@ def bench_model(model: nn.Module, options: BenchOptions | None = None) -> BenchR
 
     Args:
         model: a train-form model with trained BN statistics.
-        options: shape, threads, warmup/repeat, device, seed, tolerance.
+        options: shape, threads, warmup/repeat, device, seed, tolerance, onnx.
+        steps: where progress goes (see :class:`Steps`).
     Returns:
         A :class:`BenchResult`.
     Raises:
@@ -276,6 +483,12 @@ def bench_model(model: nn.Module, options: BenchOptions | None = None) -> BenchR
     options = options or BenchOptions()
     if options.repeat < 1 or options.warmup < 0:
         raise InputError("--repeat must be at least 1 and --warmup at least 0")
+    if options.onnx:
+        from .export import require_onnx
+
+        require_onnx()
+        if options.device != "cpu":
+            raise InputError("--onnx times onnxruntime on the CPU: use it with --device cpu")
     if options.threads is not None and options.threads < 1:
         raise InputError("--threads must be at least 1")
     device = check_device(options.device)
@@ -297,19 +510,31 @@ def bench_model(model: nn.Module, options: BenchOptions | None = None) -> BenchR
         x = x_cpu.to(device)
         model.to(device)
         try:
-            train_timing, train_out = time_forward(model, x, options.warmup, options.repeat, device)
+            train_timing, train_out = time_forward(model, x, options.warmup, options.repeat, device, steps,
+                                                   "the train form")
         except RuntimeError as error:
             raise InputError(f"the model cannot run on input {shape}: {_first_line(error)}",
                              hint="pass --input-shape N,C,H,W or --resolution") from None
         train_out = [t.cpu() for t in train_out]
         model.to("cpu")  # the whole-model check builds its probe on the CPU
-        conversion = reparameterize(model, convert_options)
+        train_graph = _export_for_bench(model, x_cpu, len(train_out), steps, "train form") if options.onnx else None
+
+        def fusing(total: int) -> tuple[None, Callable[[str], None]]:
+            steps.step("fusing blocks in place", total=total)
+            return None, lambda name: steps.advance()
+
+        conversion = reparameterize(model, convert_options, progress=fusing, **_IN_PLACE)
         deploy = conversion.model
         assert deploy is not None
         deploy.eval().to(device)
-        deploy_timing, deploy_out = time_forward(deploy, x, options.warmup, options.repeat, device)
+        deploy_timing, deploy_out = time_forward(deploy, x, options.warmup, options.repeat, device, steps,
+                                                 "the deploy form")
         deploy_out = [t.cpu() for t in deploy_out]
         deploy.to("cpu")
+        onnx = None
+        if train_graph is not None:
+            deploy_graph = _export_for_bench(deploy, x_cpu, len(deploy_out), steps, "deploy form")
+            onnx = _bench_onnx(train_graph, deploy_graph, x_cpu, options, threads, steps)
     err, scale = compare_outputs(train_out, deploy_out)
     return BenchResult(
         input_shape=tuple(shape),
@@ -326,7 +551,25 @@ def bench_model(model: nn.Module, options: BenchOptions | None = None) -> BenchR
         timed_max_abs_err=err,
         timed_scale=scale,
         tf32_disabled=tf32_disabled,
+        speedup_interval=speedup_of(train_timing, deploy_timing, options.seed),
+        onnx=onnx,
+        seed=options.seed,
     )
+
+
+def _bench_onnx(train_graph: bytes, deploy_graph: bytes, x: Tensor, options: BenchOptions, threads: int,
+                steps: Steps) -> OnnxBench:
+    from .export import DEFAULT_OPSET
+
+    onnxruntime, _ = _onnx_session(deploy_graph, threads)
+    train, train_out = time_onnx(train_graph, x, options.warmup, options.repeat, threads, steps,
+                                 "the train form in onnxruntime")
+    deploy, deploy_out = time_onnx(deploy_graph, x, options.warmup, options.repeat, threads, steps,
+                                   "the deploy form in onnxruntime")
+    err, scale = compare_outputs([torch.from_numpy(a) for a in train_out], [torch.from_numpy(a) for a in deploy_out])
+    return OnnxBench(train=train, deploy=deploy, speedup=speedup_of(train, deploy, options.seed),
+                     version=str(onnxruntime.__version__), optimization="ORT_ENABLE_ALL", opset=DEFAULT_OPSET,
+                     max_abs_err=err, scale=scale)
 
 
 def _first_line(error: BaseException) -> str:
@@ -340,6 +583,7 @@ def bench_file(
     allow_pickle: bool = False,
     entry: str | None = None,
     model_spec: str | None = None,
+    steps: Steps = NO_STEPS,
 ) -> BenchResult:
     """Load a checkpoint's model (see :func:`load_model`) and :func:`bench_model` it.
 
@@ -347,5 +591,6 @@ def bench_file(
     """
     options = options or BenchOptions()
     check_device(options.device)
+    steps.step(f"reading {path}")
     model, _ = load_model(path, allow_pickle=allow_pickle, entry=entry, model_spec=model_spec)
-    return bench_model(model, options)
+    return bench_model(model, options, steps)

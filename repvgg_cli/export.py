@@ -11,14 +11,23 @@ Where the model comes from (module tree only; an ONNX graph needs the model's fo
 The graph is made by ``torch.onnx.export(..., dynamo=False)`` (the TorchScript exporter: it needs
 no ``onnxscript``), kept in memory, checked with ``onnx.checker`` and run in onnxruntime on
 seeded random inputs against the torch deploy model; only a graph that passes is written, atomically.
-onnx and onnxruntime are an optional extra (``pip install "repvgg-cli[onnx]"``).
+onnx and onnxruntime are an optional extra (``pip install -e ".[onnx]"`` from a clone).
+
+Options: ``half`` exports the deploy model in float16 (checked against the float32 model, so the
+reported error is the whole cost of the cast); ``dynamic`` makes the batch and both spatial axes
+symbolic (the second check then runs another batch size and resolution); ``slim`` passes the graph
+through onnxslim (an optional extra too) before it is checked, so the graph written is the graph
+checked.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import io
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,7 +54,11 @@ from .verify import Tolerance, compare, flatten_outputs, infer_input_shape
 DEFAULT_OPSET = 17
 EXPORTER = "torch.onnx.export(dynamo=False) (TorchScript exporter)"
 INPUT_NAME = "input"
-ONNX_HINT = 'install the optional extra: pip install "repvgg-cli[onnx]"'
+ONNX_HINT = 'install the optional extra: pip install -e ".[onnx]" (from the clone)'
+SLIM_HINT = 'install the optional extra: pip install -e ".[slim]" (from the clone)'
+SPATIAL_STEP = 32
+"""With ``dynamic``, the second check's height and width are this much larger (a multiple of 32 keeps
+every usual stride dividing the input)."""
 
 DEFAULT_ONNX_RTOL: dict[torch.dtype, float] = {
     torch.float64: 1e-9,
@@ -65,6 +78,10 @@ class ExportOptions:
         opset: ONNX opset version.
         input_shape: the traced input ``N,C,H,W``; None: ``1, C, 224, 224`` (C from the first conv).
         dynamic_batch: make the batch dimension symbolic (checked with a second batch size).
+        dynamic: make the batch, height and width symbolic (checked with a second batch size and a
+            resolution :data:`SPATIAL_STEP` larger).
+        half: export in float16 (checked against the float32 deploy model).
+        slim: pass the graph through onnxslim before it is checked.
         rtol, atol: onnxruntime passes iff ``max_abs_err <= atol + rtol * max|torch|``; rtol None: by dtype.
         seed: seeds the check inputs (``seed``, ``seed + 1``).
         tolerance: the fusion checks' tolerance when the model is fused first.
@@ -73,6 +90,9 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     input_shape: tuple[int, ...] | None = None
     dynamic_batch: bool = False
+    dynamic: bool = False
+    half: bool = False
+    slim: bool = False
     rtol: float | None = None
     atol: float = 0.0
     seed: int = 0
@@ -132,6 +152,10 @@ class ExportResult:
     sha256: str
     onnxruntime_version: str
     notes: tuple[str, ...] = ()
+    dynamic: bool = False
+    half: bool = False
+    slimmed: dict[str, Any] | None = None
+    """With ``slim``: onnxslim's version and the graph's node count before and after."""
 
     @property
     def max_abs_err(self) -> float:
@@ -243,14 +267,23 @@ def _output_names(count: int) -> list[str]:
     return ["output"] if count == 1 else [f"output{i}" for i in range(count)]
 
 
-def onnx_bytes(model: nn.Module, x: Tensor, opset: int, dynamic_batch: bool, outputs: int) -> bytes:
+def onnx_bytes(model: nn.Module, x: Tensor, opset: int, dynamic_batch: bool, outputs: int,
+               dynamic_spatial: bool = False) -> bytes:
     """Export ``model`` traced on ``x`` with the TorchScript exporter, into memory.
+
+    Args:
+        dynamic_batch: the batch axis of the input and every output is symbolic.
+        dynamic_spatial: the input's height and width are symbolic too.
 
     Raises:
         UnsupportedError: the exporter refused the model or the opset.
     """
     names = _output_names(outputs)
-    dynamic_axes = {name: {0: "batch"} for name in [INPUT_NAME, *names]} if dynamic_batch else None
+    dynamic_axes = None
+    if dynamic_batch or dynamic_spatial:
+        dynamic_axes = {name: {0: "batch"} for name in [INPUT_NAME, *names]}
+        if dynamic_spatial:
+            dynamic_axes[INPUT_NAME] = {0: "batch", 2: "height", 3: "width"}
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings():
@@ -292,12 +325,18 @@ def check_with_onnxruntime(
     shapes: list[tuple[int, ...]],
     options: ExportOptions,
     dtype: torch.dtype,
+    graph_dtype: torch.dtype | None = None,
 ) -> tuple[OnnxCheck, ...]:
     """Run the graph in onnxruntime (CPU) and the torch model on the same seeded inputs.
 
+    Args:
+        dtype: the torch model's dtype.
+        graph_dtype: the graph's input dtype when it differs (``half``): the input is drawn, cast to
+            it for the graph, and the same rounded values go to the torch model in ``dtype``.
     Returns:
         One :class:`OnnxCheck` per shape, seeded ``seed``, ``seed + 1``, …
     """
+    graph_dtype = graph_dtype or dtype
     session_options = onnxruntime.SessionOptions()
     session_options.intra_op_num_threads = torch.get_num_threads()
     session_options.log_severity_level = 3
@@ -306,15 +345,21 @@ def check_with_onnxruntime(
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types
         raise UnsupportedError(f"onnxruntime cannot load the exported graph (opset {options.opset}): "
                                f"{_first_line(error)}") from None
-    rtol = options.rtol if options.rtol is not None else DEFAULT_ONNX_RTOL.get(dtype, 1e-4)
+    rtol = options.rtol if options.rtol is not None else DEFAULT_ONNX_RTOL.get(graph_dtype, 1e-4)
     checks = []
     for i, shape in enumerate(shapes):
         seed = options.seed + i
-        x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(dtype)
-        with torch.no_grad():
-            reference = [t.detach().cpu() for t in flatten_outputs(model(x))]
+        fed = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(graph_dtype)
+        x = fed.to(dtype)
         try:
-            produced = session.run(None, {INPUT_NAME: x.numpy()})
+            with torch.no_grad():
+                reference = [t.detach().cpu() for t in flatten_outputs(model(x))]
+        except RuntimeError as error:
+            raise InputError(f"the deploy model cannot run on the check input {shape}: {_first_line(error)}",
+                             hint="with --dynamic the second check is larger in batch and resolution; pass "
+                                  "--input-shape N,C,H,W or export without --dynamic") from None
+        try:
+            produced = session.run(None, {INPUT_NAME: fed.numpy()})
         except Exception as error:  # noqa: BLE001
             raise UnsupportedError(f"onnxruntime failed on input {shape}: {_first_line(error)}") from None
         if len(produced) != len(reference):
@@ -332,6 +377,52 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
+def slim_graph(data: bytes) -> tuple[bytes, dict[str, Any]]:
+    """Pass the graph through onnxslim (constant folding, dead and redundant node removal).
+
+    Returns:
+        The slimmed graph and ``{"onnxslim": version, "nodes_before": n, "nodes_after": m}``.
+    Raises:
+        InputError: onnxslim is not installed; UnsupportedError: it failed on the graph.
+    """
+    try:
+        import onnx
+        import onnxslim
+    except ImportError as error:
+        raise InputError(f"--slim needs onnxslim: {error}", hint=SLIM_HINT) from None
+    proto = onnx.load_from_string(data)
+    before = len(proto.graph.node)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):  # it may print a summary
+            warnings.simplefilter("ignore")
+            slimmed = onnxslim.slim(proto)
+    except Exception as error:  # noqa: BLE001 - a third-party optimizer raises anything
+        raise UnsupportedError(f"onnxslim failed on the exported graph: {_first_line(error)}",
+                               hint="export without --slim") from None
+    if slimmed is None:
+        raise UnsupportedError("onnxslim returned no graph", hint="export without --slim")
+    version = getattr(onnxslim, "__version__", None) or _installed_version("onnxslim")
+    return slimmed.SerializeToString(), {"onnxslim": version, "nodes_before": before,
+                                         "nodes_after": len(slimmed.graph.node)}
+
+
+def _installed_version(name: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _NoSteps:
+    def step(self, description: str, total: int | None = None) -> None:
+        return None
+
+    def advance(self, description: str | None = None) -> None:
+        return None
+
+
 def export_file(
     source: str | Path,
     output: str | Path,
@@ -340,6 +431,7 @@ def export_file(
     entry: str | None = None,
     model_spec: str | None = None,
     force: bool = False,
+    steps: Any = None,
 ) -> ExportResult:
     """Export a checkpoint's deploy model to ONNX, check it in onnxruntime, write it only if it passes.
 
@@ -351,6 +443,8 @@ def export_file(
         allow_pickle, entry: as for loading.
         model_spec: ``MODULE:CALLABLE`` building the train-form model.
         force: replace an existing output (atomically).
+        steps: where progress goes (an object with ``step(description, total=None)`` and
+            ``advance()``, as :class:`repvgg_cli.bench.Steps`); None: nowhere.
     Returns:
         An :class:`ExportResult`; ``written`` is False when a check failed.
     Raises:
@@ -359,7 +453,13 @@ def export_file(
     """
     source, output = Path(source), Path(output)
     options = options or ExportOptions()
+    steps = steps or _NoSteps()
     onnx, onnxruntime = require_onnx()
+    if options.slim:
+        try:
+            import onnxslim  # noqa: F401 - refused before any work when it is missing
+        except ImportError as error:
+            raise InputError(f"--slim needs onnxslim: {error}", hint=SLIM_HINT) from None
     check_onnx_output(output, source, force)
     if (options.rtol is not None and options.rtol < 0) or options.atol < 0:
         raise InputError("--rtol and --atol must not be negative")
@@ -367,8 +467,10 @@ def export_file(
     if not low <= options.opset <= high:
         raise InputError(f"--opset {options.opset}: torch {torch.__version__}'s TorchScript exporter supports "
                          f"opsets {low} to {high}")
+    steps.step(f"reading {source}")
     loaded = load_checkpoint(source, allow_pickle=allow_pickle, entry=entry)
     convert_options = ConvertOptions(tolerance=options.tolerance, seed=options.seed, input_shape=options.input_shape)
+    steps.step("fusing and checking (train form) or loading (deploy form)")
     model, form, conversion = deploy_model_from(loaded, model_spec, convert_options)
     model.eval()
     if options.input_shape is not None:
@@ -391,27 +493,41 @@ def export_file(
                          hint="pass --input-shape N,C,H,W") from None
     if outputs == 0:
         raise UnsupportedError("the model returns no tensor to export")
-    data = onnx_bytes(model, x, options.opset, options.dynamic_batch, outputs)
+    graph_dtype = torch.float16 if options.half else dtype
+    exported = copy.deepcopy(model).to(graph_dtype) if graph_dtype != dtype else model
+    steps.step(f"exporting to ONNX (opset {options.opset})")
+    dynamic_batch = options.dynamic_batch or options.dynamic
+    data = onnx_bytes(exported, x.to(graph_dtype), options.opset, dynamic_batch, outputs,
+                      dynamic_spatial=options.dynamic)
+    del exported
+    slimmed = None
+    if options.slim:
+        steps.step("slimming the graph (onnxslim)")
+        data, slimmed = slim_graph(data)
     validate_graph(onnx, data)
     shapes = [shape, shape]
-    if options.dynamic_batch:
+    if dynamic_batch:
         shapes[1] = (shape[0] + 1, *shape[1:])
-    checks = check_with_onnxruntime(onnxruntime, data, model, shapes, options, dtype)
+    if options.dynamic:
+        shapes[1] = (shape[0] + 1, shape[1], shape[2] + SPATIAL_STEP, shape[3] + SPATIAL_STEP)
+    steps.step("checking the graph in onnxruntime against torch")
+    checks = check_with_onnxruntime(onnxruntime, data, model, shapes, options, dtype, graph_dtype)
     metadata = {
         "repvgg_cli.version": __version__,
         "repvgg_cli.source": source.name,
         "repvgg_cli.source_sha256": loaded.sha256,
         "repvgg_cli.source_form": form,
+        "repvgg_cli.dtype": str(graph_dtype).replace("torch.", ""),
         "repvgg_cli.onnxruntime_max_abs_err": repr(max(c.max_abs_err for c in checks)),
         "repvgg_cli.onnxruntime_rel_err": repr(max(c.rel_err for c in checks)),
     }
     data = with_metadata(onnx, data, metadata)
     result = ExportResult(
         source=source, output=output, source_form=form, conversion=conversion, checks=checks,
-        opset=options.opset, input_shape=shape, dynamic_batch=options.dynamic_batch,
-        dtype=str(dtype).replace("torch.", ""), exporter=EXPORTER, written=False, size=len(data),
+        opset=options.opset, input_shape=shape, dynamic_batch=dynamic_batch,
+        dtype=str(graph_dtype).replace("torch.", ""), exporter=EXPORTER, written=False, size=len(data),
         sha256=hashlib.sha256(data).hexdigest(), onnxruntime_version=str(onnxruntime.__version__),
-        notes=loaded.notes,
+        notes=loaded.notes, dynamic=options.dynamic, half=options.half, slimmed=slimmed,
     )
     if not result.ok:
         return result

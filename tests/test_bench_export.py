@@ -27,7 +27,7 @@ TINY_BLOCKS = 7
 PLAIN_BLOCKS = 4
 SMALL = ["--resolution", "32", "--warmup", "1", "--repeat", "3", "--threads", "1"]
 SHAPE = ["--input-shape", "1,3,32,32"]
-PIP_HINT = 'pip install "repvgg-cli[onnx]"'
+PIP_HINT = 'pip install -e ".[onnx]"'
 
 
 def params(model: torch.nn.Module) -> int:
@@ -89,7 +89,7 @@ def test_bench_table_and_state_dict_with_model(files):
                     "--warmup", "0", "--repeat", "2")
     assert result.exit_code == 0, result.stderr
     out = result.stdout
-    assert "input (2, 3, 16, 16) float32 on cpu" in out and "median of 2 after 0 warm-up" in out
+    assert "input (2, 3, 16, 16) float32 on cpu" in out and "2 timed pass(es) per form after 0 warm-up" in out
     assert "speedup " in out and f"{PLAIN_BLOCKS} block(s) fused in place" in out
     assert "outputs match: yes" in out
     train = zoo.PlainNet()
