@@ -2,14 +2,20 @@
 
 :func:`load_checkpoint` is the one way the tool reads a file: safetensors through its own
 reader (memory-mapped, private), torch zip and legacy files through :mod:`.unpickle`, then the
-weights are found in their container (:mod:`.containers`) and a deploy file's metadata is
-checked (:mod:`.metadata`).
+weights are found in their container (:mod:`.containers`), checked for what repvgg can read
+(:mod:`.contents`), and a deploy file's metadata is checked (:mod:`.metadata`).
+
+A torch zip is memory-mapped only when every record is stored as ``torch.save`` stores it
+(:mod:`.ziprecords`); a re-zipped (deflate) archive is read by each record's real method. The
+file's identity (inode, size, times) is noted before reading and compared after loading, with
+the digest's, and again by :func:`assert_unchanged` when a conversion ends, so a source that
+changes while it is read is refused, and the sha256 recorded is that of the bytes read; a mapped
+source truncated meanwhile reads as zeros instead of killing the process (:mod:`.mapguard`).
 """
 
 from __future__ import annotations
 
 import os
-import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,10 +25,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import InputError, one_line
+from . import mapguard
 from .containers import is_state_dict, pick_entry, prefix_notes, strip_prefixes, type_name, why_not_state_dict
-from .digest import FileDigest
+from .contents import check_nesting, check_tensors, walk
+from .digest import FileDigest, FileIdentity
 from .metadata import METADATA_KEY, check_metadata, metadata_from_module, metadata_from_state, parse_metadata
-from .unpickle import torch_load
+from .unpickle import first_pickle, old_protocol_error, pickle_stream_protocol, torch_load, warnings_as_notes
+from .ziprecords import ZipLayout, mapped_storage_problem, scan_zip
 
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -42,7 +51,15 @@ class LoadedCheckpoint:
         stripped_prefixes: the key prefixes removed (``module.``, ``_orig_mod.``).
         metadata: what repvgg recorded in a deploy file, else None.
         pickled: True when the file needed (and was allowed) full unpickling.
-        notes: human-readable remarks (which entry was used and why).
+        notes: human-readable remarks (which entry was used and why; warnings torch raised
+            while loading, one line each; why a zip was not memory-mapped).
+        file_size: the file's size in bytes.
+        digest: its sha256, being computed in the background (or the hex string).
+        container_keys: the top-level keys of a container file.
+        identity: the file's identity when it was read (see :func:`assert_unchanged`).
+        mapped: whether the tensors are the file's pages (memory-mapped, private).
+        data_bytes: the bytes of tensor data the file unpacks to (for a compressed zip, more
+            than ``file_size``; the base of an output budget).
     """
 
     path: Path
@@ -58,18 +75,76 @@ class LoadedCheckpoint:
     file_size: int = 0
     digest: "FileDigest | str" = ""
     container_keys: tuple[str, ...] = field(default_factory=tuple)
+    identity: FileIdentity | None = None
+    mapped: bool = False
+    data_bytes: int = 0
 
     @property
     def sha256(self) -> str:
-        """The file's sha256 (hashed in the background while it was loaded)."""
-        return self.digest.value() if isinstance(self.digest, FileDigest) else self.digest
+        """The file's sha256 (hashed in the background while it was loaded).
+
+        Raises:
+            InputError: the file changed since it was read (:func:`assert_unchanged`), so the
+                digest may not be that of the bytes read.
+        """
+        value = self.digest.value() if isinstance(self.digest, FileDigest) else self.digest
+        assert_unchanged(self)
+        return value
+
+
+def source_change(loaded: LoadedCheckpoint) -> str | None:
+    """How the file changed since :func:`load_checkpoint` read it, in words; None if it did not.
+
+    Compares the identity noted before reading with the file now and with the one the digest
+    saw while hashing (which waits for the digest), and asks :mod:`.mapguard` whether a read of
+    the mapped file ran past its end.
+    """
+    if loaded.identity is None:
+        return None
+    before = loaded.identity
+    if mapguard.was_cut(before.device, before.inode):
+        return "it was truncated while memory-mapped (the reads past its new end gave zeros)"
+    try:
+        now = FileIdentity.of(os.stat(loaded.path))
+    except OSError as error:
+        return f"it can no longer be read ({error.strerror or error})"
+    change = before.difference(now)
+    if change is None and isinstance(loaded.digest, FileDigest) and loaded.digest.path == loaded.path:
+        change = before.difference(loaded.digest.identity())
+    return change
+
+
+def assert_unchanged(loaded: LoadedCheckpoint) -> None:
+    """Refuse a source that changed while it was read (call it once the last byte is used).
+
+    The bytes read, the sha256 recorded and the file on disk then agree: the identity (device,
+    inode, size, mtime and ctime in ns) is the same before the load, after it, while hashing,
+    and now, and no read of a mapped page ran past a new end of the file.
+
+    Raises:
+        InputError: naming the file and how it changed.
+    """
+    change = source_change(loaded)
+    if change is not None:
+        raise InputError(
+            f"{loaded.path} changed while repvgg was reading it: {change}; its contents and sha256 cannot be trusted",
+            hint="run the command again once the file is complete and no other process writes it",
+        )
+
+
+_SNIFF_BYTES = 1 << 16
 
 
 def sniff_format(path: Path) -> str:
-    """Tell safetensors, torch zip and legacy torch pickles apart by their first bytes."""
+    """Tell safetensors, torch zip and legacy torch pickles apart by their first bytes.
+
+    Raises:
+        InputError: not a file, empty, a plain Python pickle (not ``torch.save``'s), or no
+            checkpoint format at all.
+    """
     try:
         with open(path, "rb") as handle:
-            head = handle.read(9)
+            head = handle.read(_SNIFF_BYTES)
     except IsADirectoryError:
         raise InputError(f"{path} is a directory, not a checkpoint file") from None
     except FileNotFoundError:
@@ -83,23 +158,42 @@ def sniff_format(path: Path) -> str:
         return "safetensors"
     if head[:2] == b"PK":
         return "torch-zip"
-    if head[:1] == b"\x80":
+    start = first_pickle(head)
+    if start is not None and start.torch_magic:
         return "torch-legacy"
+    if start is not None or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        protocol = start.protocol if start is not None else head[1]
+        if start is None and len(head) < _SNIFF_BYTES:
+            raise InputError(f"{path} is not a readable checkpoint: it ends inside its first pickle (truncated?)")
+        raise InputError(
+            f"{path} is a plain Python pickle (protocol {protocol}), not a torch.save checkpoint: "
+            "torch.load cannot read it",
+            hint="load it in Python and save the weights with torch.save(state_dict, path) or as safetensors",
+        )
     raise InputError(
         f"{path} is not a checkpoint: neither a torch file (.pt/.pth) nor safetensors",
     )
 
 
-def _check_torch_zip(path: Path) -> None:
+def _legacy_protocol(path: Path) -> int:
+    """The pickle protocol of a legacy torch file: its first pickle's, or for protocol 0/1
+    (whose magic number pickles alike) the next pickle's."""
+    with open(path, "rb") as handle:
+        head = handle.read(_SNIFF_BYTES)
+    start = first_pickle(head)
+    if start is None or start.protocol >= 2:
+        return start.protocol if start is not None else 2
+    following = pickle_stream_protocol(head[start.end:])
+    return 0 if following is None else following
+
+
+def _check_torch_zip(path: Path, names: list[str] | None) -> None:
     """Refuse zip archives that are not ``torch.save`` checkpoints, e.g. ``torch.export`` programs.
 
     A ``.pt2`` file from ``torch.export.save`` has no ``data.pkl``; loading it means
     ``torch.export.load``, which unpickles. repvgg never calls it: it says what the file is.
     """
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except Exception:  # noqa: BLE001 - a damaged zip: torch's reader says what is wrong
+    if names is None:  # a damaged zip: torch's reader says what is wrong
         return
     if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         return
@@ -128,11 +222,56 @@ def _load_safetensors(path: Path) -> tuple["OrderedDict[str, Tensor]", dict[str,
     return tensors, dict(header)
 
 
+def _identity_now(path: Path) -> FileIdentity:
+    try:
+        return FileIdentity.of(os.stat(path))
+    except OSError as error:
+        raise InputError(f"{path}: cannot read: {error.strerror or error}") from None
+
+
+def _check_same_file(path: Path, before: FileIdentity) -> None:
+    change = before.difference(_identity_now(path))
+    if change is not None:
+        raise InputError(f"{path} changed while repvgg was reading it: {change}",
+                         hint="run the command again once the file is complete and no other process writes it")
+
+
+def _torch_zip(path: Path, identity: FileIdentity, allow_pickle: bool, max_unpacked_bytes: int | None,
+               notes: list[str]) -> tuple[Any, bool, bool, int]:
+    """Load a torch zip: memory-mapped when its records allow, else each record by its method.
+
+    Returns:
+        The loaded object, whether it was fully unpickled, whether it is mapped, its data bytes.
+    """
+    layout = scan_zip(path, identity.size, max_unpacked_bytes)
+    _check_torch_zip(path, layout.names if layout is not None else None)
+    if layout is not None:
+        protocol = pickle_stream_protocol(layout.pickle_head)
+        error = old_protocol_error(path, 2 if protocol is None else protocol, allow_pickle)
+        if error is not None:
+            raise error
+    data_bytes = sum(r.size for r in layout.records if r.is_tensor_data) if layout is not None else identity.size
+    mapped = layout is not None and layout.not_mappable is None
+    if layout is not None and not mapped:
+        notes.append(f"read without memory-mapping: {layout.not_mappable}")
+    raw, pickled = torch_load(path, allow_pickle, mmap=mapped)
+    if mapped:
+        assert layout is not None
+        problem = mapped_storage_problem(walk(raw).tensors, layout, path, identity.device, identity.inode)
+        if problem is not None:
+            notes.append(f"read without memory-mapping: {problem}")
+            del raw
+            raw, pickled = torch_load(path, allow_pickle, mmap=False)
+            mapped = False
+    return raw, pickled, mapped, data_bytes
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     allow_pickle: bool = False,
     entry: str | None = None,
     digest: FileDigest | None = None,
+    max_unpacked_bytes: int | None = None,
 ) -> LoadedCheckpoint:
     """Read a checkpoint and find its weights.
 
@@ -142,32 +281,50 @@ def load_checkpoint(
         entry: the container entry to use; default: EMA weights if present, else the plain ones.
         digest: the file's sha256 already being computed (the CLI starts it before importing
             torch); None: start it here.
+        max_unpacked_bytes: the most a zip with compressed records may unpack to (None: 64 times
+            the file, at least 1 GiB; see :func:`repvgg_cli.io.ziprecords.unpack_budget`).
     Returns:
         A :class:`LoadedCheckpoint`.
     Raises:
-        InputError: unreadable file, nothing usable inside; PickleRefusedError: needs --allow-pickle.
+        InputError: unreadable file, nothing usable inside, a tensor or container repvgg cannot
+            read (naming the key), a zip bomb, a file that changed while it was read;
+            PickleRefusedError: needs --allow-pickle.
     """
     path = Path(path)
     fmt = sniff_format(path)
-    size = path.stat().st_size
+    identity = _identity_now(path)
     if digest is None or digest.path != path:
         digest = FileDigest(path)
+    if fmt in ("safetensors", "torch-zip"):
+        mapguard.watch(path, identity.device, identity.inode)
+    notes: list[str] = []
     if fmt == "safetensors":
-        tensors, header = _load_safetensors(path)
+        with warnings_as_notes(notes):
+            tensors, header = _load_safetensors(path)
+        _check_same_file(path, identity)
         if entry is not None:
             raise InputError(f"{path} is a safetensors file: it has no container entries for --entry")
+        check_tensors(path, tensors)
         metadata = parse_metadata(header[METADATA_KEY]) if METADATA_KEY in header else None
         check_metadata(path, metadata)
         state, stripped = strip_prefixes(tensors)
         return LoadedCheckpoint(path, fmt, tensors, None, state, None, stripped, metadata, False,
-                                prefix_notes(stripped), size, digest, ())
+                                tuple(notes) + prefix_notes(stripped), identity.size, digest, (),
+                                identity, True, identity.size)
 
-    if fmt == "torch-zip":
-        _check_torch_zip(path)
-    raw, pickled = torch_load(path, allow_pickle, mmap=fmt == "torch-zip")
-    notes: list[str] = []
+    with warnings_as_notes(notes):
+        if fmt == "torch-zip":
+            raw, pickled, mapped, data_bytes = _torch_zip(path, identity, allow_pickle, max_unpacked_bytes, notes)
+        else:
+            error = old_protocol_error(path, _legacy_protocol(path), allow_pickle)
+            if error is not None:
+                raise error
+            raw, pickled = torch_load(path, allow_pickle, mmap=False)
+            mapped, data_bytes = False, identity.size
+    _check_same_file(path, identity)
+    check_nesting(path, walk(raw))
     if pickled:
-        notes.append("loaded with full unpickling (--allow-pickle)")
+        notes.insert(0, "loaded with full unpickling (--allow-pickle)")
     model: nn.Module | None = None
     used: str | None = None
     container_keys: tuple[str, ...] = ()
@@ -195,9 +352,10 @@ def load_checkpoint(
         if why is not None:
             raise InputError(f"{path}: {where} is not a state dict: {why}")
         raise InputError(f"{path}: {where} is {type_name(value)}, not a state dict of tensors")
+    check_tensors(path, value, f"entry {used!r}, " if used else "")
     metadata = metadata or metadata_from_state(value)
     check_metadata(path, metadata)
     state, stripped = strip_prefixes(value)
     notes.extend(prefix_notes(stripped))
     return LoadedCheckpoint(path, fmt, raw, used, state, model, stripped, metadata, pickled,
-                            tuple(notes), size, digest, container_keys)
+                            tuple(notes), identity.size, digest, container_keys, identity, mapped, data_bytes)
