@@ -23,24 +23,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..errors import UnsupportedError
-from ..fusion import Branches, FusedConv
-from .base import (
-    Block,
-    Family,
-    FamilyOptions,
-    KeyView,
-    conv_branch_from_module,
-    conv_from_fused,
-    geometry_from_conv,
-    identity_from_module,
-    is_batch_norm,
-    join,
-    source_dtype,
-)
-
-BRANCHES = ("conv1", "conv2", "bn")
-LEFTOVERS = ("nm", "id_tensor")
+from ..algebra import Map, plus
+from ..fusion import FusedConv
+from .base import Family, is_batch_norm
 
 
 def is_ultralytics_conv(module: object) -> bool:
@@ -66,9 +51,13 @@ def parallel_kxk_and_1x1(big: Tensor, small: Tensor) -> bool:
     )
 
 
-def switch_forward_to_fused(module: nn.Module) -> None:
-    """ultralytics' ``m.forward = m.forward_fuse``: a bound method stored on the instance."""
+def switch_forward_to_fused(module: nn.Module) -> nn.Module:
+    """What ultralytics' ``fuse`` does after fusing: the deploy conv frozen
+    (``requires_grad_(False)``) and ``m.forward = m.forward_fuse``, a bound method stored on the
+    instance."""
+    module.conv.requires_grad_(False)
     module.forward = module.forward_fuse
+    return module
 
 
 class UltralyticsRepConv(Family):
@@ -76,26 +65,24 @@ class UltralyticsRepConv(Family):
     title = "ultralytics RepConv (RT-DETR, YOLOv8/v9)"
     source = "ultralytics/ultralytics ultralytics/nn/modules/conv.py RepConv; nn/tasks.py fuse"
     anchor = "conv1.conv.weight"
-    deploy_anchor = "conv.weight"
+    deploy_anchor = None  # a fused RepConv's conv.{weight,bias} is also what every fused plain Conv has
+    parts = ("conv1", "conv2", "bn", "id_tensor")
+    deploy = "conv"
     train_keys = "conv1.{conv,bn} (kxk), conv2.{conv,bn} (1x1), [bn (identity BN)]"
     deploy_keys = "conv.{weight,bias}"
     after_sum = "act (SiLU) - kept"
     default_eps = 1e-3
 
-    def find_deploy_prefixes(self, keys: list[str]) -> list[str]:
-        """None: a fused RepConv's ``conv.{weight,bias}`` is also what every fused plain ``Conv`` has."""
-        return []
-
-    def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
-        if not view.has("conv2.conv.weight") or view.has_any("conv"):
-            return None  # no 1x1 branch, or a `conv` beside conv1 (e.g. RepVGGDW): not a RepConv
-        big, small = view.state[view.key("conv1.conv.weight")], view.state[view.key("conv2.conv.weight")]
-        if four_dim(big) and four_dim(small) and not parallel_kxk_and_1x1(big, small):
-            return None  # e.g. LightConv: a 1x1 conv1 then a kxk conv2, in series
-        return self.parse_dense_point_identity(
-            view, options, ("conv1.conv", "conv1.bn"), ("conv2.conv", "conv2.bn"), "bn",
-            deploy_leaf="conv", owned=BRANCHES,
-        )
+    def expression(self, v) -> Map | None:
+        if v.tree == "key":  # look-alikes (the module tree tells them apart in matches_module)
+            if not v.has("conv2.conv.weight") or v.has_any("conv"):
+                return None  # no 1x1 branch, or a `conv` beside conv1 (e.g. RepVGGDW): not a RepConv
+            big, small = v.state[v.key("conv1.conv.weight")], v.state[v.key("conv2.conv.weight")]
+            if four_dim(big) and four_dim(small) and not parallel_kxk_and_1x1(big, small):
+                return None  # e.g. LightConv: a 1x1 conv1 then a kxk conv2, in series
+        identity = v.identity_bn("bn")
+        return plus(v.conv_bn("conv1.conv", "conv1.bn"), v.conv_bn("conv2.conv", "conv2.bn"),
+                    *([identity] if identity is not None else []))
 
     def matches_module(self, module: nn.Module) -> bool:
         conv1, conv2 = getattr(module, "conv1", None), getattr(module, "conv2", None)
@@ -105,33 +92,9 @@ class UltralyticsRepConv(Family):
             return False
         return parallel_kxk_and_1x1(conv1.conv.weight, conv2.conv.weight)
 
-    def parse_module(self, name: str, module: nn.Module, options: FamilyOptions) -> Block:
-        where = name or "<root>"
-        conv1, conv2 = module.conv1, module.conv2
-        if (conv1.conv.stride, conv1.conv.groups) != (conv2.conv.stride, conv2.conv.groups):
-            raise UnsupportedError(
-                f"{where}: conv1 has stride {conv1.conv.stride}, groups {conv1.conv.groups} but conv2 has "
-                f"stride {conv2.conv.stride}, groups {conv2.conv.groups}; the branches cannot be summed"
-            )
-        dense = conv_branch_from_module(conv1.conv, conv1.bn, f"{where}.conv1")
-        point = conv_branch_from_module(conv2.conv, conv2.bn, f"{where}.conv2")
-        identity = identity_from_module(getattr(module, "bn", None), f"{where}.bn")
-        branches = Branches(convs=(dense, point), identity=identity, **geometry_from_conv(conv1.conv))
-        return Block(
-            name=name,
-            family=self.name,
-            branches=branches,
-            source_keys=self.module_keys(name, module, *BRANCHES),
-            deploy_prefix=join(name, "conv"),
-            dtype=source_dtype(conv1.conv.weight),
-        )
-
     def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:
-        """What ultralytics' ``fuse`` leaves: ``conv`` set, conv1/conv2/bn gone, ``forward_fuse`` used."""
-        conv = conv_from_fused(fused, like=module.conv1.conv.weight).requires_grad_(False)
-        for attribute in BRANCHES + LEFTOVERS:
-            if hasattr(module, attribute):
-                delattr(module, attribute)
-        module.conv = conv
-        switch_forward_to_fused(module)
-        return module
+        """Beyond the declaration: ``fuse`` also deletes a leftover ``nm`` and switches ``forward``."""
+        super().to_deploy_module(module, fused)
+        if hasattr(module, "nm"):
+            delattr(module, "nm")
+        return switch_forward_to_fused(module)
