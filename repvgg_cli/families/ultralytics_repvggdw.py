@@ -19,25 +19,14 @@ any fused depthwise ``Conv``, so ``inspect`` does not claim deploy-form blocks o
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import Tensor, nn
 
-from ..errors import UnsupportedError
-from ..fusion import Branches, FusedConv
-from .base import (
-    Block,
-    Family,
-    FamilyOptions,
-    KeyView,
-    conv_branch_from_keys,
-    conv_branch_from_module,
-    conv_from_fused,
-    geometry_from_conv,
-    join,
-    source_dtype,
-)
+from ..algebra import Map, plus
+from ..fusion import FusedConv
+from .base import Family, conv_from_fused
 from .ultralytics_repconv import four_dim, is_ultralytics_conv, switch_forward_to_fused
-
-BRANCHES = ("conv", "conv1")
 
 
 def _odd_square(weight: Tensor) -> bool:
@@ -62,35 +51,26 @@ class UltralyticsRepVGGDW(Family):
     title = "ultralytics RepVGGDW (YOLOv10)"
     source = "ultralytics/ultralytics ultralytics/nn/modules/block.py RepVGGDW; nn/tasks.py fuse"
     anchor = "conv1.conv.weight"
-    deploy_anchor = "conv.weight"
+    deploy_anchor = None  # a fused RepVGGDW's conv.{weight,bias} is also what a fused depthwise Conv has
+    parts = ("conv", "conv1")
+    deploy = "conv"
     train_keys = "conv.{conv,bn} (7x7 depthwise), conv1.{conv,bn} (3x3 depthwise)"
     deploy_keys = "conv.{weight,bias}"
     after_sum = "act (SiLU) - kept"
     default_eps = 1e-3
 
-    def find_deploy_prefixes(self, keys: list[str]) -> list[str]:
-        """None: a fused RepVGGDW's ``conv.{weight,bias}`` is also what a fused depthwise ``Conv`` has."""
-        return []
-
-    def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
-        if not view.has("conv.conv.weight") or view.has_any("conv2"):
-            return None  # RepConv has conv1/conv2 and no `conv`
-        large, small = view.state[view.key("conv.conv.weight")], view.state[view.key("conv1.conv.weight")]
-        if not (four_dim(large) and four_dim(small) and large_and_small_depthwise(large, small)):
-            return None
-        eps, eps_note = self.eps(options)
-        main = conv_branch_from_keys(view, "conv.conv", "conv.bn", eps)
-        side = conv_branch_from_keys(view, "conv1.conv", "conv1.bn", eps)
-        channels = int(large.shape[0])  # depthwise, ed -> ed: groups = channels
-        branches = Branches(convs=(main, side), groups=channels, in_channels=channels)
-        return self.finish_key_block(
-            view,
-            owned=view.owned_under(*BRANCHES),
-            branches=branches,
-            deploy_prefix=join(view.prefix, "conv"),
-            eps_note=eps_note,
-            dtype=source_dtype(main.weight),
-        )
+    def expression(self, v) -> Map | None:
+        if v.tree == "key":  # look-alikes (the module tree tells them apart in matches_module)
+            if not v.has("conv.conv.weight") or v.has_any("conv2"):
+                return None  # RepConv has conv1/conv2 and no `conv`
+            large, small = v.state[v.key("conv.conv.weight")], v.state[v.key("conv1.conv.weight")]
+            if not (four_dim(large) and four_dim(small) and large_and_small_depthwise(large, small)):
+                return None
+        large = v.conv_bn("conv.conv", "conv.bn")
+        if v.tree == "key":  # a state dict stores no groups: RepVGGDW is depthwise, ed -> ed
+            channels = int(large.convs[0].weight.shape[0])
+            large = replace(large, groups=channels, in_channels=channels)
+        return plus(large, v.conv_bn("conv1.conv", "conv1.bn"))
 
     def matches_module(self, module: nn.Module) -> bool:
         main, side = getattr(module, "conv", None), getattr(module, "conv1", None)
@@ -102,30 +82,10 @@ class UltralyticsRepVGGDW(Family):
         depthwise = all(c.groups == c.in_channels == c.out_channels for c in (large, small))
         return depthwise and large_and_small_depthwise(large.weight, small.weight)
 
-    def parse_module(self, name: str, module: nn.Module, options: FamilyOptions) -> Block:
-        where = name or "<root>"
-        large, small = module.conv, module.conv1
-        if large.conv.stride != small.conv.stride:
-            raise UnsupportedError(
-                f"{where}: conv has stride {large.conv.stride} but conv1 has {small.conv.stride}; "
-                "the branches cannot be summed"
-            )
-        main = conv_branch_from_module(large.conv, large.bn, f"{where}.conv")
-        side = conv_branch_from_module(small.conv, small.bn, f"{where}.conv1")
-        branches = Branches(convs=(main, side), **geometry_from_conv(large.conv))
-        return Block(
-            name=name,
-            family=self.name,
-            branches=branches,
-            source_keys=self.module_keys(name, module, *BRANCHES),
-            deploy_prefix=join(name, "conv"),
-            dtype=source_dtype(large.conv.weight),
-        )
-
     def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:
-        """What ultralytics' ``RepVGGDW.fuse`` + ``tasks.py`` leave: a plain Conv2d at ``conv``, no ``conv1``."""
-        conv = conv_from_fused(fused, like=module.conv.conv.weight).requires_grad_(False)
+        """What ``RepVGGDW.fuse`` + ``tasks.py`` leave: the fused conv takes the place of the train
+        ``conv`` (itself a part, so the generic set-then-delete cannot do it), ``conv1`` is deleted
+        and ``forward`` switched."""
+        module.conv = conv_from_fused(fused, like=module.conv.conv.weight)
         del module.conv1
-        module.conv = conv
-        switch_forward_to_fused(module)
-        return module
+        return switch_forward_to_fused(module)
