@@ -24,6 +24,8 @@ from .ultralytics_repvggdw import UltralyticsRepVGGDW
 from .qarepvgg import QARepVGG
 from .mmpretrain_repvgg import MmpretrainRepVGG
 from .acnet import ACNetBlock
+from .dbb import DbbConvBN, DiverseBranchBlock
+from .orepa import Orepa, Orepa1x1, OrepaLargeConv, OrepaLargeConvBase, OrepaRepVGG
 
 FAMILIES: tuple[Family, ...] = (
     # A family whose blocks enclose another family's (see Family.encloses) comes first.
@@ -41,6 +43,13 @@ FAMILIES: tuple[Family, ...] = (
     QARepVGG(),
     MmpretrainRepVGG(),
     ACNetBlock(),
+    DiverseBranchBlock(),  # DBB, OREPA large kernels and RepVGGBlock_OREPA enclose ConvBN / OREPA blocks
+    OrepaLargeConv(),
+    OrepaLargeConvBase(),
+    OrepaRepVGG(),
+    Orepa(),
+    Orepa1x1(),
+    DbbConvBN(),
 )
 
 

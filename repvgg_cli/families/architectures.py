@@ -68,6 +68,23 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         markers=(r"^model\.\d+\.(conv\.weight|rbr_dense\.0\.weight)$", r"^model\.\d+\.(anchor_grid|ia\.\d+\.implicit)$"),
         eps=1e-3,
     ),
+    Architecture(
+        name="dbb",
+        title="Diverse Branch Block models (ResNet, MobileNet with DiverseBranchBlock)",
+        source="DingXiaoH/DiverseBranchBlock diversebranchblock.py, convnet_utils.py (ConvBN; BN eps 1e-5); "
+               "JUGGHM/OREPA_CVPR2022 blocks.py DBB",
+        markers=(r"(^|\.)dbb_origin\.conv\.weight$", r"(^|\.)dbb_1x1_kxk\.(idconv1|conv1)\.weight$"),
+        eps=1e-5,
+        families=("dbb_convbn",),
+    ),
+    Architecture(
+        name="orepa",
+        title="OREPA models (ResNet, ResNeXt, RepVGG with OREPA blocks)",
+        source="JUGGHM/OREPA_CVPR2022 blocks.py, blocks_repvgg.py, basic.py (ConvBN; BN eps 1e-5)",
+        markers=(r"(^|\.)(weight_orepa_origin|weight_or1x1_origin|rbr_dense\.weight_rbr_origin)$", r"(^|\.)vector$"),
+        eps=1e-5,
+        families=("dbb_convbn", "orepa_large_base"),
+    ),
 )
 
 
