@@ -1,4 +1,10 @@
 """Toy and upstream-faithful models, one module per family (see tests/test_family_contract.py)."""
 
-ZOO_OF: dict[str, str] = {}
+ZOO_OF: dict[str, str] = {
+    "dbb_convbn": "dbb",
+    "orepa_1x1": "orepa",
+    "orepa_large": "orepa",
+    "orepa_large_base": "orepa",
+    "orepa_repvgg": "orepa",
+}
 """Family name -> zoo module, where one upstream model holds several families."""

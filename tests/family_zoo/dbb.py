@@ -33,6 +33,8 @@ from torch import Tensor, nn
 from repvgg_cli import zoo
 
 EPS = 1e-5
+FAMILIES = {"dbb", "dbb_convbn"}
+"""The families whose blocks this model holds (tests/test_family_contract.py)."""
 INPUT_SHAPE = (2, 3, 16, 16)
 
 

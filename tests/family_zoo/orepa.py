@@ -37,6 +37,8 @@ from torch.nn import init
 from repvgg_cli import zoo
 
 EPS = 1e-5
+FAMILIES = {"orepa", "orepa_1x1", "orepa_large", "orepa_large_base", "orepa_repvgg", "dbb_convbn"}
+"""The families whose blocks this model holds (tests/test_family_contract.py)."""
 INPUT_SHAPE = (2, 3, 24, 24)
 EXPAND_RATIO = 8  # the depthwise-separable branch's channel multiplier
 
