@@ -11,24 +11,16 @@ Deploy form: ``reparam_conv`` (depthwise, bias), as timm's ``reparameterize`` le
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
+from .. import algebra
+from ..algebra import Map, plus
 from ..errors import UnsupportedError
-from ..fusion import Branches, ConvBranch, FusedConv, IdentityBranch
-from .base import (
-    Block,
-    Family,
-    FamilyOptions,
-    KeyView,
-    conv_branch_from_module,
-    conv_weight,
-    geometry_from_conv,
-    join,
-    source_dtype,
-)
-from .fastvit_large_kernel import replace_with_reparam_conv
+from .base import Block, Family, FamilyOptions
 
-OWN_KEYS = ("pos_enc.weight", "pos_enc.bias")
+NO_BN = "no BatchNorm"
 
 
 class FastVitRepCPE(Family):
@@ -37,33 +29,27 @@ class FastVitRepCPE(Family):
     source = "Vasu et al., FastViT (ICCV 2023); timm timm/models/fastvit.py RepConditionalPosEnc"
     anchor = "pos_enc.weight"
     deploy_anchor = "reparam_conv.weight"
+    parts = ("pos_enc",)
+    deploy = "reparam_conv"
     train_keys = "pos_enc.{weight,bias} (depthwise conv) + identity"
     deploy_keys = "reparam_conv.{weight,bias}"
     after_sum = "nothing"
 
-    def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
+    def expression(self, v) -> Map | None:
+        if v.tree == "module":
+            if v.get("pos_enc").bias is None:
+                raise UnsupportedError(f"{v.where}.pos_enc has no bias; timm's RepConditionalPosEnc has one")
+            return plus(v.conv("pos_enc"), algebra.identity())
         # timm's RepCPE holds nothing but its conv; a `pos_enc` with company is someone else's.
-        if not view.has("pos_enc.bias") or view.owned_under("") - {view.key(k) for k in OWN_KEYS}:
+        if not v.has("pos_enc.bias") or v.owned_under("") - {v.key("pos_enc.weight"), v.key("pos_enc.bias")}:
             return None
-        weight = conv_weight(view, "pos_enc.weight")
-        if int(weight.shape[1]) != 1:
+        weight = v.tensor("pos_enc.weight")
+        if weight.dim() == 4 and int(weight.shape[1]) != 1:
             return None  # not depthwise: not a RepCPE
-        bias = view.tensor("pos_enc.bias")
-        kh = int(weight.shape[2])
-        branches = Branches(
-            convs=(ConvBranch(weight=weight, bias=bias),),
-            identity=IdentityBranch(),
-            groups=int(weight.shape[0]),
-            padding=(kh // 2, kh // 2),  # timm pads both dimensions by spatial_shape[0] // 2
-        )
-        return self.finish_key_block(
-            view,
-            owned=view.owned_under("pos_enc"),
-            branches=branches,
-            deploy_prefix=join(view.prefix, "reparam_conv"),
-            eps_note="no BatchNorm",
-            dtype=source_dtype(weight),
-        )
+        v.eps_note = NO_BN
+        conv, kh = v.conv("pos_enc"), int(weight.shape[2])
+        # a state dict does not say: depthwise, and timm pads both dimensions by spatial_shape[0] // 2
+        return plus(replace(conv, groups=int(weight.shape[0]), padding=(kh // 2, kh // 2)), algebra.identity())
 
     def matches_module(self, module: nn.Module) -> bool:
         return (
@@ -73,21 +59,5 @@ class FastVitRepCPE(Family):
         )
 
     def parse_module(self, name: str, module: nn.Module, options: FamilyOptions) -> Block:
-        where = name or "<root>"
-        conv = module.pos_enc
-        if conv.bias is None:
-            raise UnsupportedError(f"{where}.pos_enc has no bias; timm's RepConditionalPosEnc has one")
-        branch = conv_branch_from_module(conv, None, f"{where}.pos_enc")
-        branches = Branches(convs=(branch,), identity=IdentityBranch(), **geometry_from_conv(conv))
-        return Block(
-            name=name,
-            family=self.name,
-            branches=branches,
-            source_keys=self.module_keys(name, module, "pos_enc"),
-            deploy_prefix=join(name, "reparam_conv"),
-            dtype=source_dtype(conv.weight),
-            eps_note="no BatchNorm",
-        )
-
-    def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:
-        return replace_with_reparam_conv(module, fused, module.pos_enc.weight, ("pos_enc",))
+        # the report says the block has no BN to take an eps from (the generic one says "module")
+        return replace(super().parse_module(name, module, options), eps_note=NO_BN)
