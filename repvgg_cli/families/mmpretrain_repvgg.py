@@ -19,23 +19,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..algebra import Map, plus
 from ..errors import UnsupportedError
-from ..fusion import Branches, FusedConv, IdentityBranch
-from .base import (
-    Block,
-    Family,
-    FamilyOptions,
-    KeyView,
-    bn_from_module,
-    conv_branch_from_module,
-    conv_from_fused,
-    geometry_from_conv,
-    is_batch_norm,
-    join,
-    source_dtype,
-)
+from .base import Family, is_batch_norm
 
-BRANCHES = ("branch_3x3", "branch_1x1", "branch_norm")
 SE_NOTE = (
     "se_layer kept after the fused conv; stock mmpretrain's deploy forward returns "
     "act(branch_reparam(x)) and skips se_layer, so its deploy model differs from the train form "
@@ -49,62 +36,40 @@ def _conv_then_norm(module: nn.Module | None) -> bool:
     )
 
 
+def _has_se(v) -> bool:
+    if v.tree == "key":
+        return v.has_any("se_layer")
+    se = v.get("se_layer")
+    return isinstance(se, nn.Module) and not isinstance(se, nn.Identity)
+
+
 class MmpretrainRepVGG(Family):
     name = "mmpretrain"
     title = "mmpretrain / mmcls RepVGGBlock"
     source = "open-mmlab/mmpretrain mmpretrain/models/backbones/repvgg.py (RepVGGBlock)"
     anchor = "branch_3x3.conv.weight"
     deploy_anchor = "branch_reparam.weight"
+    parts = ("branch_3x3", "branch_1x1", "branch_norm")
+    deploy = "branch_reparam"
+    deploy_flags = {"deploy": True}
     train_keys = "branch_3x3.{conv,norm}, branch_1x1.{conv,norm}, [branch_norm (BN)]"
     deploy_keys = "branch_reparam.{weight,bias}"
     after_sum = "se_layer (skipped by upstream's deploy forward), then act - kept"
     default_eps = 1e-5
 
-    def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
-        if not view.has("branch_1x1.conv.weight"):
+    def expression(self, v) -> Map | None:
+        if not v.has("branch_1x1.conv.weight"):
             return None
-        return self.parse_dense_point_identity(
-            view, options, ("branch_3x3.conv", "branch_3x3.norm"), ("branch_1x1.conv", "branch_1x1.norm"), "branch_norm",
-            deploy_leaf="branch_reparam", owned=BRANCHES, notes=(SE_NOTE,) if view.has_any("se_layer") else (),
-        )
+        if v.tree == "module" and v.has("branch_norm") and not is_batch_norm(v.get("branch_norm")):
+            raise UnsupportedError(f"{v._label('branch_norm')} is a {type(v.get('branch_norm')).__name__}; "
+                                   "mmpretrain only re-parameterizes blocks whose norm is BN")
+        if _has_se(v):
+            v.note(SE_NOTE)
+        identity = v.identity_bn("branch_norm")
+        return plus(v.conv_bn("branch_3x3.conv", "branch_3x3.norm"), v.conv_bn("branch_1x1.conv", "branch_1x1.norm"),
+                    *([identity] if identity is not None else []))
 
     def matches_module(self, module: nn.Module) -> bool:
         return _conv_then_norm(getattr(module, "branch_3x3", None)) and _conv_then_norm(
             getattr(module, "branch_1x1", None)
         )
-
-    def parse_module(self, name: str, module: nn.Module, options: FamilyOptions) -> Block:
-        where = name or "<root>"
-        dense = conv_branch_from_module(module.branch_3x3.conv, module.branch_3x3.norm, f"{where}.branch_3x3")
-        point = conv_branch_from_module(module.branch_1x1.conv, module.branch_1x1.norm, f"{where}.branch_1x1")
-        identity_module = getattr(module, "branch_norm", None)
-        identity = None
-        if is_batch_norm(identity_module):
-            identity = IdentityBranch(bn=bn_from_module(identity_module, f"{where}.branch_norm"))
-        elif identity_module is not None:
-            raise UnsupportedError(
-                f"{where}.branch_norm is a {type(identity_module).__name__}; mmpretrain only "
-                "re-parameterizes blocks whose norm is BN"
-            )
-        se = getattr(module, "se_layer", None)
-        notes = (SE_NOTE,) if isinstance(se, nn.Module) and not isinstance(se, nn.Identity) else ()
-        branches = Branches(
-            convs=(dense, point), identity=identity, **geometry_from_conv(module.branch_3x3.conv)
-        )
-        return Block(
-            name=name,
-            family=self.name,
-            branches=branches,
-            source_keys=self.module_keys(name, module, *BRANCHES),
-            deploy_prefix=join(name, "branch_reparam"),
-            dtype=source_dtype(module.branch_3x3.conv.weight),
-            notes=notes,
-        )
-
-    def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:
-        module.branch_reparam = conv_from_fused(fused, like=module.branch_3x3.conv.weight)
-        for branch in BRANCHES:
-            if hasattr(module, branch):
-                delattr(module, branch)
-        module.deploy = True
-        return module
