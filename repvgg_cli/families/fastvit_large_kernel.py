@@ -18,8 +18,7 @@ from torch import nn
 
 from ..algebra import Map, plus
 from ..errors import UnsupportedError
-from ..fusion import ConvBranch, FusedConv
-from .base import Family, KeyView, bn_from_keys, conv_branch_from_module, conv_from_fused, conv_weight, is_batch_norm, join
+from .base import Family, is_batch_norm, join
 
 
 def is_conv_bn(module: object) -> bool:
@@ -48,38 +47,6 @@ def linear_conv_norm(v, local: str) -> Map:
         if not is_passive(getattr(pair, "aa", None)):
             raise UnsupportedError(f"{where} has an anti-aliasing layer; it cannot be fused")
     return v.conv_bn(join(local, "conv"), join(local, "bn"))
-
-
-# -- kept for fastvit_repmixer until it is a declaration too -----------------------------------
-
-
-def linear_conv_norm_branch(pair: nn.Module, where: str) -> ConvBranch:
-    if not is_conv_bn(pair):
-        raise UnsupportedError(f"{where} is a {type(pair).__name__}, not a conv + BatchNorm pair")
-    bn = pair.bn
-    for part in ("act", "drop"):
-        if not is_passive(getattr(bn, part, None)):
-            raise UnsupportedError(
-                f"{where}.bn applies {type(getattr(bn, part)).__name__} after the BatchNorm; "
-                "only a linear branch (apply_act=False) can be fused"
-            )
-    if not is_passive(getattr(pair, "aa", None)):
-        raise UnsupportedError(f"{where} has an anti-aliasing layer; it cannot be fused")
-    return conv_branch_from_module(pair.conv, bn, where)
-
-
-def conv_norm_branch_from_keys(view: KeyView, local: str, eps: float) -> ConvBranch:
-    weight = conv_weight(view, join(local, "conv", "weight"))
-    bias = view.tensor(join(local, "conv", "bias"), required=False)
-    return ConvBranch(weight=weight, bias=bias, bn=bn_from_keys(view, join(local, "bn"), eps))
-
-
-def replace_with_reparam_conv(module: nn.Module, fused: FusedConv, like, delete: tuple[str, ...]) -> nn.Module:
-    module.reparam_conv = conv_from_fused(fused, like=like)
-    for child in delete:
-        if hasattr(module, child):
-            delattr(module, child)
-    return module
 
 
 class FastVitLargeKernel(Family):

@@ -9,10 +9,10 @@ Train form: ``x + layer_scale(mixer(x) - norm(x))`` where
 - ``norm`` is a ``MobileOneBlock`` with nothing but its ``identity`` BN;
 - ``layer_scale`` is a ``LayerScale2d`` (``layer_scale.gamma``, shape ``(dim, 1, 1)``) or absent.
 
-All of it is linear, so the whole mixer folds into one depthwise conv. In the neutral
-description every mixer branch carries ``scale = gamma``, every norm branch ``scale = -gamma``,
-the two identity BNs become 1×1 identity-kernel branches (so each keeps its own BN and scale)
-and the plain ``x +`` is the identity branch. Deploy form: ``reparam_conv`` (depthwise, bias);
+All of it is linear, so the whole mixer folds into one depthwise conv: the expression is
+``plus(identity, then(mixer, gamma), then(norm, -gamma))`` (without a layer scale: ``mixer`` and
+``then(norm, -1)``); the sum keeps the plain ``x`` as its identity term and writes the two identity
+BNs as 1×1 identity-kernel terms, each with its own BN and factor. Deploy form: ``reparam_conv`` (depthwise, bias);
 timm's ``reparameterize`` deletes ``mixer``, ``norm`` and ``layer_scale`` (the layer scale is
 folded, not kept). Nothing sits after the sum.
 
@@ -22,59 +22,20 @@ family from claiming them a second time.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError, UnsupportedError
-from ..fusion import BatchNorm, Branches, ConvBranch, FusedConv, IdentityBranch, identity_kernel
-from .base import (
-    Block,
-    Family,
-    FamilyOptions,
-    KeyView,
-    bn_from_keys,
-    bn_from_module,
-    geometry_from_conv,
-    is_batch_norm,
-    join,
-    source_dtype,
-)
-from .fastvit_large_kernel import (
-    conv_norm_branch_from_keys,
-    is_passive,
-    linear_conv_norm_branch,
-    replace_with_reparam_conv,
-)
+from .. import algebra
+from ..algebra import Map, plus, then
+from ..errors import UnsupportedError
+from ..fusion import FusedConv
+from .base import Family, join
+from .fastvit_large_kernel import is_passive, linear_conv_norm
 
-PARTS = ("mixer", "norm", "layer_scale")
 NOTE = (
     "mixer/norm identity BNs are fused as 1x1 identity-kernel branches; "
     "layer_scale is folded (+gamma for mixer, -gamma for norm)"
 )
-
-
-def _identity_as_conv(bn: BatchNorm, channels: int, per_group: int) -> ConvBranch:
-    """``BN(x)`` written as a 1×1 conv with the (grouped) identity kernel followed by that BN."""
-    return ConvBranch(weight=identity_kernel(channels, per_group, (1, 1)), bn=bn)
-
-
-def _scaled(branches: list[ConvBranch], scale: Tensor) -> list[ConvBranch]:
-    return [replace(b, scale=scale) for b in branches]
-
-
-def _branch_scales(gamma: Tensor | None, channels: int, where: str) -> tuple[Tensor | None, Tensor]:
-    """Per-channel factors of the mixer (``+gamma``) and norm (``-gamma``) branches."""
-    if gamma is None:
-        return None, -torch.ones(channels, dtype=torch.float64)
-    if not gamma.is_floating_point() or gamma.numel() != channels:
-        raise InputError(
-            f"{where}: layer scale has shape {tuple(gamma.shape)} and dtype {gamma.dtype}; "
-            f"{channels} floating-point values are expected"
-        )
-    flat = gamma.detach().reshape(-1)
-    return flat, -flat
 
 
 def _is_timm_mobileone(module: object) -> bool:
@@ -86,6 +47,34 @@ def _is_timm_mobileone(module: object) -> bool:
     )
 
 
+def _pairs(v, local: str) -> list[str]:
+    """``<local>.0``, ``<local>.1``, …: a live ModuleList's entries, or the consecutive indices from 0
+    a state dict holds (a gap leaves the later keys unread: refused as unexpected)."""
+    count = len(v.get(local) or ()) if v.tree == "module" else 0
+    while v.tree == "key" and v.has(join(local, str(count), "conv", "weight")):
+        count += 1
+    return [join(local, str(i)) for i in range(count)]
+
+
+def _linear_mobileone(v, local: str) -> Map | None:
+    """A MobileOneBlock inside a RepMixer: its k×k pairs, 1×1 pair and identity BN, summed (it must
+    have no SE and no activation); None when it has no branch at all."""
+    if v.tree == "module":
+        for part in ("se", "act"):
+            module = v.get(join(local, part))
+            if not is_passive(module):
+                raise UnsupportedError(
+                    f"{v._label(join(local, part))} is a {type(module).__name__}; a RepMixer's MobileOne "
+                    "blocks must be linear (no SE, use_act=False) to be folded"
+                )
+    terms = [linear_conv_norm(v, pair) for pair in _pairs(v, join(local, "conv_kxk"))]
+    if v.has_any(join(local, "conv_scale")):
+        terms.append(linear_conv_norm(v, join(local, "conv_scale")))
+    if v.has_any(join(local, "identity")):
+        terms.append(then(algebra.identity(), v.bn(join(local, "identity"))))
+    return plus(*terms) if terms else None
+
+
 class FastVitRepMixer(Family):
     name = "fastvit_repmixer"
     title = "timm fastvit RepMixer"
@@ -93,6 +82,8 @@ class FastVitRepMixer(Family):
     anchor = "mixer.conv_kxk.0.conv.weight"
     deploy_anchor = "reparam_conv.weight"
     encloses = ("timm_mobileone",)
+    parts = ("mixer", "norm", "layer_scale")
+    deploy = "reparam_conv"
     train_keys = (
         "mixer.{conv_kxk.i.{conv,bn}, conv_scale.{conv,bn}, identity (BN)}, norm.identity (BN), "
         "[layer_scale.gamma]; x + gamma * (mixer - norm)"
@@ -100,42 +91,24 @@ class FastVitRepMixer(Family):
     deploy_keys = "reparam_conv.{weight,bias} (layer_scale folded and removed)"
     after_sum = "nothing"
 
-    # -- key tree --------------------------------------------------------------------------
-
-    def _mobileone_keys(self, view: KeyView, sub: str, eps: float, channels: int, per_group: int) -> list[ConvBranch]:
-        convs: list[ConvBranch] = []
-        index = 0
-        while view.has(join(sub, "conv_kxk", str(index), "conv", "weight")):
-            convs.append(conv_norm_branch_from_keys(view, join(sub, "conv_kxk", str(index)), eps))
-            index += 1
-        if view.has_any(join(sub, "conv_scale")):
-            convs.append(conv_norm_branch_from_keys(view, join(sub, "conv_scale"), eps))
-        if view.has_any(join(sub, "identity")):
-            convs.append(_identity_as_conv(bn_from_keys(view, join(sub, "identity"), eps), channels, per_group))
-        return convs
-
-    def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
-        if not view.has_any("norm.identity"):
+    def expression(self, v) -> Map | None:
+        if v.tree == "key" and not v.has_any("norm.identity"):
             return None  # a MobileOne block called `mixer` without RepMixer's norm: not this family
-        eps, eps_note = self.eps(options)
-        main = conv_norm_branch_from_keys(view, "mixer.conv_kxk.0", eps)
-        channels, per_group = int(main.weight.shape[0]), int(main.weight.shape[1])
-        where = f"block {view.prefix or '<root>'}"
-        mixer_scale, norm_scale = _branch_scales(view.tensor("layer_scale.gamma", required=False), channels, where)
-        mixer = self._mobileone_keys(view, "mixer", eps, channels, per_group)
-        norm = self._mobileone_keys(view, "norm", eps, channels, per_group)
-        convs = (mixer if mixer_scale is None else _scaled(mixer, mixer_scale)) + _scaled(norm, norm_scale)
-        return self.finish_key_block(
-            view,
-            owned=view.owned_under(*PARTS),
-            branches=Branches(convs=tuple(convs), identity=IdentityBranch()),
-            deploy_prefix=join(view.prefix, "reparam_conv"),
-            eps_note=eps_note,
-            dtype=source_dtype(main.weight),
-            notes=(NOTE,),
-        )
-
-    # -- module tree -----------------------------------------------------------------------
+        if v.tree == "module":
+            if not v.get("mixer.conv_kxk"):
+                raise UnsupportedError(f"{v.where}.mixer has no conv_kxk branch; timm's RepMixer always has one")
+            layer_scale = v.get("layer_scale")
+            if not is_passive(layer_scale) and not isinstance(getattr(layer_scale, "gamma", None), Tensor):
+                raise UnsupportedError(f"{v.where}.layer_scale is a {type(layer_scale).__name__}; a LayerScale2d "
+                                       "(gamma) or nn.Identity is expected")
+        mixer = _linear_mobileone(v, "mixer")
+        channels = mixer.out_channels
+        gamma = v.scale("layer_scale.gamma", channels, required=False)
+        minus = -v.tensor("layer_scale.gamma") if gamma is not None else -torch.ones(channels, dtype=torch.float64)
+        norm = _linear_mobileone(v, "norm")
+        v.note(NOTE)
+        return plus(algebra.identity(), mixer if gamma is None else then(mixer, gamma),
+                    *([then(norm, algebra.scale(minus))] if norm is not None else []))
 
     def matches_module(self, module: nn.Module) -> bool:
         return (
@@ -144,58 +117,10 @@ class FastVitRepMixer(Family):
             and hasattr(module, "layer_scale")
         )
 
-    def _mobileone_module(self, block: nn.Module, where: str, channels: int, per_group: int) -> list[ConvBranch]:
-        for part in ("se", "act"):
-            if not is_passive(getattr(block, part, None)):
-                raise UnsupportedError(
-                    f"{where}.{part} is a {type(getattr(block, part)).__name__}; a RepMixer's MobileOne "
-                    "blocks must be linear (no SE, use_act=False) to be folded"
-                )
-        convs = [
-            linear_conv_norm_branch(pair, f"{where}.conv_kxk.{i}") for i, pair in enumerate(block.conv_kxk or ())
-        ]
-        if block.conv_scale is not None:
-            convs.append(linear_conv_norm_branch(block.conv_scale, f"{where}.conv_scale"))
-        if block.identity is not None:
-            if not is_batch_norm(block.identity):
-                raise UnsupportedError(f"{where}.identity is a {type(block.identity).__name__}, not a BatchNorm")
-            convs.append(
-                _identity_as_conv(bn_from_module(block.identity, f"{where}.identity"), channels, per_group)
-            )
-        return convs
-
-    def parse_module(self, name: str, module: nn.Module, options: FamilyOptions) -> Block:
-        where = name or "<root>"
-        if not module.mixer.conv_kxk:
-            raise UnsupportedError(f"{where}.mixer has no conv_kxk branch; timm's RepMixer always has one")
-        main = module.mixer.conv_kxk[0].conv
-        channels, per_group = int(main.out_channels), int(main.weight.shape[1])
-        layer_scale = module.layer_scale
-        if is_passive(layer_scale):
-            gamma = None
-        elif isinstance(getattr(layer_scale, "gamma", None), Tensor):
-            gamma = layer_scale.gamma
-        else:
-            raise UnsupportedError(
-                f"{where}.layer_scale is a {type(layer_scale).__name__}; a LayerScale2d (gamma) or nn.Identity is expected"
-            )
-        mixer_scale, norm_scale = _branch_scales(gamma, channels, f"block {where}")
-        mixer = self._mobileone_module(module.mixer, f"{where}.mixer", channels, per_group)
-        norm = self._mobileone_module(module.norm, f"{where}.norm", channels, per_group)
-        convs = (mixer if mixer_scale is None else _scaled(mixer, mixer_scale)) + _scaled(norm, norm_scale)
-        branches = Branches(convs=tuple(convs), identity=IdentityBranch(), **geometry_from_conv(main))
-        return Block(
-            name=name,
-            family=self.name,
-            branches=branches,
-            source_keys=self.module_keys(name, module, *PARTS),
-            deploy_prefix=join(name, "reparam_conv"),
-            dtype=source_dtype(main.weight),
-            notes=(NOTE,),
-        )
-
     def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:
-        replace_with_reparam_conv(module, fused, module.mixer.conv_kxk[0].conv.weight, PARTS)
+        # timm's RepMixer has an inference_mode flag (a later reparameterize() then returns early);
+        # a look-alike without one gets none
+        super().to_deploy_module(module, fused)
         if hasattr(module, "inference_mode"):
-            module.inference_mode = True  # a later timm reparameterize() then returns early
+            module.inference_mode = True
         return module
