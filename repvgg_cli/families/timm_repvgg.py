@@ -17,39 +17,17 @@ families.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from ..errors import UnsupportedError
 from ..algebra import Map, plus
-from ..fusion import ConvBranch, IdentityBranch
-from .base import (
-    Family,
-    KeyView,
-    bn_from_keys,
-    conv_branch_from_keys,
-    conv_branch_from_module,
-    is_batch_norm,
-    join,
-)
+from ..errors import UnsupportedError
+from .base import Family, is_batch_norm, join
 
 BRANCHES = ("conv_kxk", "conv_1x1", "identity")
 DEPLOY_DELETES = ("conv_kxk", "conv_1x1", "identity", "drop_path")
 
 
 # -- helpers shared with the MobileOne families ------------------------------------------------
-
-
-def conv_norm_branch_from_keys(view: KeyView, local: str, eps: float) -> ConvBranch:
-    """A conv+norm pair stored as ``<local>.conv.*`` and ``<local>.bn.*`` (the BN may be absent)."""
-    bn = join(local, "bn") if view.has_any(join(local, "bn")) else None
-    return conv_branch_from_keys(view, join(local, "conv"), bn, eps)
-
-
-def identity_from_keys(view: KeyView, local: str, eps: float) -> IdentityBranch | None:
-    """The identity BN at ``local`` when the state dict has one."""
-    if not view.has_any(local):
-        return None
-    return IdentityBranch(bn=bn_from_keys(view, local, eps))
 
 
 def is_conv_norm(module: object) -> bool:
@@ -77,44 +55,9 @@ def _check_no_act(bn: nn.Module, where: str) -> None:
         )
 
 
-def conv_norm_branch_from_module(module: nn.Module, where: str) -> ConvBranch:
-    """A live ``ConvNormAct`` (or ``Sequential(conv, bn)``) branch as a :class:`ConvBranch`."""
-    if not is_conv_norm(module):
-        raise UnsupportedError(f"{where} is a {type(module).__name__}, not a conv+BN pair")
-    _check_plain_conv(module.conv, f"{where}.conv")
-    aa = getattr(module, "aa", None)
-    if aa is not None and not isinstance(aa, nn.Identity):
-        raise UnsupportedError(f"{where} has an anti-aliasing layer ({type(aa).__name__}) after the BN")
-    bn = module.bn if is_batch_norm(module.bn) else None
-    if bn is not None:
-        _check_no_act(bn, f"{where}.bn")
-    elif isinstance(module.bn, nn.Sequential) and any(
-        not isinstance(m, (nn.Identity, nn.Dropout)) for m in module.bn
-    ):
-        raise UnsupportedError(f"{where}.bn holds layers that are not a BatchNorm")
-    return conv_branch_from_module(module.conv, bn, where)
-
-
 def has_no_deploy_conv(module: nn.Module) -> bool:
     """True while a block still is in train form (``reparam_conv`` absent or None)."""
     return getattr(module, "reparam_conv", None) is None
-
-
-def delete_attributes(module: nn.Module, names: tuple[str, ...]) -> None:
-    """Delete the train-form attributes the project's own reparameterize deletes."""
-    for attribute in names:
-        if hasattr(module, attribute):
-            delattr(module, attribute)
-    if "id_tensor" in module.__dict__:
-        del module.__dict__["id_tensor"]
-
-
-def first_tensor(*tensors: Tensor | None) -> Tensor:
-    """The first tensor given (the dtype/device template of the fused conv)."""
-    for tensor in tensors:
-        if isinstance(tensor, Tensor):
-            return tensor
-    raise UnsupportedError("a block without any tensor")  # pragma: no cover - parse_module guards
 
 
 # -- the declaration shared by timm's families -------------------------------------------------
