@@ -5,15 +5,23 @@ fails under the change and passes on the real code. The tests go through public 
 (``load_checkpoint``, ``SafetensorsStream``, ``repvgg_cli.api``, ``repvgg_cli.convert``, the CLI),
 so they outlive the reorganisation of the modules the changes were made in.
 
-| row | the change                                                     | test                                              |
-|-----|----------------------------------------------------------------|---------------------------------------------------|
-| 1   | ``weights_only`` not passed for files named ``*.safetensors``  | test_row1_hostile_pickle_named_safetensors_...    |
-| 2   | the probe window's column taken from the kernel's row count   | test_row2_...                                     |
-| 3   | data moved up first chunk first when the metadata outgrows room| test_row3_...                                     |
-| 4   | dropped ``*_aux*`` keys not recorded in the metadata           | test_row4_...                                     |
-| 5   | ``reparameterize`` without ``model.eval()``                    | test_row5_...                                     |
-| 6   | half-precision fusion without its NaN/Inf check                | test_row6_...                                     |
-| 7   | deploy-file NaN/Inf check skipping the bias                    | test_row7_...                                     |
+Row by row, the change and the test that fails under it:
+
+1. ``weights_only`` not passed for files named ``*.safetensors``:
+   test_row1_hostile_pickle_named_safetensors_is_refused_even_when_the_environment_forces_unsafe_loads
+2. the probe window's column taken from the kernel's row count (window extent, window offset,
+   CentreProbe's kernel, block_probe's width): test_row2_correct_non_square_blocks_pass_every_check,
+   test_row2_a_corrupted_edge_tap_of_a_non_square_kernel_fails_verification
+3. the data moved up first chunk first when the metadata outgrows its room:
+   test_row3_metadata_outgrowing_its_room_moves_more_than_16_mib_of_data_intact
+4. dropped ``*_aux*`` keys not recorded in the metadata:
+   test_row4_dropped_aux_keys_are_recorded_so_verify_against_accepts_them
+5. ``reparameterize`` without ``model.eval()``: test_row5_reparameterize_returns_the_deploy_model_in_eval_mode
+6. half-precision fusion without its NaN/Inf check:
+   test_row6_half_precision_nan_in_a_branch_weight_is_an_error_naming_the_branch (module tree)
+7. the deploy-file NaN/Inf check skipping the bias: test_row7_nan_or_inf_in_a_deploy_tensor_is_reported_as_such
+
+The last two tests keep ``scripts/mutation_equivalents.txt`` readable by ``scripts/mutate.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import math
 import os
 import pathlib
 import re
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -114,7 +123,7 @@ def _bn_state(prefix: str, channels: int, generator: torch.Generator) -> dict[st
     }
 
 
-def non_square_block(kernel: tuple[int, int], seed: int, channels: int = 4) -> "OrderedDict[str, torch.Tensor]":
+def non_square_block(kernel: tuple[int, int], seed: int, channels: int = 4) -> OrderedDict[str, torch.Tensor]:
     """A tutorial block (key tree) whose main kernel is ``kernel``, with 1x1 and identity branches."""
     generator = torch.Generator().manual_seed(seed)
     state: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -327,3 +336,42 @@ def test_row7_nan_or_inf_in_a_deploy_tensor_is_reported_as_such(tmp_path: Path, 
     result = invoke("verify", deploy)
     assert result.exit_code == 1
     assert "features.2 holds NaN or Inf" in result.stdout
+
+
+# -- the mutation run's list of equivalent mutants ---------------------------------------------------------
+
+
+def _mutate_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "mutate.py"
+    spec = importlib.util.spec_from_file_location("repvgg_mutate_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_documented_equivalent_mutant_has_a_fingerprint_and_a_reason() -> None:
+    script = _mutate_script()
+    lines = [line for line in script.EQUIVALENTS.read_text(encoding="utf-8").splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    entries = script.read_equivalents(script.EQUIVALENTS)
+    assert len(entries) == len(lines)  # one entry per line, no fingerprint twice
+    for fp, entry in entries.items():
+        assert re.fullmatch(r"[0-9a-f]{12}", fp) and "__mutmut_" in entry.mutant
+        assert entry.mutant.startswith("repvgg_cli.") and len(entry.reason) >= 20
+
+
+def test_a_mutant_fingerprint_follows_the_changed_lines_not_the_mutant_number(tmp_path: Path) -> None:
+    script = _mutate_script()
+    diff = ("--- repvgg_cli/io/containers.py\n+++ repvgg_cli/io/containers.py\n@@ -3,7 +3,7 @@\n"
+            "     keys = list(state.keys())\n-        changed = False\n+        changed = None\n")
+    fp = script.fingerprint("repvgg_cli.io.containers.x_strip_prefixes__mutmut_7", diff)
+    assert fp == script.fingerprint("repvgg_cli.io.containers.x_strip_prefixes__mutmut_9", diff.replace("-3,7 +3,7", "-4,7 +4,7"))
+    assert fp != script.fingerprint("repvgg_cli.io.containers.x_strip_prefixes__mutmut_7", diff.replace("None", "True"))
+    assert fp != script.fingerprint("repvgg_cli.io.containers.x_pick_entry__mutmut_7", diff)
+    bad = tmp_path / "equivalents.txt"
+    bad.write_text(f"{fp}  repvgg_cli.io.containers.x_strip_prefixes__mutmut_7\n")  # no reason
+    with pytest.raises(SystemExit, match="expected 'FINGERPRINT MUTANT -- reason'"):
+        script.read_equivalents(bad)
