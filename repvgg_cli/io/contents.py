@@ -114,7 +114,10 @@ def walk(raw: Any) -> Walk:
         if depth > found.depth:
             found.depth, found.deepest_entry = depth, entry
         for key, child in children:
-            stack.append((child, depth + 1, key if depth == 1 else entry))
+            if isinstance(child, Tensor):  # most of a checkpoint: no trip through the stack
+                found.tensors.append(child)
+            else:
+                stack.append((child, depth + 1, key if depth == 1 else entry))
     return found
 
 

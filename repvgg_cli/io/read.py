@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..errors import InputError, one_line
 from . import mapguard
 from .containers import is_state_dict, pick_entry, prefix_notes, strip_prefixes, type_name, why_not_state_dict
-from .contents import check_nesting, check_tensors, walk
+from .contents import Walk, check_nesting, check_tensors, walk
 from .digest import FileDigest, FileIdentity
 from .metadata import METADATA_KEY, check_metadata, metadata_from_module, metadata_from_state, parse_metadata
 from .unpickle import first_pickle, old_protocol_error, pickle_stream_protocol, torch_load, warnings_as_notes
@@ -237,11 +237,12 @@ def _check_same_file(path: Path, before: FileIdentity) -> None:
 
 
 def _torch_zip(path: Path, identity: FileIdentity, allow_pickle: bool, max_unpacked_bytes: int | None,
-               notes: list[str]) -> tuple[Any, bool, bool, int]:
+               notes: list[str]) -> tuple[Any, bool, bool, int, Walk]:
     """Load a torch zip: memory-mapped when its records allow, else each record by its method.
 
     Returns:
-        The loaded object, whether it was fully unpickled, whether it is mapped, its data bytes.
+        The loaded object, whether it was fully unpickled, whether it is mapped, its data bytes,
+        and what :func:`walk` found in it.
     """
     layout = scan_zip(path, identity.size, max_unpacked_bytes)
     _check_torch_zip(path, layout.names if layout is not None else None)
@@ -255,15 +256,16 @@ def _torch_zip(path: Path, identity: FileIdentity, allow_pickle: bool, max_unpac
     if layout is not None and not mapped:
         notes.append(f"read without memory-mapping: {layout.not_mappable}")
     raw, pickled = torch_load(path, allow_pickle, mmap=mapped)
+    found = walk(raw)
     if mapped:
         assert layout is not None
-        problem = mapped_storage_problem(walk(raw).tensors, layout, path, identity.device, identity.inode)
+        problem = mapped_storage_problem(found.tensors, layout, path, identity.device, identity.inode)
         if problem is not None:
             notes.append(f"read without memory-mapping: {problem}")
-            del raw
+            del raw, found
             raw, pickled = torch_load(path, allow_pickle, mmap=False)
-            mapped = False
-    return raw, pickled, mapped, data_bytes
+            found, mapped = walk(raw), False
+    return raw, pickled, mapped, data_bytes, found
 
 
 def load_checkpoint(
@@ -314,15 +316,17 @@ def load_checkpoint(
 
     with warnings_as_notes(notes):
         if fmt == "torch-zip":
-            raw, pickled, mapped, data_bytes = _torch_zip(path, identity, allow_pickle, max_unpacked_bytes, notes)
+            raw, pickled, mapped, data_bytes, found = _torch_zip(path, identity, allow_pickle, max_unpacked_bytes,
+                                                                 notes)
         else:
             error = old_protocol_error(path, _legacy_protocol(path), allow_pickle)
             if error is not None:
                 raise error
             raw, pickled = torch_load(path, allow_pickle, mmap=False)
-            mapped, data_bytes = False, identity.size
+            mapped, data_bytes, found = False, identity.size, walk(raw)
     _check_same_file(path, identity)
-    check_nesting(path, walk(raw))
+    check_nesting(path, found)
+    del found
     if pickled:
         notes.insert(0, "loaded with full unpickling (--allow-pickle)")
     model: nn.Module | None = None

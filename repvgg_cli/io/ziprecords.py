@@ -27,7 +27,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from ..errors import InputError, one_line
@@ -205,14 +204,13 @@ def _storages(tensors: Iterable[Tensor]) -> dict[int, int]:
     """``{data_ptr: nbytes}`` of the distinct non-empty CPU storages behind ``tensors``."""
     found: dict[int, int] = {}
     for tensor in tensors:
-        if tensor.device.type != "cpu" or tensor.layout != torch.strided or tensor.is_nested:
-            continue
-        try:
+        try:  # sparse tensors have no storage of their own; meta storages have no address
             storage = tensor.untyped_storage()
+            pointer, nbytes = storage.data_ptr(), storage.nbytes()
         except (RuntimeError, NotImplementedError):
             continue
-        if storage.nbytes() and storage.data_ptr():
-            found[storage.data_ptr()] = max(found.get(storage.data_ptr(), 0), storage.nbytes())
+        if pointer and nbytes and found.get(pointer, 0) < nbytes:
+            found[pointer] = nbytes
     return found
 
 
