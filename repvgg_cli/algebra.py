@@ -427,6 +427,13 @@ def plus(*maps: Map) -> Map:
     then). An identity term, with its BN and scale, is a diagonal kernel; a second one becomes a
     1×1 identity-kernel conv term (a block has one identity slot).
 
+    Dilation: terms whose k×k kernels (k > 1) all share one dilation keep it (the sum is a
+    dilated conv, e.g. a dilated MobileOne block: its 1×1 and identity sit on the centre tap).
+    Terms with different dilations are summed as the dense kernels they equal: a k×k kernel
+    with dilation r is the ``r(k-1)+1`` kernel with its taps every r-th place and zeros between
+    (UniRepLKNet's dilated branches in a large undilated kernel). That step only places values
+    (exact, in the weight's own dtype); the value is marked composite with the dilated expression.
+
     Raises:
         UnsupportedError: terms with different strides or groups.
     """
@@ -436,6 +443,10 @@ def plus(*maps: Map) -> Map:
         return maps[0]
     parts = [m if m.post_bn is None and m.post_scale is None else _as_map(_materialize(m), ops_of(m), m)
              for m in maps]
+    spread_ops = None
+    if len({c.dilation for p in parts for c in p.convs if c.kernel_size != (1, 1)}) > 1:
+        spread_ops = PlusOp(tuple(ops_of(p) for p in parts))  # the dilated convs, for the check
+        parts = [_undilated(p) if any(c.dilation != (1, 1) for c in p.convs) else p for p in parts]
     convs: list[ConvBranch] = []
     identities: list[IdentityBranch] = []
     for part in parts:
@@ -462,6 +473,8 @@ def plus(*maps: Map) -> Map:
                 convs.append(ConvBranch(weight=identity_kernel(channels, per_group, (1, 1)), bn=i.bn, scale=i.scale))
     main = max(with_convs, key=lambda p: tuple(p.kernel_size), default=parts[0])
     ops = PlusOp(tuple(ops_of(p) for p in parts)) if any(p.composite for p in parts) else None
+    if spread_ops is not None:
+        ops = spread_ops
     return Branches(
         convs=tuple(convs), identity=slot, groups=groups.pop() if groups else None,
         stride=main.stride, padding=main.padding, dilation=main.dilation, padding_mode=main.padding_mode,
@@ -469,6 +482,24 @@ def plus(*maps: Map) -> Map:
         geometry_known=bool(with_convs) and all(p.geometry_known for p in with_convs),
         composite=ops is not None, ops=ops,
     )
+
+
+def _spread(term: ConvBranch) -> ConvBranch:
+    """A dilated conv term as the undilated kernel it equals: ``(r(k-1)+1)`` wide, its taps every
+    r-th place, zeros between (same dtype: values are only placed). Its padding stays the same."""
+    rh, rw = term.dilation
+    if (rh, rw) == (1, 1):
+        return term
+    kh, kw = term.kernel_size
+    dense = term.weight.detach().new_zeros(*term.weight.shape[:2], rh * (kh - 1) + 1, rw * (kw - 1) + 1)
+    dense[:, :, ::rh, ::rw] = term.weight.detach()
+    return replace(term, weight=dense, dilation=(1, 1))
+
+
+def _undilated(value: Map) -> Map:
+    """``value`` with every conv term spread to its undilated kernel (see :func:`plus`)."""
+    return replace(value, convs=tuple(_spread(c) for c in value.convs), dilation=(1, 1),
+                   composite=True, ops=ops_of(value))
 
 
 # -- evaluation -------------------------------------------------------------------------------
