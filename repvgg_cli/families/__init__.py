@@ -23,6 +23,10 @@ from .ultralytics_repconv import UltralyticsRepConv
 from .ultralytics_repvggdw import UltralyticsRepVGGDW
 from .qarepvgg import QARepVGG
 from .mmpretrain_repvgg import MmpretrainRepVGG
+from .mmpretrain_mobileone import MmpretrainMobileOne
+from .replknet import RepLKNetLargeKernel
+from .unireplknet import UniRepLKNetDwconv, UniRepLKNetFfn
+from .apple_fastvit import AppleRepCPE, AppleRepMixer
 from .acnet import ACNetBlock
 from .dbb import DbbConvBN, DiverseBranchBlock
 from .orepa import Orepa, Orepa1x1, OrepaLargeConv, OrepaLargeConvBase, OrepaRepVGG
@@ -34,6 +38,7 @@ FAMILIES: tuple[Family, ...] = (
     FastVitRepMixer(),
     FastVitLargeKernel(),
     FastVitRepCPE(),
+    AppleRepMixer(),  # encloses apple_mobileone blocks (mixer, norm)
     TimmRepVggBlock(),
     TimmMobileOneBlock(),
     AppleMobileOneBlock(),
@@ -42,6 +47,11 @@ FAMILIES: tuple[Family, ...] = (
     UltralyticsRepVGGDW(),
     QARepVGG(),
     MmpretrainRepVGG(),
+    MmpretrainMobileOne(),
+    RepLKNetLargeKernel(),
+    UniRepLKNetDwconv(),
+    UniRepLKNetFfn(),
+    AppleRepCPE(),
     ACNetBlock(),
     DiverseBranchBlock(),  # DBB, OREPA large kernels and RepVGGBlock_OREPA enclose ConvBN / OREPA blocks
     OrepaLargeConv(),

@@ -69,6 +69,14 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         eps=1e-3,
     ),
     Architecture(
+        name="apple_fastvit",
+        title="apple ml-fastvit FastViT (stem patch_embed, network of RepMixer/attention stages)",
+        source="apple/ml-fastvit models/fastvit.py (convolutional_stem, RepMixerBlock, AttentionBlock; BN eps 1e-5)",
+        markers=(r"(^|\.)patch_embed\.0\.(rbr_conv\.0\.conv|reparam_conv)\.weight$",
+                 r"(^|\.)network\.\d+\.\d+\.token_mixer\."),
+        families=("apple_repcpe",),
+    ),
+    Architecture(
         name="dbb",
         title="Diverse Branch Block models (ResNet, MobileNet with DiverseBranchBlock)",
         source="DingXiaoH/DiverseBranchBlock diversebranchblock.py, convnet_utils.py (ConvBN; BN eps 1e-5); "

@@ -1,6 +1,9 @@
 """Toy and upstream-faithful models, one module per family (see tests/test_family_contract.py)."""
 
 ZOO_OF: dict[str, str] = {
+    "unireplknet_ffn": "unireplknet",
+    "apple_repmixer": "apple_fastvit",
+    "apple_repcpe": "apple_fastvit",
     "dbb_convbn": "dbb",
     "orepa_1x1": "orepa",
     "orepa_large": "orepa",

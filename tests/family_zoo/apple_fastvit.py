@@ -39,6 +39,8 @@ from torch import Tensor, nn
 from .seeded import train_form
 
 EPS = 1e-5
+FAMILIES = {"apple_mobileone", "replknet", "apple_repmixer", "apple_repcpe"}
+"""The families whose blocks this model holds (tests/test_family_contract.py)."""
 INPUT_SHAPE = (2, 3, 48, 48)
 
 

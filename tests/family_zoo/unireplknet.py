@@ -36,6 +36,8 @@ from torch import Tensor, nn
 from .seeded import train_form
 
 EPS = 1e-5
+FAMILIES = {"unireplknet", "unireplknet_ffn"}
+"""The families whose blocks this model holds (tests/test_family_contract.py)."""
 INPUT_SHAPE = (2, 3, 16, 16)
 
 # Upstream's (kernel sizes, dilations) of the dilated branches, per large kernel size.
