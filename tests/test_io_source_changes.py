@@ -26,7 +26,7 @@ import torch
 from repvgg_cli.errors import InputError
 from repvgg_cli.io import mapguard
 from repvgg_cli.io.digest import FileDigest
-from repvgg_cli.io.read import assert_unchanged, load_checkpoint, source_change
+from repvgg_cli.io.read import assert_unchanged, load_checkpoint, source_change, source_unchanged
 from tests.helpers import ROOT, SAMPLES
 
 TRAIN = SAMPLES / "repvgg_tiny_train.pt"
@@ -75,6 +75,31 @@ def test_a_source_changed_after_loading_is_refused(tmp_path: Path, how: str) -> 
     assert info.value.message.startswith(f"{path} changed while repvgg was reading it: ")
     with pytest.raises(InputError, match="changed while repvgg was reading it"):
         loaded.sha256  # the digest is never handed out for bytes that may not be the ones read
+
+
+def test_source_unchanged_names_the_change_as_the_cause(tmp_path: Path) -> None:
+    path = aged_copy(tmp_path)
+    loaded = load_checkpoint(path)
+    with source_unchanged(loaded):  # nothing changed: nothing raised
+        pass
+    with pytest.raises(ValueError, match="a failure of its own"):
+        with source_unchanged(loaded):  # the work's own error, the source unchanged: that error
+            raise ValueError("a failure of its own")
+    with pytest.raises(InputError, match="its size went from"):
+        with source_unchanged(loaded):  # an error caused by a cut source: the cut is named
+            os.truncate(path, 4096)
+            raise OSError(14, "Bad address")
+    shutil.copy(TRAIN, path)
+    loaded = load_checkpoint(path)
+    before = path.stat()
+    with pytest.raises(InputError, match="it was modified"):
+        with source_unchanged(loaded):  # the work succeeded, but on bytes that have changed
+            time.sleep(0.05)  # past the file system's coarse clock tick, so ctime moves
+            with open(path, "r+b") as handle:
+                handle.seek(-8, os.SEEK_END)
+                handle.write(bytes(8))
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # even with its mtime put back
+    assert path.stat().st_mtime_ns == before.st_mtime_ns  # only ctime, which cannot be put back, tells
 
 
 def test_a_digest_of_other_bytes_is_refused(tmp_path: Path) -> None:

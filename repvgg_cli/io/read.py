@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,26 @@ def assert_unchanged(loaded: LoadedCheckpoint) -> None:
             f"{loaded.path} changed while repvgg was reading it: {change}; its contents and sha256 cannot be trusted",
             hint="run the command again once the file is complete and no other process writes it",
         )
+
+
+@contextmanager
+def source_unchanged(loaded: LoadedCheckpoint) -> Iterator[None]:
+    """Run the work that reads ``loaded``'s tensors; when it ends, refuse a source that changed.
+
+    An error raised inside (an ``OSError`` "Bad address" from writing pages of a truncated
+    mapped file, a check that failed on zeros) is replaced by the source-change error when the
+    source changed meanwhile, since that is the cause; otherwise it propagates unchanged.
+
+    Raises:
+        InputError: the source changed (see :func:`assert_unchanged`).
+    """
+    try:
+        yield
+    except Exception:
+        if source_change(loaded) is not None:
+            assert_unchanged(loaded)
+        raise
+    assert_unchanged(loaded)
 
 
 _SNIFF_BYTES = 1 << 16
