@@ -70,33 +70,25 @@ def written_bytes(tensor: Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _storage_key(tensor: Tensor) -> tuple[str, int] | None:
-    if tensor.layout != torch.strided or tensor.is_nested or tensor.device.type == "meta":
-        return None
+def _storage(tensor: Tensor) -> tuple[int, int] | None:
+    """``(address, bytes)`` of the storage behind a dense tensor with data (None for sparse,
+    nested or meta tensors, and empty storages)."""
     try:
         storage = tensor.untyped_storage()
+        pointer, nbytes = storage.data_ptr(), storage.nbytes()
     except (RuntimeError, NotImplementedError):
         return None
-    if not storage.nbytes() or not storage.data_ptr():
-        return None
-    return tensor.device.type, storage.data_ptr()
+    return (pointer, nbytes) if pointer and nbytes else None
 
 
 def shared_storages(state: Mapping[str, Tensor]) -> tuple[tuple[str, ...], ...]:
     """Groups of keys (two or more, in state dict order) whose tensors share one storage."""
-    groups: dict[tuple[str, int], list[str]] = {}
+    groups: dict[int, list[str]] = {}
     for key, tensor in state.items():
-        where = _storage_key(tensor)
-        if where is not None:
-            groups.setdefault(where, []).append(key)
+        storage = _storage(tensor)
+        if storage is not None:
+            groups.setdefault(storage[0], []).append(key)
     return tuple(tuple(keys) for keys in groups.values() if len(keys) > 1)
-
-
-def _stored_bytes(tensor: Tensor) -> int:
-    try:
-        return tensor.untyped_storage().nbytes()
-    except (RuntimeError, NotImplementedError):
-        return written_bytes(tensor)
 
 
 def output_size(state: Mapping[str, Tensor], source_bytes: int, max_output_bytes: int | None = None,
@@ -104,30 +96,32 @@ def output_size(state: Mapping[str, Tensor], source_bytes: int, max_output_bytes
     """What writing ``state`` would cost, without touching its data.
 
     Args:
-        state: the tensors to write.
+        state: the tensors to write (on the CPU: storages are told apart by address).
         source_bytes: the source's bytes (its size, or what its compressed records unpack to).
         max_output_bytes: the budget; None: :data:`OUTPUT_BUDGET_RATIO` times ``source_bytes``.
         keep_aliasing: the writer keeps shared storages shared (``torch.save``): each storage
             counts once, whole; otherwise every tensor counts ``numel * element_size``.
     """
     total, largest_key, largest = 0, None, -1
-    counted: set[tuple[str, int]] = set()
+    groups: dict[int, list[str]] = {}
     expanded = []
     for key, tensor in state.items():
         size = written_bytes(tensor)
-        where = _storage_key(tensor)
-        if where is not None and size > _stored_bytes(tensor):
-            expanded.append(key)
-        if keep_aliasing and where is not None:
-            if where not in counted:
-                counted.add(where)
-                total += _stored_bytes(tensor)
-        else:
+        storage = _storage(tensor)
+        if storage is None:
             total += size
+        else:
+            pointer, stored = storage
+            if size > stored:
+                expanded.append(key)
+            keys = groups.setdefault(pointer, [])
+            total += (0 if keys else stored) if keep_aliasing else size
+            keys.append(key)
         if size > largest:
             largest_key, largest = key, size
     budget = OUTPUT_BUDGET_RATIO * source_bytes if max_output_bytes is None else max_output_bytes
-    return OutputSize(total, budget, largest_key, max(largest, 0), shared_storages(state), tuple(expanded))
+    shared = tuple(tuple(keys) for keys in groups.values() if len(keys) > 1)
+    return OutputSize(total, budget, largest_key, max(largest, 0), shared, tuple(expanded))
 
 
 def check_output_size(state: Mapping[str, Tensor], source_bytes: int, max_output_bytes: int | None = None,
@@ -149,7 +143,7 @@ def check_output_size(state: Mapping[str, Tensor], source_bytes: int, max_output
         shape = "x".join(map(str, tensor.shape)) or "scalar"
         what = f"; the largest tensor is {key} ({shape} {str(tensor.dtype).removeprefix('torch.')}, {size.largest_bytes:,} bytes"
         if key in size.expanded:
-            what += f", a view of {_stored_bytes(tensor):,} bytes of storage"
+            what += f", a view of {(_storage(tensor) or (0, 0))[1]:,} bytes of storage"
         what += ")"
     shared = f"; {sum(len(g) for g in size.shared)} tensors share {len(size.shared)} storages" if size.shared else ""
     origin = (f"{OUTPUT_BUDGET_RATIO}x the source's {source_bytes:,} bytes" if max_output_bytes is None
@@ -202,14 +196,15 @@ def safetensors_header_size(layout: Layout, metadata: Mapping[str, str] | None =
     size = 2 + len(json.dumps(SAFETENSORS_RESERVED_KEY)) + 1
     size += len(json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
     offset = 0
+    fixed = len('{"dtype":"","shape":[],"data_offsets":[,]}') + 2  # and the comma before, the colon after the key
+    element_sizes: dict[torch.dtype, int] = {}
     for key, (dtype, shape) in layout.items():
-        code = SAFETENSORS_DTYPES.get(dtype, "XXXX")
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size() if dtype in SAFETENSORS_DTYPES else 0
-        dims = sum(len(str(d)) for d in shape) + max(len(shape) - 1, 0)
+        if dtype not in element_sizes:
+            element_sizes[dtype] = torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * element_sizes[dtype]
         # ,"key":{"dtype":"F32","shape":[..],"data_offsets":[a,b]}
-        size += 1 + _json_string_bytes(key) + 1
-        size += len('{"dtype":"","shape":[],"data_offsets":[,]}') + len(code) + dims
-        size += len(str(offset)) + len(str(offset + nbytes))
+        size += fixed + _json_string_bytes(key) + len(SAFETENSORS_DTYPES.get(dtype, "XXXX"))
+        size += len(",".join(map(str, shape))) + len(str(offset)) + len(str(offset + nbytes))
         offset += nbytes
         if tensor_digests:
             size += _digest_entry_bytes(key)
