@@ -45,7 +45,7 @@ KINDS = {
 }
 
 
-def block_state() -> "OrderedDict[str, torch.Tensor]":
+def block_state() -> OrderedDict[str, torch.Tensor]:
     """One official RepVGG block with random BN statistics (a checkpoint convert would fuse)."""
     torch.manual_seed(0)
     block = zoo.randomize_bn(zoo.OfficialBlock(8, 8, stride=1), seed=1).double()
@@ -157,8 +157,8 @@ def test_containers_ten_thousand_deep_are_refused_naming_the_entry(tmp_path: Pat
         result = invoke(*args)
         errors = error_lines(result)
         assert result.exit_code == 2, (args, result.stderr)
-        assert errors == [f"Error: {path}: entry 'config' holds containers nested 10002 deep, more than the 100 "
-                          "repvgg reads"], errors
+        assert errors == [(f"Error: {path}: entry 'config' holds containers nested 10002 deep, more than the 100 "
+                          "repvgg reads")], errors
     assert not list(tmp_path.iterdir())
 
 

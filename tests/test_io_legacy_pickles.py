@@ -27,7 +27,7 @@ from repvgg_cli.io.read import load_checkpoint
 from tests.helpers import error_lines, invoke
 
 
-def block_state() -> "OrderedDict[str, torch.Tensor]":
+def block_state() -> OrderedDict[str, torch.Tensor]:
     torch.manual_seed(0)
     block = zoo.randomize_bn(zoo.OfficialBlock(4, 4), seed=2).double()
     return OrderedDict((f"stage1.0.{k}", v) for k, v in block.state_dict().items())
@@ -46,7 +46,7 @@ def test_old_protocols_are_named(tmp_path: Path, protocol: int, legacy: bool) ->
     torch.save(block_state(), path, _use_new_zipfile_serialization=not legacy, pickle_protocol=protocol)
     result = invoke("inspect", path)
     assert result.exit_code == 2
-    assert error_lines(result) == [f"Error: {path} {PROTOCOL_0 if protocol == 0 else PROTOCOL_1}"]
+    assert error_lines(result) == [(f"Error: {path} {PROTOCOL_0 if protocol == 0 else PROTOCOL_1}")]
     error_type = InputError if protocol == 0 else PickleRefusedError
     with pytest.raises(error_type) as info:
         load_checkpoint(path)
@@ -88,8 +88,8 @@ def test_protocols_4_and_5_are_named_by_the_opcode_the_safe_loader_lacks(tmp_pat
     torch.save(expected, path, _use_new_zipfile_serialization=not legacy, pickle_protocol=protocol)
     result = invoke("inspect", path)
     assert result.exit_code == 2
-    assert error_lines(result) == [f"Error: {path} uses pickle opcode FRAME (pickle protocol 4 and later), which "
-                                   "torch's safe loader does not read"]
+    assert error_lines(result) == [(f"Error: {path} uses pickle opcode FRAME (pickle protocol 4 and later), which "
+                                   "torch's safe loader does not read")]
     assert "would run code" not in result.stderr
     loaded = load_checkpoint(path, allow_pickle=True)
     for key, value in expected.items():
@@ -114,8 +114,8 @@ def test_a_plain_pickle_is_named_and_never_unpickled(tmp_path: Path, protocol: i
     for allow in ([], ["--allow-pickle"]):
         result = invoke("inspect", path, *allow)
         assert result.exit_code == 2
-        assert error_lines(result) == [f"Error: {path} is a plain Python pickle (protocol {protocol}), not a "
-                                       "torch.save checkpoint: torch.load cannot read it"]
+        assert error_lines(result) == [(f"Error: {path} is a plain Python pickle (protocol {protocol}), not a "
+                                       "torch.save checkpoint: torch.load cannot read it")]
     assert not marker.exists()
 
 
@@ -172,9 +172,9 @@ def test_torch_warnings_become_one_note_each(changed_module_file: Path) -> None:
         loaded = load_checkpoint(changed_module_file, allow_pickle=True)
     assert [str(w.message) for w in leaked] == []
     notes = [n for n in loaded.notes if n.startswith("while loading: ")]
-    assert notes == ["while loading: SourceChangeWarning: source code of class 'warned_net.Net' has changed. you "
+    assert notes == [("while loading: SourceChangeWarning: source code of class 'warned_net.Net' has changed. you "
                      "can retrieve the original source code by accessing the object's source attribute or set "
-                     "`torch.nn.Module.dump_patches = True` and use the patch tool to revert the changes."]
+                     "`torch.nn.Module.dump_patches = True` and use the patch tool to revert the changes.")]
     assert loaded.notes[0] == "loaded with full unpickling (--allow-pickle)"
 
 
@@ -197,10 +197,10 @@ def test_a_warning_of_the_safe_loader_is_a_note_once(tmp_path: Path, legacy: boo
         loaded = load_checkpoint(path)
     assert leaked == []
     notes = [n for n in loaded.notes if n.startswith("while loading: ")]
-    assert notes == ["while loading: UserWarning: Detected pickle protocol 3 in the checkpoint, which was not the "
+    assert notes == [("while loading: UserWarning: Detected pickle protocol 3 in the checkpoint, which was not the "
                      "default pickle protocol used by `torch.load` (2). The weights_only Unpickler might not support "
                      "all instructions implemented by this protocol, please file an issue for adding support if you "
-                     "encounter this."]
+                     "encounter this.")]
     result = invoke("convert", path, tmp_path / "deploy.safetensors")
     assert "UserWarning: Detected pickle protocol 3" in result.stderr
     assert "torch/serialization.py" not in result.stderr and "warnings.warn" not in result.stderr

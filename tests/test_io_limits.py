@@ -19,8 +19,15 @@ from safetensors import safe_open
 
 from repvgg_cli.errors import InputError
 from repvgg_cli.io import limits
-from repvgg_cli.io.limits import (SAFETENSORS_MAX_HEADER, check_output_size, check_safetensors_limits, layout_of,
-                                  output_size, safetensors_header_size, shared_storages)
+from repvgg_cli.io.limits import (
+    SAFETENSORS_MAX_HEADER,
+    check_output_size,
+    check_safetensors_limits,
+    layout_of,
+    output_size,
+    safetensors_header_size,
+    shared_storages,
+)
 from repvgg_cli.io.metadata import METADATA_KEY, metadata_json, tensor_digests
 from repvgg_cli.io.read import load_checkpoint
 from repvgg_cli.io.safetensors_file import write_safetensors

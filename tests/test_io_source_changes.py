@@ -21,12 +21,16 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from repvgg_cli.errors import InputError
 from repvgg_cli.io import mapguard
 from repvgg_cli.io.digest import FileDigest
-from repvgg_cli.io.read import assert_unchanged, load_checkpoint, source_change, source_unchanged
+from repvgg_cli.io.read import (
+    assert_unchanged,
+    load_checkpoint,
+    source_change,
+    source_unchanged,
+)
 from tests.helpers import ROOT, SAMPLES
 
 TRAIN = SAMPLES / "repvgg_tiny_train.pt"
@@ -74,7 +78,7 @@ def test_a_source_changed_after_loading_is_refused(tmp_path: Path, how: str) -> 
     assert info.value.exit_code == 2
     assert info.value.message.startswith(f"{path} changed while repvgg was reading it: ")
     with pytest.raises(InputError, match="changed while repvgg was reading it"):
-        loaded.sha256  # the digest is never handed out for bytes that may not be the ones read
+        _ = loaded.sha256  # the digest is never handed out for bytes that may not be the ones read
 
 
 def test_source_unchanged_names_the_change_as_the_cause(tmp_path: Path) -> None:
@@ -82,23 +86,23 @@ def test_source_unchanged_names_the_change_as_the_cause(tmp_path: Path) -> None:
     loaded = load_checkpoint(path)
     with source_unchanged(loaded):  # nothing changed: nothing raised
         pass
-    with pytest.raises(ValueError, match="a failure of its own"):
-        with source_unchanged(loaded):  # the work's own error, the source unchanged: that error
-            raise ValueError("a failure of its own")
-    with pytest.raises(InputError, match="its size went from"):
-        with source_unchanged(loaded):  # an error caused by a cut source: the cut is named
-            os.truncate(path, 4096)
-            raise OSError(14, "Bad address")
+    # the work's own error, the source unchanged: that error
+    with pytest.raises(ValueError, match="a failure of its own"), source_unchanged(loaded):
+        raise ValueError("a failure of its own")
+    # an error caused by a cut source: the cut is named
+    with pytest.raises(InputError, match="its size went from"), source_unchanged(loaded):
+        os.truncate(path, 4096)
+        raise OSError(14, "Bad address")
     shutil.copy(TRAIN, path)
     loaded = load_checkpoint(path)
     before = path.stat()
-    with pytest.raises(InputError, match="it was modified"):
-        with source_unchanged(loaded):  # the work succeeded, but on bytes that have changed
-            time.sleep(0.05)  # past the file system's coarse clock tick, so ctime moves
-            with open(path, "r+b") as handle:
-                handle.seek(-8, os.SEEK_END)
-                handle.write(bytes(8))
-            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # even with its mtime put back
+    # the work succeeded, but on bytes that have changed
+    with pytest.raises(InputError, match="it was modified"), source_unchanged(loaded):
+        time.sleep(0.05)  # past the file system's coarse clock tick, so ctime moves
+        with open(path, "r+b") as handle:
+            handle.seek(-8, os.SEEK_END)
+            handle.write(bytes(8))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # even with its mtime put back
     assert path.stat().st_mtime_ns == before.st_mtime_ns  # only ctime, which cannot be put back, tells
 
 
@@ -113,7 +117,7 @@ def test_a_digest_of_other_bytes_is_refused(tmp_path: Path) -> None:
     os.replace(replacement, path)
     loaded = load_checkpoint(path, digest=digest)
     with pytest.raises(InputError, match="it was replaced by another file"):
-        loaded.sha256
+        _ = loaded.sha256
 
 
 def test_a_file_changed_while_hashed_is_refused(tmp_path: Path, monkeypatch) -> None:
@@ -202,7 +206,7 @@ def cut_runs(tmp_path_factory) -> dict[str, dict]:
         sub.mkdir()
         cases.append(["convert", str(aged_copy(sub)), str(sub / f"deploy{suffix}")])
     done = subprocess.run([sys.executable, "-c", CHILD, *map(json.dumps, cases)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, check=False)
     assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)  # -7: killed by SIGBUS
     runs = {Path(r["case"]).suffix if "deploy" in r["case"] else r["case"]: r
             for r in map(json.loads, done.stdout.splitlines())}
@@ -245,7 +249,8 @@ def test_a_sigbus_elsewhere_still_kills_the_process(tmp_path: Path) -> None:
             os.truncate({str(other)!r}, 0)
             print(view[40000])
     """)
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          check=False)
     assert done.returncode == -7, (done.returncode, done.stderr)  # SIGBUS, as without the guard
 
 

@@ -27,7 +27,7 @@ from repvgg_cli.io.ziprecords import scan_zip
 from tests.helpers import error_lines, invoke
 
 
-def repvgg_state() -> "OrderedDict[str, torch.Tensor]":
+def repvgg_state() -> OrderedDict[str, torch.Tensor]:
     """A tiny official-layout RepVGG, float64, random BN statistics, identity-BN biases zero."""
     torch.manual_seed(0)
     model = zoo.randomize_bn(zoo.repvgg("tiny"), seed=3).double()

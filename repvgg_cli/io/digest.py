@@ -32,10 +32,10 @@ class FileIdentity:
     ctime_ns: int
 
     @classmethod
-    def of(cls, status: os.stat_result) -> "FileIdentity":
+    def of(cls, status: os.stat_result) -> FileIdentity:
         return cls(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
 
-    def difference(self, other: "FileIdentity") -> str | None:
+    def difference(self, other: FileIdentity) -> str | None:
         """How ``other`` differs from this identity, in words; None when it does not."""
         if (self.device, self.inode) != (other.device, other.inode):
             return "it was replaced by another file"

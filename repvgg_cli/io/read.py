@@ -32,7 +32,7 @@ from .contents import Walk, check_nesting, check_tensors, walk
 from .digest import FileDigest, FileIdentity
 from .metadata import METADATA_KEY, check_metadata, metadata_from_module, metadata_from_state, parse_metadata
 from .unpickle import first_pickle, old_protocol_error, pickle_stream_protocol, torch_load, warnings_as_notes
-from .ziprecords import ZipLayout, mapped_storage_problem, scan_zip
+from .ziprecords import mapped_storage_problem, scan_zip
 
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -67,14 +67,14 @@ class LoadedCheckpoint:
     format: str
     raw: Any
     entry: str | None
-    state_dict: "OrderedDict[str, Tensor]"
+    state_dict: OrderedDict[str, Tensor]
     model: nn.Module | None = None
     stripped_prefixes: tuple[str, ...] = ()
     metadata: dict | None = None
     pickled: bool = False
     notes: tuple[str, ...] = ()
     file_size: int = 0
-    digest: "FileDigest | str" = ""
+    digest: FileDigest | str = ""
     container_keys: tuple[str, ...] = field(default_factory=tuple)
     identity: FileIdentity | None = None
     mapped: bool = False
@@ -227,7 +227,7 @@ def _check_torch_zip(path: Path, names: list[str] | None) -> None:
     raise InputError(f"{path} is a zip archive but not a torch checkpoint: it has no data.pkl")
 
 
-def _load_safetensors(path: Path) -> tuple["OrderedDict[str, Tensor]", dict[str, str]]:
+def _load_safetensors(path: Path) -> tuple[OrderedDict[str, Tensor], dict[str, str]]:
     from safetensors import safe_open
 
     try:

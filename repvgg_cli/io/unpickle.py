@@ -36,7 +36,6 @@ import torch
 
 from ..errors import InputError, PickleRefusedError, one_line
 
-
 TORCH_MAGIC = 0x1950A86A20F9469CFC6C
 """The number ``torch.save``'s legacy (non-zip) format pickles first."""
 
