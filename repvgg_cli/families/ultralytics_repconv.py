@@ -24,6 +24,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..algebra import Map, plus
+from ..errors import UnsupportedError
 from ..fusion import FusedConv
 from .base import Family, is_batch_norm
 
@@ -80,6 +81,11 @@ class UltralyticsRepConv(Family):
             big, small = v.state[v.key("conv1.conv.weight")], v.state[v.key("conv2.conv.weight")]
             if four_dim(big) and four_dim(small) and not parallel_kxk_and_1x1(big, small):
                 return None  # e.g. LightConv: a 1x1 conv1 then a kxk conv2, in series
+        else:  # plus() would refuse too, without naming the convs
+            c1, c2 = v.get("conv1.conv"), v.get("conv2.conv")
+            if (c1.stride, c1.groups) != (c2.stride, c2.groups):
+                raise UnsupportedError(f"{v.where}: conv1 has stride {c1.stride}, groups {c1.groups} but conv2 has "
+                                       f"stride {c2.stride}, groups {c2.groups}; the branches cannot be summed")
         identity = v.identity_bn("bn")
         return plus(v.conv_bn("conv1.conv", "conv1.bn"), v.conv_bn("conv2.conv", "conv2.bn"),
                     *([identity] if identity is not None else []))
