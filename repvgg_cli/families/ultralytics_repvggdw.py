@@ -24,6 +24,7 @@ from dataclasses import replace
 from torch import Tensor, nn
 
 from ..algebra import Map, plus
+from ..errors import UnsupportedError
 from ..fusion import FusedConv
 from .base import Family, conv_from_fused
 from .ultralytics_repconv import four_dim, is_ultralytics_conv, switch_forward_to_fused
@@ -66,6 +67,9 @@ class UltralyticsRepVGGDW(Family):
             large, small = v.state[v.key("conv.conv.weight")], v.state[v.key("conv1.conv.weight")]
             if not (four_dim(large) and four_dim(small) and large_and_small_depthwise(large, small)):
                 return None
+        elif v.get("conv.conv").stride != v.get("conv1.conv").stride:  # plus() would refuse too, without names
+            raise UnsupportedError(f"{v.where}: conv has stride {v.get('conv.conv').stride} but conv1 has "
+                                   f"{v.get('conv1.conv').stride}; the branches cannot be summed")
         large = v.conv_bn("conv.conv", "conv.bn")
         if v.tree == "key":  # a state dict stores no groups: RepVGGDW is depthwise, ed -> ed
             channels = int(large.convs[0].weight.shape[0])
