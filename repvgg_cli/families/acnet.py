@@ -20,30 +20,14 @@ Deploy form: ``fused_conv`` (a k×k Conv2d with bias, the square conv's geometry
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import replace
 
 from torch import nn
 
+from ..algebra import Map, plus, then
 from ..errors import UnsupportedError
-from ..fusion import Branches, ConvBranch, FusedConv
-from .base import (
-    Block,
-    Family,
-    FamilyOptions,
-    KeyView,
-    bn_from_keys,
-    bn_from_module,
-    conv_branch_from_keys,
-    conv_branch_from_module,
-    conv_from_fused,
-    geometry_from_conv,
-    is_batch_norm,
-    join,
-    source_dtype,
-)
+from .base import Block, Family, FamilyOptions, KeyView
 
-BRANCH_MODULES = ("square_conv", "square_bn", "ver_conv", "ver_bn", "hor_conv", "hor_bn", "last_bn")
-CROP_MODULES = ("ver_conv_crop_layer", "hor_conv_crop_layer")
 KEPT_CHILDREN = ("nonlinear",)
 """Children of a block that stay in the deploy form (DiverseBranchBlock's ACBlock)."""
 NONLINEAR_NOTE = (
@@ -52,18 +36,14 @@ NONLINEAR_NOTE = (
 )
 
 
-def _check_asymmetric_shapes(where: str, square: ConvBranch, ver: ConvBranch, hor: ConvBranch) -> None:
+def _check_asymmetric_shapes(where: str, square: Map, ver: Map, hor: Map) -> None:
     kh, kw = square.kernel_size
-    if ver.kernel_size != (kh, 1):
-        raise UnsupportedError(
-            f"block {where}: ver_conv has a {ver.kernel_size[0]}x{ver.kernel_size[1]} kernel; "
-            f"ACNet's vertical branch is {kh}x1 for a {kh}x{kw} square kernel"
-        )
-    if hor.kernel_size != (1, kw):
-        raise UnsupportedError(
-            f"block {where}: hor_conv has a {hor.kernel_size[0]}x{hor.kernel_size[1]} kernel; "
-            f"ACNet's horizontal branch is 1x{kw} for a {kh}x{kw} square kernel"
-        )
+    for label, branch, expected, kind in (("ver_conv", ver, (kh, 1), "vertical"), ("hor_conv", hor, (1, kw), "horizontal")):
+        if branch.kernel_size != expected:
+            raise UnsupportedError(
+                f"{where}: {label} has a {branch.kernel_size[0]}x{branch.kernel_size[1]} kernel; ACNet's {kind} "
+                f"branch is {expected[0]}x{expected[1]} for a {kh}x{kw} square kernel"
+            )
 
 
 def _crop_of(module: nn.Module, branch: str, where: str) -> tuple[int, int]:
@@ -86,22 +66,26 @@ def _crop_of(module: nn.Module, branch: str, where: str) -> tuple[int, int]:
     return (rows, cols)
 
 
-def _asymmetric_branch(module: nn.Module, branch: str, where: str) -> tuple[ConvBranch, tuple[int, int]]:
-    """The ``ver``/``hor`` branch and its effective padding (a crop is a negative padding)."""
-    conv = getattr(module, f"{branch}_conv")
-    parsed = conv_branch_from_module(conv, getattr(module, f"{branch}_bn"), f"{where}.{branch}_conv")
-    crop = _crop_of(module, branch, where)
-    assert parsed.padding is not None
-    effective = (parsed.padding[0] - crop[0], parsed.padding[1] - crop[1])
-    return parsed, effective
-
-
-def _aligned_padding(square: nn.Conv2d, kernel: tuple[int, int]) -> tuple[int, int]:
-    """The padding that puts a smaller kernel's taps on the square kernel's centre."""
+def _aligned(v, square: nn.Conv2d, branch: str, value: Map) -> Map:
+    """A live ``ver``/``hor`` branch with its crop as a negative padding (the reference forward
+    crops its input), refused unless its taps then sit on the square kernel's centre."""
+    label, conv = f"{branch}_conv", v.get(f"{branch}_conv")
+    crop = _crop_of(v.module, branch, v.where)
+    term = value.convs[0]
+    padding = (term.padding[0] - crop[0], term.padding[1] - crop[1])
     k = square.kernel_size
-    return tuple(
-        int(square.padding[d]) - int(square.dilation[d]) * (int(k[d]) - kernel[d]) // 2 for d in range(2)
-    )
+    expected = tuple(int(square.padding[d]) - int(square.dilation[d]) * (int(k[d]) - term.kernel_size[d]) // 2
+                     for d in range(2))
+    if padding != expected:
+        raise UnsupportedError(
+            f"{v.where}.{label}: its effective padding {padding} (padding minus crop) does not "
+            f"line up with {v.where}.square_conv (padding {tuple(square.padding)}, "
+            f"dilation {tuple(square.dilation)}); expected {expected}"
+        )
+    for attribute in ("stride", "groups", "padding_mode"):
+        if getattr(square, attribute) != getattr(conv, attribute):
+            raise UnsupportedError(f"{v.where}.{label} and square_conv differ in {attribute}")
+    return replace(value, convs=(replace(term, padding=padding),), padding=padding)
 
 
 class ACNetBlock(Family):
@@ -110,80 +94,40 @@ class ACNetBlock(Family):
     source = "DingXiaoH/ACNet acnet/acb.py (ICCV 2019); DingXiaoH/DiverseBranchBlock acb.py"
     anchor = "square_conv.weight"
     deploy_anchor = "fused_conv.weight"
+    parts = ("square_conv", "square_bn", "ver_conv", "ver_bn", "hor_conv", "hor_bn", "last_bn",
+             "ver_conv_crop_layer", "hor_conv_crop_layer")
+    deploy = "fused_conv"
+    deploy_flags = {"deploy": True}
     train_keys = "square_conv, square_bn, ver_conv (kx1), ver_bn, hor_conv (1xk), hor_bn, [last_bn]"
     deploy_keys = "fused_conv.{weight,bias}"
     after_sum = "last_bn (folded); DiverseBranchBlock's nonlinear - kept"
     default_eps = 1e-5
 
-    def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
-        if not (view.has("ver_conv.weight") and view.has("hor_conv.weight")):
+    def expression(self, v) -> Map | None:
+        if not (v.has("ver_conv.weight") and v.has("hor_conv.weight")):
             return None
-        eps, eps_note = self.eps(options)
-        square = conv_branch_from_keys(view, "square_conv", "square_bn", eps)
-        ver = conv_branch_from_keys(view, "ver_conv", "ver_bn", eps)
-        hor = conv_branch_from_keys(view, "hor_conv", "hor_bn", eps)
-        _check_asymmetric_shapes(view.prefix or "<root>", square, ver, hor)
-        post_bn = bn_from_keys(view, "last_bn", eps) if view.has_any("last_bn") else None
-        # An ACBlock is a leaf: everything under it is a branch, except what its deploy form
-        # keeps (nonlinear) and a deploy conv, which convert reports as a half-converted file.
-        kept = view.owned_under(*KEPT_CHILDREN, "fused_conv")
-        return self.finish_key_block(
-            view,
-            owned=view.owned_under("") - kept,
-            branches=Branches(convs=(square, ver, hor), post_bn=post_bn),
-            deploy_prefix=join(view.prefix, "fused_conv"),
-            eps_note=eps_note,
-            dtype=source_dtype(square.weight),
-        )
+        square, ver, hor = (v.conv_bn(f"{b}_conv", f"{b}_bn") for b in ("square", "ver", "hor"))
+        _check_asymmetric_shapes(v.where if v.tree == "key" else f"block {v.where}", square, ver, hor)
+        if v.tree == "module":
+            ver, hor = _aligned(v, v.get("square_conv"), "ver", ver), _aligned(v, v.get("square_conv"), "hor", hor)
+            nonlinear = v.get("nonlinear")
+            if isinstance(nonlinear, nn.Module) and not isinstance(nonlinear, nn.Identity):
+                v.note(NONLINEAR_NOTE)
+        total = plus(square, ver, hor)
+        return then(total, v.bn("last_bn")) if v.has_any("last_bn") else total
+
+    def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
+        """An ACBlock is a leaf: every key under it is a branch's (a stray one is refused), except
+        what its deploy form keeps (nonlinear) and a deploy conv, which convert reports as a
+        half-converted file. ``parts`` cannot say "all but these"."""
+        block = super().parse_keys(view, options)
+        if block is None:
+            return None
+        owned = view.owned_under("") - view.owned_under(*KEPT_CHILDREN, "fused_conv")
+        return self.finish_key_block(view, owned, block.branches, block.deploy_prefix, block.eps_note,
+                                     block.dtype, block.notes)
 
     def matches_module(self, module: nn.Module) -> bool:
         convs = all(isinstance(getattr(module, c, None), nn.Conv2d) for c in ("square_conv", "ver_conv", "hor_conv"))
         norms = all(isinstance(getattr(module, b, None), nn.Module) for b in ("square_bn", "ver_bn", "hor_bn"))
         return convs and norms
-
-    def parse_module(self, name: str, module: nn.Module, options: FamilyOptions) -> Block:
-        where = name or "<root>"
-        square_conv: nn.Conv2d = module.square_conv
-        square = conv_branch_from_module(square_conv, module.square_bn, f"{where}.square_conv")
-        ver, ver_padding = _asymmetric_branch(module, "ver", where)
-        hor, hor_padding = _asymmetric_branch(module, "hor", where)
-        _check_asymmetric_shapes(where, square, ver, hor)
-        geometry = geometry_from_conv(square_conv)
-        for label, branch, padding in (("ver_conv", ver, ver_padding), ("hor_conv", hor, hor_padding)):
-            expected = _aligned_padding(square_conv, branch.kernel_size)
-            if padding != expected:
-                raise UnsupportedError(
-                    f"{where}.{label}: its effective padding {padding} (padding minus crop) does not "
-                    f"line up with {where}.square_conv (padding {tuple(square_conv.padding)}, "
-                    f"dilation {tuple(square_conv.dilation)}); expected {expected}"
-                )
-            for attribute in ("stride", "groups", "padding_mode"):
-                if getattr(module.square_conv, attribute) != getattr(getattr(module, label), attribute):
-                    raise UnsupportedError(f"{where}.{label} and square_conv differ in {attribute}")
-        # A crop is a negative padding: the reference forward crops the input for it.
-        convs = (square, dataclasses.replace(ver, padding=ver_padding), dataclasses.replace(hor, padding=hor_padding))
-        last_bn = getattr(module, "last_bn", None)
-        post_bn = None
-        if last_bn is not None:
-            if not is_batch_norm(last_bn):
-                raise UnsupportedError(f"{where}.last_bn is a {type(last_bn).__name__}, not a BatchNorm")
-            post_bn = bn_from_module(last_bn, f"{where}.last_bn")
-        nonlinear = getattr(module, "nonlinear", None)
-        notes = (NONLINEAR_NOTE,) if isinstance(nonlinear, nn.Module) and not isinstance(nonlinear, nn.Identity) else ()
-        return Block(
-            name=name,
-            family=self.name,
-            branches=Branches(convs=convs, post_bn=post_bn, **geometry),
-            source_keys=self.module_keys(name, module, *BRANCH_MODULES),
-            deploy_prefix=join(name, "fused_conv"),
-            dtype=source_dtype(square_conv.weight),
-            notes=notes,
-        )
-
-    def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:
-        module.fused_conv = conv_from_fused(fused, like=module.square_conv.weight)
-        for child in BRANCH_MODULES + CROP_MODULES:
-            if hasattr(module, child):
-                delattr(module, child)
-        module.deploy = True
-        return module
