@@ -31,44 +31,19 @@ module tree sees both directly.
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 from fnmatch import fnmatchcase
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from .. import algebra
+from ..algebra import Map, plus, then
 from ..errors import UnsupportedError
-from ..fusion import BatchNorm, Branches, ConvBranch, FusedConv, IdentityBranch
-from .base import (
-    Block,
-    Family,
-    FamilyOptions,
-    KeyView,
-    bn_from_keys,
-    bn_from_module,
-    conv_branch_from_keys,
-    conv_branch_from_module,
-    conv_from_fused,
-    geometry_from_conv,
-    identity_from_module,
-    is_batch_norm,
-    join,
-    source_dtype,
-)
+from ..fusion import FusedConv
+from .base import Block, Family, FamilyOptions, KeyView, is_batch_norm, join
 
-BRANCHES = ("rbr_dense", "rbr_1x1", "rbr_identity", "rbr_avg")
-
-
-def avg_pool_kernel(channels: int, in_per_group: int, kernel_size: tuple[int, int]) -> Tensor:
-    """The kernel of a per-channel ``AvgPool2d`` (zero padding counted) as a grouped conv, float64."""
-    kh, kw = kernel_size
-    kernel = torch.zeros(channels, in_per_group, kh, kw, dtype=torch.float64)
-    rows = torch.arange(channels)
-    kernel[rows, rows % in_per_group] = 1.0 / (kh * kw)
-    return kernel
-
-
-def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+FOLD_HINT = "convert without --fold-post-bn (the bn is then kept)"
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -79,12 +54,78 @@ def _has_conv_bn(module: object) -> bool:
     return isinstance(getattr(module, "conv", None), nn.Conv2d) and is_batch_norm(getattr(module, "bn", None))
 
 
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _regrouped(pool: Map, like: Map) -> Map:
+    """A depthwise conv (the average pool) as the grouped conv ``like`` is (plus() sums terms of
+    one groups count; the pool's geometry is checked against ``like``'s where it is read).
+    Output ``i`` reads input ``i``, at place ``i % in_per_group`` of its group."""
+    term, in_per_group = pool.convs[0], int(like.convs[0].weight.shape[1])
+    channels = int(term.weight.shape[0])
+    weight = term.weight.new_zeros(channels, in_per_group, *term.kernel_size)
+    rows = torch.arange(channels)
+    weight[rows, rows % in_per_group] = term.weight[:, 0]
+    return replace(pool, convs=(replace(term, weight=weight),), groups=like.groups, in_channels=like.in_channels,
+                   geometry_known=like.geometry_known)
+
+
+def _hidden_identity(v, point: Map) -> Map | None:
+    """Key tree: the ``nn.Identity`` has no keys; present iff the 1x1 weight is square, unless
+    the block's name matches ``--no-identity``."""
+    weight = point.convs[0].weight
+    if weight.shape[0] != weight.shape[1]:
+        return None
+    if _matches(v.prefix, v.options.no_identity):
+        v.note("no identity branch: the block name matches --no-identity")
+        return None
+    v.note("identity branch assumed: the 1x1 weight is square (in == out, groups 1)")
+    return algebra.identity()
+
+
+def _avg_pool(v, dense: Map, identity: Map | None) -> Map | None:
+    """V2's parameter-free ``rbr_avg``: a live ``nn.AvgPool2d``, or (key tree, no keys) assumed
+    beside the identity where the block's name matches ``--avg-branch``."""
+    channels, kernel = int(dense.convs[0].weight.shape[0]), dense.convs[0].kernel_size
+    if v.tree == "key":
+        if identity is None or not _matches(v.prefix, v.options.avg_branch):
+            return None
+        v.note("QARepVGGBlockV2 avg-pool branch assumed (the block name matches the avg-branch option)")
+        return _regrouped(algebra.avg_pool(channels, kernel, stride=1, padding=None), dense)  # centred
+    pool = v.get("rbr_avg")
+    if pool is None:
+        return None
+    if not isinstance(pool, nn.AvgPool2d):
+        raise UnsupportedError(f"{v.where}.rbr_avg is a {type(pool).__name__}; nn.AvgPool2d or None is expected")
+    kernel, stride, padding = _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding)
+    if pool.ceil_mode or pool.divisor_override is not None or (not pool.count_include_pad and padding != (0, 0)):
+        raise UnsupportedError(
+            f"{v.where}.rbr_avg: ceil_mode, divisor_override or count_include_pad=False with padding "
+            "make the average pool differ from a convolution at the borders"
+        )
+    if stride != dense.stride:
+        raise UnsupportedError(f"{v.where}.rbr_avg has stride {stride} but rbr_dense has {dense.stride}")
+    return _regrouped(algebra.avg_pool(channels, kernel, stride, padding), dense)
+
+
+def _between_sum_and_bn(v) -> str | None:
+    """What sits between the sum and the post-sum bn (None: nothing, or nn.Identity)."""
+    if v.tree == "key":
+        return "an `se` module" if v.has_any("se") else None
+    se = v.get("se")
+    return None if se is None or isinstance(se, nn.Identity) else f"`se` ({type(se).__name__})"
+
+
 class QARepVGG(Family):
     name = "qarepvgg"
     title = "YOLOv6 QARepVGGBlock / QARepVGGBlockV2"
     source = "meituan/YOLOv6 yolov6/layers/common.py QARepVGGBlock, QARepVGGBlockV2 (arXiv:2212.01593)"
     anchor = "rbr_dense.conv.weight"
     deploy_anchor = "rbr_reparam.weight"
+    parts = ("rbr_dense", "rbr_1x1", "rbr_identity", "rbr_avg", "id_tensor")  # + bn when folded
+    deploy = "rbr_reparam"
+    deploy_flags = {"deploy": True}
     train_keys = (
         "rbr_dense.{conv,bn}, rbr_1x1 (plain conv), bn (post-sum); the identity has no keys: present iff "
         "the 1x1 weight is square, unless --no-identity matches; V2's avg-pool only where --avg-branch matches"
@@ -98,59 +139,25 @@ class QARepVGG(Family):
         # fused conv) knows to drop their bn.
         self._folding: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
-    def find_deploy_prefixes(self, keys: list[str]) -> list[str]:
-        """``rbr_reparam`` with the kept post-sum ``bn`` beside it (folded ones look like official RepVGG)."""
-        present = set(keys)
-        return [p for p in super().find_deploy_prefixes(keys) if join(p, "bn.running_var") in present]
-
-    # -- key tree ---------------------------------------------------------------------------------
-
-    def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
-        if not view.has("rbr_1x1.weight") or view.has_any("rbr_1x1.conv"):
+    def expression(self, v) -> Map | None:
+        if not v.has("rbr_1x1.weight") or v.has_any("rbr_1x1.conv"):
             return None  # official RepVGG has rbr_1x1.{conv,bn}
-        eps, eps_note = self.eps(options)
-        dense = conv_branch_from_keys(view, "rbr_dense.conv", "rbr_dense.bn", eps)
-        point = conv_branch_from_keys(view, "rbr_1x1", None, eps)
-        notes: list[str] = []
-        identity = None
-        square = point.weight.dim() == 4 and point.weight.shape[0] == point.weight.shape[1]
-        if square and _matches(view.prefix, options.no_identity):
-            notes.append("no identity branch: the block name matches --no-identity")
-        elif square:
-            identity = IdentityBranch()
-            notes.append("identity branch assumed: the 1x1 weight is square (in == out, groups 1)")
-        convs = [dense, point]
-        if identity is not None and _matches(view.prefix, options.avg_branch):
-            in_per_group = int(dense.weight.shape[1])
-            convs.append(ConvBranch(weight=avg_pool_kernel(int(dense.weight.shape[0]), in_per_group,
-                                                           dense.kernel_size)))
-            notes.append("QARepVGGBlockV2 avg-pool branch assumed (the block name matches the avg-branch option)")
-        owned = view.owned_under(*BRANCHES)
-        post_bn = None
-        if view.has_any("bn"):
-            if options.fold_post_bn:
-                if view.has_any("se"):
-                    raise UnsupportedError(
-                        f"block {view.prefix or '<root>'} (qarepvgg): an `se` module sits between the sum and "
-                        "the post-sum bn; --fold-post-bn would fold a BN across it",
-                        hint="convert without --fold-post-bn (the bn is then kept)",
-                    )
-                post_bn = bn_from_keys(view, "bn", eps)
-                owned |= view.owned_under("bn")
-                notes.append("post-sum bn folded into rbr_reparam (--fold-post-bn)")
-            else:
-                notes.append("post-sum bn kept")
-        return self.finish_key_block(
-            view,
-            owned=owned,
-            branches=Branches(convs=tuple(convs), identity=identity, post_bn=post_bn),
-            deploy_prefix=join(view.prefix, "rbr_reparam"),
-            eps_note=eps_note,
-            dtype=source_dtype(dense.weight),
-            notes=tuple(notes),
-        )
-
-    # -- module tree ------------------------------------------------------------------------------
+        dense, point = v.conv_bn("rbr_dense.conv", "rbr_dense.bn"), v.conv("rbr_1x1")
+        identity = _hidden_identity(v, point) if v.tree == "key" else v.identity_bn("rbr_identity")
+        avg = _avg_pool(v, dense, identity)
+        total = plus(dense, point, *(term for term in (identity, avg) if term is not None))
+        if not v.has_any("bn"):
+            return total
+        if not v.options.fold_post_bn:
+            v.note("post-sum bn kept")
+            return total
+        between = _between_sum_and_bn(v)
+        if between is not None:
+            where = f"{v.where} ({self.name})" if v.tree == "key" else v.where
+            raise UnsupportedError(f"{where}: {between} sits between the sum and the post-sum bn; --fold-post-bn "
+                                   "would fold a BN across it", hint=FOLD_HINT)
+        v.note("post-sum bn folded into rbr_reparam (--fold-post-bn)")
+        return then(total, v.bn("bn"))
 
     def matches_module(self, module: nn.Module) -> bool:
         return (
@@ -159,69 +166,35 @@ class QARepVGG(Family):
             and is_batch_norm(getattr(module, "bn", None))
         )
 
-    def _avg_branch(self, pool: nn.AvgPool2d, dense: nn.Conv2d, where: str) -> ConvBranch:
-        kernel, stride, padding = _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding)
-        if pool.ceil_mode or pool.divisor_override is not None or (not pool.count_include_pad and padding != (0, 0)):
-            raise UnsupportedError(
-                f"{where}.rbr_avg: ceil_mode, divisor_override or count_include_pad=False with padding "
-                "make the average pool differ from a convolution at the borders"
-            )
-        if stride != tuple(dense.stride):
-            raise UnsupportedError(f"{where}.rbr_avg has stride {stride} but rbr_dense has {tuple(dense.stride)}")
-        in_per_group = dense.in_channels // dense.groups
-        return ConvBranch(
-            weight=avg_pool_kernel(dense.out_channels, in_per_group, kernel),
-            padding=padding,
-        )
+    def find_deploy_prefixes(self, keys: list[str]) -> list[str]:
+        """``rbr_reparam`` with the kept post-sum ``bn`` beside it (folded ones look like official RepVGG)."""
+        present = set(keys)
+        return [p for p in super().find_deploy_prefixes(keys) if join(p, "bn.running_var") in present]
+
+    # -- --fold-post-bn: the post-sum bn becomes a part of the block (its keys, its deletion) ------
+
+    def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
+        block = super().parse_keys(view, options)
+        if block is None or not options.fold_post_bn or not view.has_any("bn"):
+            return block
+        owned = view.owned_under(*self.parts, "bn")  # a stray key under the folded bn is refused
+        return self.finish_key_block(view, owned, block.branches, block.deploy_prefix, block.eps_note,
+                                     block.dtype, block.notes)
 
     def parse_module(self, name: str, module: nn.Module, options: FamilyOptions) -> Block:
-        where = name or "<root>"
-        dense_conv = module.rbr_dense.conv
-        dense = conv_branch_from_module(dense_conv, module.rbr_dense.bn, f"{where}.rbr_dense")
-        point = conv_branch_from_module(module.rbr_1x1, None, f"{where}.rbr_1x1")
-        convs = [dense, point]
-        identity = identity_from_module(getattr(module, "rbr_identity", None), f"{where}.rbr_identity")
-        pool = getattr(module, "rbr_avg", None)
-        if isinstance(pool, nn.AvgPool2d):
-            convs.append(self._avg_branch(pool, dense_conv, where))
-        elif pool is not None:
-            raise UnsupportedError(f"{where}.rbr_avg is a {type(pool).__name__}; nn.AvgPool2d or None is expected")
-        post_bn: BatchNorm | None = None
-        parts = list(BRANCHES)
-        if options.fold_post_bn:
-            se = getattr(module, "se", None)
-            if se is not None and not isinstance(se, nn.Identity):
-                raise UnsupportedError(
-                    f"{where}: `se` ({type(se).__name__}) sits between the sum and the post-sum bn; "
-                    "--fold-post-bn would fold a BN across it",
-                    hint="convert without --fold-post-bn (the bn is then kept)",
-                )
-            post_bn = bn_from_module(module.bn, f"{where}.bn")
-            parts.append("bn")
-            self._folding.add(module)
-        else:
+        block = super().parse_module(name, module, options)
+        if not options.fold_post_bn:
             self._folding.discard(module)
-        branches = Branches(convs=tuple(convs), identity=identity, post_bn=post_bn, **geometry_from_conv(dense_conv))
-        return Block(
-            name=name,
-            family=self.name,
-            branches=branches,
-            source_keys=self.module_keys(name, module, *parts),
-            deploy_prefix=join(name, "rbr_reparam"),
-            dtype=source_dtype(dense_conv.weight),
-            notes=("post-sum bn folded into rbr_reparam (--fold-post-bn)" if post_bn is not None else "post-sum bn kept",),
-        )
+            return block
+        self._folding.add(module)
+        return replace(block, source_keys=block.source_keys + self.module_keys(name, module, "bn"))
 
     def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:
-        """What YOLOv6's ``switch_to_deploy`` leaves (``rbr_reparam``, ``bn`` kept); folded: ``bn`` = Identity."""
+        """What YOLOv6's ``switch_to_deploy`` leaves (``bn`` kept); folded: ``bn = nn.Identity()``,
+        so YOLOv6's forward still runs."""
         folded = module in self._folding
         self._folding.discard(module)
-        module.rbr_reparam = conv_from_fused(fused, like=module.rbr_dense.conv.weight)
-        for attribute in BRANCHES + ("id_tensor",):
-            if hasattr(module, attribute):
-                delattr(module, attribute)
+        super().to_deploy_module(module, fused)
         if folded:
             module.bn = nn.Identity()
-        if hasattr(module, "deploy"):
-            module.deploy = True
         return module
