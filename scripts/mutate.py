@@ -349,8 +349,10 @@ def report(results: list[TargetResult], equivalents: dict[str, Equivalent]) -> S
         equivalent_names: set[str] = set()
         open_mutants: list[tuple[str, str, str]] = []
         for name, status in sorted(result.statuses.items()):
+            if status in NOT_SCORED:
+                continue
             mutated_modules.add(name.partition("__mutmut_")[0].rpartition(".")[0])
-            if status in KILLED or status in NOT_SCORED:
+            if status in KILLED:
                 continue
             diff = result.diffs.get(name, "")
             fp = fingerprint(name, diff)
