@@ -52,35 +52,38 @@ ROOT = Path(__file__).resolve().parent.parent
 ROWS_TEST = "tests/test_mutation_rows.py"
 IO_READ_TESTS = ("tests/test_checkpoint.py", "tests/test_hostile.py", ROWS_TEST)
 IO_WRITE_TESTS = ("tests/test_checkpoint.py", "tests/test_writes.py", ROWS_TEST)
+CHECK_TESTS = ("tests/test_fusion.py", "tests/test_exactness.py", "tests/test_verify_corruption.py",
+               "tests/test_family_contract.py", ROWS_TEST)
+PIPELINE_TESTS = ("tests/test_checkpoint.py", "tests/test_patterns.py", "tests/test_bn_variants.py",
+                  "tests/test_devices.py", "tests/test_exactness.py", "tests/test_family_contract.py",
+                  "tests/test_verify_corruption.py", ROWS_TEST)
 
 TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "fusion": (("repvgg_cli/fusion.py",),
+    "fusion": (("repvgg_cli/fusion.py", "repvgg_cli/algebra.py"),
                ("tests/test_fusion.py", "tests/test_exactness.py", "tests/test_bn_variants.py",
-                "tests/test_family_mm_acnet.py", "tests/test_family_contract.py", ROWS_TEST)),
-    "verify": (("repvgg_cli/verify.py",),
-               ("tests/test_fusion.py", "tests/test_exactness.py", "tests/test_verify_corruption.py",
-                "tests/test_family_contract.py", ROWS_TEST)),
+                "tests/test_family_mm_acnet.py", "tests/test_family_dbb_orepa.py", "tests/test_family_contract.py",
+                ROWS_TEST)),
+    "verify": (("repvgg_cli/verify.py",), CHECK_TESTS),
+    "checks": (("repvgg_cli/checks/*.py",), CHECK_TESTS),
     "io/containers": (("repvgg_cli/io/containers.py",), ("tests/test_checkpoint.py", "tests/test_hostile.py")),
-    "io/read": (("repvgg_cli/io/read.py",), IO_READ_TESTS),
-    "io/unpickle": (("repvgg_cli/io/unpickle.py",), IO_READ_TESTS),
-    "io/contents": (("repvgg_cli/io/contents.py",), IO_READ_TESTS),
-    "io/ziprecords": (("repvgg_cli/io/ziprecords.py",), IO_READ_TESTS),
-    "io/mapguard": (("repvgg_cli/io/mapguard.py",), IO_READ_TESTS),
+    "io/read": (("repvgg_cli/io/read.py",), (*IO_READ_TESTS, "tests/test_io_source_changes.py",
+                                               "tests/test_io_hostile_tensors.py")),
+    "io/unpickle": (("repvgg_cli/io/unpickle.py",), (*IO_READ_TESTS, "tests/test_io_legacy_pickles.py")),
+    "io/contents": (("repvgg_cli/io/contents.py",), ("tests/test_io_hostile_tensors.py", *IO_READ_TESTS)),
+    "io/ziprecords": (("repvgg_cli/io/ziprecords.py",), ("tests/test_io_zip_records.py", *IO_READ_TESTS)),
+    "io/mapguard": (("repvgg_cli/io/mapguard.py",), ("tests/test_io_source_changes.py", *IO_READ_TESTS)),
     "io/metadata": (("repvgg_cli/io/metadata.py",),
                     ("tests/test_checkpoint.py", "tests/test_verify_corruption.py", "tests/test_fuzz.py")),
     "io/digest": (("repvgg_cli/io/digest.py",), IO_WRITE_TESTS),
     "io/write": (("repvgg_cli/io/write.py",), IO_WRITE_TESTS),
     "io/atomic": (("repvgg_cli/io/atomic.py",), IO_WRITE_TESTS),
-    "io/limits": (("repvgg_cli/io/limits.py",), IO_WRITE_TESTS),
+    "io/limits": (("repvgg_cli/io/limits.py",), ("tests/test_io_limits.py", *IO_WRITE_TESTS)),
     "io/safetensors_file": (("repvgg_cli/io/safetensors_file.py",), IO_WRITE_TESTS),
-    "pipeline": (("repvgg_cli/convert.py", "repvgg_cli/api.py", "repvgg_cli/pipeline/*.py"),
-                 ("tests/test_checkpoint.py", "tests/test_patterns.py", "tests/test_bn_variants.py",
-                  "tests/test_devices.py", "tests/test_exactness.py", "tests/test_family_contract.py",
-                  "tests/test_verify_corruption.py", ROWS_TEST)),
+    "pipeline": (("repvgg_cli/pipeline/*.py", "repvgg_cli/convert.py", "repvgg_cli/api.py"), PIPELINE_TESTS),
 }
 
-CORE = ("repvgg_cli/fusion.py", "repvgg_cli/verify.py", "repvgg_cli/io/*.py", "repvgg_cli/convert.py",
-        "repvgg_cli/api.py", "repvgg_cli/pipeline/*.py")
+CORE = ("repvgg_cli/fusion.py", "repvgg_cli/algebra.py", "repvgg_cli/verify.py", "repvgg_cli/checks/*.py",
+        "repvgg_cli/io/*.py", "repvgg_cli/pipeline/*.py", "repvgg_cli/convert.py", "repvgg_cli/api.py")
 """Every file the mutation score is about (``__init__.py`` files excepted)."""
 
 SNAPSHOT = ("repvgg_cli", "tests", "sample_checkpoints", "scripts", "README.md")
