@@ -1,34 +1,36 @@
-"""File-level operations the CLI is a thin shell over, usable from Python as well."""
+"""The public face of repvgg_cli: what the CLI does, callable from Python with the same words.
+
+Every function here runs the pipeline (:mod:`repvgg_cli.pipeline`: read → find → fuse → check →
+write → report) or the deploy-file checks (:mod:`repvgg_cli.verify`) and returns dataclasses;
+nothing here prints.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import copy
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
-from .io import write as io_write
-from .io.metadata import METADATA_KEY, TENSOR_DIGESTS, metadata_json, metadata_problem, tensor_digests
-from .io.read import LoadedCheckpoint, load_checkpoint
-from .io.safetensors_file import SafetensorsStream
-from .io.write import check_output_path, save_model, save_state_dict
-from .io.digest import FileDigest
-from .convert import (
-    ConversionResult,
-    ConvertOptions,
-    Progress,
-    build_metadata,
-    build_model,
-    convert_state_dict,
-    reparameterize,
-)
+from .checks.model import compare_outputs, infer_input_shape, model_outputs
+from .checks.tolerance import ModelCheck, Tolerance
 from .errors import InputError, RepvggError
 from .families import FamilyOptions
-from .verify import ModelCheck, Tolerance, VerifyReport, compare_outputs, infer_input_shape, model_outputs
-from .verify import verify_against, verify_deploy
+from .io.digest import FileDigest
+from .io.metadata import metadata_problem
+from .io.read import LoadedCheckpoint, load_checkpoint
+from .io.write import check_output_path
+from .pipeline import ConversionResult, ConvertOptions, run
+from .pipeline.read import read_file, read_model, read_state
+from .pipeline.write import File, Memory, Progress
+from .verify import VerifyReport, verify_against, verify_deploy
 
+__all__ = ["ConversionResult", "ConvertOptions", "ConvertOutcome", "convert_file", "convert_state_dict",
+           "reparameterize", "verify_file"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,54 @@ class ConvertOutcome:
     result: ConversionResult
     loaded: LoadedCheckpoint
     written: bool
+
+
+def convert_state_dict(state: Mapping[str, Tensor], options: ConvertOptions | None = None,
+                       progress: Progress | None = None) -> ConversionResult:
+    """Fuse every block of a state dict (key tree): no model code needed.
+
+    Args:
+        state: a train-form state dict; ``module.``/``_orig_mod.`` prefixes are stripped as the CLI
+            strips them (the result says so in its notes). It is not changed.
+        options: eps, tolerance, seed.
+        progress: optional progress-bar factory ``total -> (context, advance(name))``.
+    Returns:
+        A :class:`ConversionResult` whose ``state_dict`` loads with ``strict=True`` into the
+        deploy form of each family's model.
+
+    Example::
+
+        result = convert_state_dict(torch.load("train.pt", weights_only=True))
+        assert result.ok
+        torch.save(result.state_dict, "deploy.pt")
+    """
+    return run(read_state(state), options or ConvertOptions(), Memory(), progress=progress)
+
+
+def reparameterize(model: nn.Module, options: ConvertOptions | None = None, check_model: bool = True,
+                   progress: Progress | None = None, inplace: bool = True) -> ConversionResult:
+    """Switch every block of a live model to its deploy form, and check it.
+
+    Args:
+        model: a train-form model (its BN running statistics are used).
+        options: tolerance, seed, whole-model input shape.
+        check_model: compare the whole model's eval output before and after on seeded inputs.
+        progress: optional progress-bar factory.
+        inplace: change ``model`` itself; by default a copy is converted (as timm's
+            ``reparameterize_model`` does) and ``model`` is left as it was.
+    Returns:
+        A :class:`ConversionResult` with ``model`` (the deploy model, in eval mode) and its deploy
+        ``state_dict``.
+
+    Example::
+
+        result = reparameterize(model)
+        assert result.ok, [r.block.name for r in result.failures]
+        deploy_model = result.model
+    """
+    target = model if inplace else copy.deepcopy(model)
+    return run(read_model(target), options or ConvertOptions(), Memory(), progress=progress,
+               check_model=check_model)
 
 
 def convert_file(
@@ -65,84 +115,19 @@ def convert_file(
         source_digest: the source's sha256 already being computed (see :class:`FileDigest`).
     Returns:
         A :class:`ConvertOutcome`; ``written`` is False when verification failed.
+
+    Example::
+
+        outcome = convert_file("train.pt", "deploy.safetensors")
+        assert outcome.written
     """
     source, output = Path(source), Path(output)
     options = options or ConvertOptions()
     check_output_path(output, [source], force)
-    loaded = load_checkpoint(source, allow_pickle=allow_pickle, entry=entry, digest=source_digest)
-    if loaded.model is None and model_spec is None and output.suffix == ".safetensors":
-        return _convert_streaming(loaded, source, output, options, progress)
+    src = read_file(source, allow_pickle=allow_pickle, entry=entry, model_spec=model_spec, digest=source_digest)
     with errors_name(source):
-        if loaded.model is not None or model_spec is not None:
-            model = loaded.model if loaded.model is not None else build_model(model_spec, loaded.state_dict)
-            result = reparameterize(model, options, progress=progress)
-        else:
-            _forget_raw_weights(loaded)
-            result = convert_state_dict(loaded.state_dict, options, progress=progress, release=True)
-    result = replace(result, notes=tuple(loaded.notes) + result.notes)
-    if not result.ok:
-        return ConvertOutcome(result, loaded, written=False)
-    metadata = {**build_metadata(result, source.name, loaded.sha256, loaded.entry, loaded.stripped_prefixes),
-                TENSOR_DIGESTS: tensor_digests(result.state_dict)}
-    if loaded.model is not None and output.suffix != ".safetensors":
-        save_model(output, result.model, loaded, metadata, fsync=options.fsync)
-    else:
-        container = loaded.raw if loaded.entry is not None and output.suffix != ".safetensors" else None
-        save_state_dict(output, result.state_dict, metadata, container=container, entry=loaded.entry,
-                        fsync=options.fsync)
-    return ConvertOutcome(result, loaded, written=True)
-
-
-class _NotEquivalent(Exception):
-    """Aborts a streamed write (the temporary file is removed) when a block fails its check."""
-
-    def __init__(self, result: ConversionResult) -> None:
-        super().__init__("not equivalent")
-        self.result = result
-
-
-def _convert_streaming(loaded: LoadedCheckpoint, source: Path, output: Path, options: ConvertOptions,
-                       progress: Progress | None) -> ConvertOutcome:
-    """Key tree into safetensors: each block is written as soon as it is fused and checked (no
-    copy of the deploy model in memory); the header, with the metadata, comes last. A block
-    that fails its check leaves nothing behind, as does any error."""
-    written: list[ConversionResult] = []
-
-    def write(tmp: Path) -> None:
-        streams: list[SafetensorsStream] = []
-
-        def open_sink(layout, reserve: int) -> SafetensorsStream:
-            streams.append(SafetensorsStream(tmp, layout, reserve, flush=options.fsync))
-            return streams[0]
-
-        try:
-            with errors_name(source):
-                _forget_raw_weights(loaded)
-                result = convert_state_dict(loaded.state_dict, options, progress=progress, release=True,
-                                            open_sink=open_sink)
-            result = replace(result, notes=tuple(loaded.notes) + result.notes)
-            if not result.ok:
-                raise _NotEquivalent(result)
-            stream = streams[0]
-            metadata = build_metadata(result, source.name, loaded.sha256, loaded.entry, loaded.stripped_prefixes)
-            metadata[TENSOR_DIGESTS] = stream.wait()
-            stream.finish({"format": "pt", METADATA_KEY: metadata_json(metadata)})
-            written.append(result)
-        finally:
-            for stream in streams:
-                stream.close()
-
-    # Leave a core to the writer and hash threads: torch's intra-op threads on small chunked ops
-    # only stall behind them (B3, 2 cores, 6 paired rounds: 5.48 s with one torch thread, 5.93 s with two).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))
-    try:
-        io_write.atomic_write(output, write, fsync=options.fsync)  # by module: tests inject failures there
-    except _NotEquivalent as failed:
-        return ConvertOutcome(failed.result, loaded, written=False)
-    finally:
-        torch.set_num_threads(threads)
-    return ConvertOutcome(written[0], loaded, written=True)
+        result = run(src, options, File(output, src.loaded, fsync=options.fsync), progress=progress)
+    return ConvertOutcome(result, src.loaded, written=result.written)
 
 
 @contextmanager
@@ -154,14 +139,6 @@ def errors_name(path: Path) -> Iterator[None]:
         if str(path) in error.message:
             raise
         raise type(error)(f"{path}: {error.message}", error.hint) from None
-
-
-def _forget_raw_weights(loaded: LoadedCheckpoint) -> None:
-    """Drop the loaded object's own references to the weights (``state_dict`` keeps them), so a
-    block's source tensors are freed as soon as it is fused. Other container entries stay."""
-    inner = loaded.raw.get(loaded.entry) if loaded.entry is not None and isinstance(loaded.raw, dict) else loaded.raw
-    if isinstance(inner, dict) and inner is not loaded.state_dict:
-        inner.clear()
 
 
 def verify_file(

@@ -80,7 +80,7 @@ def run(op: object, x: Tensor, *, stride1: bool = False, pad: bool = True) -> Te
         ph, pw = op.padding
         return run(op.inner, F.pad(x, (pw, pw, ph, ph)), stride1=stride1, pad=pad)
     if isinstance(op, ThenOp):
-        if op.pad_first:
+        if op.pad_first and pad:  # once, at the outermost step of the chain
             ph, pw = _spatial_padding(op)
             x = F.pad(x, (pw, pw, ph, ph))
             return run(op.second, run(op.first, x, stride1=stride1, pad=False), stride1=stride1, pad=False)

@@ -197,6 +197,8 @@ def check_block(
     Returns:
         A :class:`BlockCheck` with the max abs error relative to the output scale.
     """
+    if branches.composite:
+        return check_expression(name, branches, fused64, shipped, seed, tolerance)
     stride1 = replace(branches, stride=(1, 1))
     if probe is not None:
         x = probe.x
@@ -222,4 +224,25 @@ def check_block(
         atol=tolerance.atol,
         cast_abs_err=cast_err,
         reference=reference[:, :, 0, 0],
+    )
+
+
+def check_expression(name: str, branches: Branches, fused64: FusedConv | None, shipped: FusedConv, seed: int,
+                     tolerance: Tolerance) -> BlockCheck:
+    """:func:`check_block` for a composite block: the expression it was declared as
+    (``branches.ops``) is run with torch's own ops (:func:`repvgg_cli.semantics.run`), every output
+    channel at every output position of the block's probe, against the shipped conv."""
+    from ..semantics import run
+
+    x = branches_probe(branches, block_seed(seed, name))
+    reference = run(branches.ops, x, stride1=True)
+    output = fused_forward(shipped, x, stride=(1, 1))
+    err, scale = compare(reference, output)
+    cast_err = err
+    if fused64 is not None and shipped.weight.dtype in (torch.float16, torch.bfloat16):
+        cast_err = compare(fused_forward(fused64, x, stride=(1, 1)), output)[0]
+    h, w = int(reference.shape[2]) // 2, int(reference.shape[3]) // 2
+    return BlockCheck(
+        name=name, max_abs_err=err, scale=scale, rtol=tolerance.rtol_for(shipped.weight.dtype),
+        atol=tolerance.atol, cast_abs_err=cast_err, reference=reference[:, :, h, w],
     )
