@@ -7,23 +7,31 @@ output that is a file. Each source is then converted on its own by
 failure of one source never stops the others. Workers are started with the ``forkserver`` context
 (``spawn`` where there is none): forking a process that has run torch is not safe. Each worker runs
 torch single-threaded, so N jobs use N cores and the outputs do not depend on the number of jobs.
+
+SIGINT, SIGTERM or SIGHUP to the parent stops the batch: the parent terminates its workers (each
+removes its temporary file) and waits for them before it exits. A worker never moves a file into
+place once its parent is gone (killed outright, so it could not stop them): it checks before
+every rename.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import multiprocessing
 import os
+import select
 import signal
 import threading
+import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import signals
 from .errors import InputError, RepvggError, one_line
+from .io.atomic import add_commit_guard, same_file, temp_files
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 FORMAT_SUFFIXES = {"safetensors": ".safetensors", "pt": ".pt"}
@@ -84,7 +92,8 @@ def plan_batch(sources: Sequence[Path], output_dir: Path, fmt: str | None = None
         The items in the order given (folders expanded in name order), duplicates removed.
     Raises:
         InputError: an empty folder, an output folder that is a file or named like a checkpoint,
-            a missing parent folder, or two sources that would write the same output.
+            a missing parent folder, two sources that would write the same output, or an output
+            that is one of the sources (same path, or the same file through a link).
     """
     if fmt is not None and fmt not in FORMAT_SUFFIXES:
         raise InputError(f"--format {fmt!r}: use one of {', '.join(FORMAT_SUFFIXES)}")
@@ -123,6 +132,14 @@ def plan_batch(sources: Sequence[Path], output_dir: Path, fmt: str | None = None
             )
         claimed[name] = source
         items.append(BatchItem(source, output_dir / name))
+    for item in items:
+        for source in files:
+            if same_file(item.output, source):
+                raise InputError(
+                    f"{item.output} is the output of {item.source} and also a source of this batch; "
+                    "it is never overwritten",
+                    hint="convert into another folder",
+                )
     return items
 
 
@@ -239,11 +256,108 @@ def convert_one(job: ConvertJob) -> ItemOutcome:
     )
 
 
-def _single_threaded_worker() -> None:
-    """Pool initializer: one torch thread per worker, so N jobs use N cores and not N x cores."""
+class ParentGone(KeyboardInterrupt):
+    """The batch that started this worker has stopped: nothing more is written."""
+
+
+@dataclass
+class _WorkerState:
+    """What a worker's signal handler and commit guard need to know."""
+
+    converting: bool = False
+    stopping: bool = False
+    parent_gone: Callable[[], bool] = lambda: False
+
+
+_worker = _WorkerState()
+
+
+def _worker_starts(parent_pid: int) -> None:
+    """Pool initializer of each worker process.
+
+    One torch thread (N jobs use N cores, not N x cores). SIGINT is ignored: it is the parent's to
+    handle (a terminal sends it to the whole process group). SIGTERM and SIGHUP during a conversion
+    raise :class:`repvgg_cli.signals.Terminated`, so its temporary file is removed, then the worker
+    exits; between conversions the worker exits at once. A thread waits for the parent to exit and
+    then sends this worker SIGTERM, and every rename into place first checks that the parent is
+    alive (for the moment between the parent's end and that signal).
+    """
     import torch
 
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in signals.TERMINATING:
+        signal.signal(signum, _worker_stops)
+    signals.quiet_dropped_interrupts()
+    gone, wait = _parent_watch(parent_pid)
+    _worker.parent_gone = gone
+    add_commit_guard(_parent_alive)
+    threading.Thread(target=_stop_when_parent_exits, args=(wait,), name="repvgg-parent-watch", daemon=True).start()
+
+
+def _worker_stops(signum: int, frame: object) -> None:
+    if _worker.stopping:
+        return
+    if not _worker.converting:
+        os._exit(128 + signum)
+    _worker.stopping = True
+    raise signals.Terminated(signum)
+
+
+def _parent_alive(output: Path) -> None:
+    """Commit guard: no rename once the parent is gone, or once this worker is stopping (the
+    handler's exception can be dropped, raised inside a finalizer)."""
+    if _worker.stopping or _worker.parent_gone():
+        raise ParentGone(f"the batch stopped; {output} was not written")
+
+
+def _stop_when_parent_exits(wait: Callable[[], None]) -> None:
+    wait()
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _parent_watch(parent_pid: int) -> tuple[Callable[[], bool], Callable[[], None]]:
+    """Whether process ``parent_pid`` has exited, and a wait for it: its pidfd becomes readable then
+    (Linux); elsewhere ``kill(pid, 0)`` once a second, which a recycled pid could fool."""
+    try:
+        pidfd = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        return (lambda: True), (lambda: None)
+    except (AttributeError, OSError):
+        def no_such_process() -> bool:
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                return True
+            except OSError:
+                return False
+            return False
+
+        def wait_polling() -> None:
+            while not no_such_process():
+                time.sleep(1.0)
+
+        return no_such_process, wait_polling
+    return (lambda: bool(select.select([pidfd], [], [], 0)[0])), (lambda: select.select([pidfd], [], [])[0] and None)
+
+
+def _convert_in_worker(job: ConvertJob) -> ItemOutcome:
+    """:func:`convert_one` in a worker; a stop (a signal, the parent gone) ends the worker once its
+    temporary file is removed, instead of reporting back to a parent that no longer waits."""
+    try:
+        _worker.converting = True
+        if _worker.parent_gone():
+            raise ParentGone("the batch stopped")
+        outcome = convert_one(job)
+        _worker.converting = False
+        if _worker.stopping:  # the stop surfaced as another error (torch turns one inside torch.save into a RuntimeError)
+            os._exit(128 + signal.SIGTERM)
+        return outcome
+    except KeyboardInterrupt as stop:
+        os._exit(signals.exit_status(stop))
+    except BaseException:
+        _worker.converting = False
+        raise
 
 
 def _main_module_importable() -> bool:
@@ -260,9 +374,8 @@ def _main_module_importable() -> bool:
 def _pool_context() -> multiprocessing.context.BaseContext:
     """``forkserver`` (torch preloaded once in the server, workers fork from it), else ``spawn``.
 
-    The server is started with SIGINT ignored, which it and the workers inherit: Ctrl-C stops the
-    parent, which cancels what has not started and lets running conversions finish (their writes
-    are atomic), instead of tracebacks from every process.
+    The server is started with SIGINT ignored, which it inherits: Ctrl-C goes to the parent alone,
+    which stops the workers (see :func:`_stop_workers`), instead of tracebacks from every process.
     """
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
@@ -369,30 +482,14 @@ def _run_here(tasks: list[ConvertJob], on_done: Callable[[ItemOutcome], None] | 
         torch.set_num_threads(threads)
 
 
-@contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """Hold a Ctrl-C that arrives inside the block and raise it as KeyboardInterrupt at its end."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
-
-
 def _run_in_pool(tasks: list[ConvertJob], workers: int,
                  on_done: Callable[[ItemOutcome], None] | None) -> list[ItemOutcome]:
     results: dict[int, ItemOutcome] = {}
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(),
-                                                  initializer=_single_threaded_worker)
+                                                  initializer=_worker_starts, initargs=(os.getpid(),))
     try:
-        with _interrupts_held():  # submit starts the workers; a half-started pool cannot shut down cleanly
-            futures = {pool.submit(convert_one, task): index for index, task in enumerate(tasks)}
+        with signals.held():  # submit starts the workers; a half-started pool cannot shut down cleanly
+            futures = {pool.submit(_convert_in_worker, task): index for index, task in enumerate(tasks)}
         for future in concurrent.futures.as_completed(futures):
             index = futures[future]
             try:
@@ -406,11 +503,37 @@ def _run_in_pool(tasks: list[ConvertJob], workers: int,
             results[index] = outcome
             if on_done is not None:
                 on_done(outcome)
+            signals.check()  # a stop whose exception was dropped (raised inside a finalizer)
     except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
+        _stop_workers(pool, {task.item.output.parent for task in tasks})
         raise
     pool.shutdown(wait=True)
     return [results[index] for index in range(len(tasks))]
+
+
+STOP_WAIT_S = 10.0
+
+
+def _stop_workers(pool: concurrent.futures.ProcessPoolExecutor, folders: set[Path]) -> None:
+    """Stop every worker now: SIGTERM (each removes its temporary file and exits), a wait of at most
+    :data:`STOP_WAIT_S`, then SIGKILL for any still running and removal of its temporary files.
+    Further signals meanwhile are dropped: the batch is stopping already."""
+    with signals.held(redeliver=False):
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + STOP_WAIT_S
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+                for folder in folders:
+                    for tmp in temp_files(folder, process.pid):
+                        tmp.unlink(missing_ok=True)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -- reporting ---------------------------------------------------------------------------------

@@ -588,21 +588,21 @@ def test_a_disk_error_while_writing_is_exit_2_not_a_bug(tmp_path, monkeypatch):
 def test_fsync_flushes_the_output_before_the_rename_only_when_asked(tmp_path, monkeypatch, suffix):
     import os as os_module
 
-    from repvgg_cli.io import write as checkpoint
+    from repvgg_cli.io import atomic as checkpoint
 
     synced: list[str] = []
-    real_fsync, real_replace = os_module.fsync, os_module.replace
+    real_fsync, real_replace = os_module.fsync, checkpoint.move_into_place
 
     def fsync(fd):
         synced.append(os_module.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
-    def replace(src, dst):
+    def replace(src, dst, *args):
         synced.append(f"rename {os_module.fspath(dst)}")
-        real_replace(src, dst)
+        real_replace(src, dst, *args)
 
     monkeypatch.setattr(checkpoint.os, "fsync", fsync)
-    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    monkeypatch.setattr(checkpoint, "move_into_place", replace)
     plain, durable = tmp_path / f"plain{suffix}", tmp_path / f"durable{suffix}"
     assert CliRunner().invoke(app, ["convert", str(SAMPLES / "plain_net.pt"), str(plain)]).exit_code == 0
     assert synced == [f"rename {plain}"]

@@ -20,7 +20,7 @@ import typer
 import typer.core
 from rich.console import Console
 
-from .. import __version__
+from .. import __version__, signals
 from ..errors import InputError, RepvggError
 
 # Typer >= 0.2x vendors click as typer._click; older Typer uses click itself.
@@ -156,6 +156,15 @@ def print_json(document: dict[str, Any]) -> None:
     else:
         typer.echo(text)
 
+def _stopped_by_signal() -> None:
+    """End as the SIGTERM/SIGHUP received, if one was: it can come out of a library as another
+    error (torch turns a KeyboardInterrupt raised inside torch.save into a RuntimeError)."""
+    if signals.received() is not None:
+        stop = signals.Terminated(signals.received())
+        stderr_console().print(f"{signals.describe(stop)}; nothing was written.", markup=False)
+        raise typer.Exit(signals.exit_status(stop)) from None
+
+
 def handle_errors(command: Callable[..., None]) -> Callable[..., None]:
     """Turn expected errors into one ``Error: …`` line on stderr and their exit code."""
 
@@ -176,10 +185,11 @@ def handle_errors(command: Callable[..., None]) -> Callable[..., None]:
             if error.hint:
                 console.print(f"Hint: {printable(error.hint)}", markup=False, highlight=False)
             raise typer.Exit(error.exit_code) from None
-        except KeyboardInterrupt:
-            stderr_console().print("Interrupted; nothing was written.", markup=False)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as stop:  # Ctrl-C, and SIGTERM/SIGHUP under main(): see repvgg_cli.signals
+            stderr_console().print(f"{signals.describe(stop)}; nothing was written.", markup=False)
+            raise typer.Exit(signals.exit_status(stop)) from None
         except OSError as error:  # the environment, not a bug: disk full, permissions, a failed rename
+            _stopped_by_signal()
             if debug:
                 traceback.print_exc()
             from ..render import printable
@@ -189,6 +199,7 @@ def handle_errors(command: Callable[..., None]) -> Callable[..., None]:
                                              "nothing was written"), markup=False, highlight=False)
             raise typer.Exit(InputError.exit_code) from None
         except Exception as error:  # noqa: BLE001 - anything else is a bug: say so in one line
+            _stopped_by_signal()
             if debug:
                 traceback.print_exc()
             from ..render import printable
@@ -224,12 +235,19 @@ def main() -> NoReturn:
     destructors, which took about 0.7 s per process on the benchmark machine and does nothing a
     finished command needs. An exception other than an exit (a bug) propagates as usual.
     Embedding code should call :data:`app` instead (this never returns).
+
+    SIGTERM and SIGHUP clean up as Ctrl-C does (temporary files removed, batch workers stopped)
+    and the status is 128 + the signal's number (143, 129; Ctrl-C 130), even where one arrives
+    outside a command (click would make it 1).
     """
+    signals.install()
     try:
         app(prog_name="repvgg")
         code = 0
     except SystemExit as stop:
         code = _exit_status(stop.code)
+    if signals.received() is not None:
+        code = 128 + signals.received()
     end_process(code)
 
 def _exit_status(value: object) -> int:

@@ -9,7 +9,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from .. import signals
 from ..errors import InputError
+from ..io.atomic import check_write_path, write_text
 from ..io.digest import FileDigest
 from .app import app, handle_errors, print_json, stderr_console, stdout_console
 from .options import (
@@ -127,6 +129,8 @@ def convert(
                        as_json=as_json, debug=debug, quiet=quiet)
         return
     source = sources[0]
+    if report is not None:  # refused before any work: never a source, the output, a link; exists needs --force
+        check_write_path(report, [source], force, others=[output], label="--report ")
     # Hash the source on a second core while torch is imported (a single-threaded couple of seconds).
     digest = FileDigest(source) if source.is_file() else None
     from ..api import convert_file
@@ -158,7 +162,7 @@ def convert(
         else:
             text = json.dumps(document, indent=2) + "\n" if report.suffix == ".json" else conversion_markdown(
                 result, str(source), str(output))
-        report.write_text(text, encoding="utf-8")
+        write_text(report, text, force=force)
     wrote_lines(([output] if outcome.written else []) + ([report] if report is not None else []), as_json)
     if not result.ok:
         failed = [r.block.name or "<root>" for r in result.failures]
@@ -179,6 +183,8 @@ def _convert_batch(sources: list[Path], output: Path, options: Any, *, jobs: int
     from ..render import printable
 
     items = plan_batch(sources, output, out_format)
+    if report is not None:
+        check_write_path(report, [i.source for i in items], force, others=[i.output for i in items], label="--report ")
     with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=stderr_console(), transient=True,
                   disable=not progress_shown(quiet)) as progress:
@@ -187,11 +193,11 @@ def _convert_batch(sources: list[Path], output: Path, options: Any, *, jobs: int
         try:
             outcome = run_batch(items, options, jobs=jobs, allow_pickle=allow_pickle, entry=entry,
                                 model_spec=model_spec, force=force, debug=debug, on_done=done)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: the workers are stopped by now
             progress.stop()
-            stderr_console().print("Interrupted; the outputs finished before are complete, no other was written.",
-                            markup=False)
-            raise typer.Exit(130) from None
+            stderr_console().print(f"{signals.describe(stop)}; the outputs finished before are complete, "
+                                   "no other was written.", markup=False)
+            raise typer.Exit(signals.exit_status(stop)) from None
     document = batch_json(outcome)
     if debug:
         for item in outcome.failures:
@@ -210,7 +216,7 @@ def _convert_batch(sources: list[Path], output: Path, options: Any, *, jobs: int
             text = batch_html(document)
         else:
             text = json.dumps(document, indent=2) + "\n"
-        report.write_text(text, encoding="utf-8")
+        write_text(report, text, force=force)
     wrote_lines([Path(item.output) for item in outcome.items if item.written] + ([report] if report is not None else []),
                 as_json)
     if not outcome.ok:

@@ -1,76 +1,37 @@
-"""Writing outputs: refused over a source or an existing file, atomic, in the source's layout.
+"""Writing checkpoints: state dicts and pickled models in the source's layout, atomically.
 
-Every file goes to a temporary file in the output's folder and is moved into place with
-``os.replace``: a failure leaves no partial file and an existing output intact.
+Every file goes through :func:`.atomic.atomic_write` (a temporary file moved into place, no
+replacement without ``force``); :func:`check_output_path` refuses a bad output before any work.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError, OutputExistsError
+from ..errors import InputError
+from .atomic import atomic_write, check_write_path
 from .containers import CONTAINER_ENTRIES
 from .metadata import METADATA_KEY, metadata_json
 from .read import TORCH_SUFFIXES, LoadedCheckpoint
 from .safetensors_file import write_safetensors
 
+__all__ = ["atomic_write", "check_output_path", "check_write_path", "save_model", "save_state_dict", "save_torch"]
+
 
 def check_output_path(output: Path, sources: list[Path], force: bool) -> None:
-    """Refuse to overwrite a source, or an existing output without ``force``."""
-    for source in sources:
-        if output.exists() and source.exists() and os.path.samefile(output, source):
-            raise OutputExistsError(f"{output} is the source checkpoint; it is never overwritten")
-    if output.exists() and not force:
-        raise OutputExistsError(f"{output} exists", hint="pass --force to replace it")
-    if output.exists() and output.is_dir():
-        raise InputError(f"{output} is a directory")
-    if not output.parent.exists():
-        raise InputError(f"{output.parent} does not exist")
+    """:func:`check_write_path` for a checkpoint, whose extension must name its format."""
+    check_write_path(output, sources, force)
     if output.suffix not in TORCH_SUFFIXES + (".safetensors",):
         raise InputError(
             f"{output}: unknown output format {output.suffix or '(no extension)'!r}",
             hint="name the output .safetensors, .pt or .pth",
         )
-
-
-def atomic_write(output: Path, write: Callable[[Path], None], fsync: bool = False) -> None:
-    """Run ``write(tmp)`` on a temporary file beside ``output``, then ``os.replace`` it into place.
-
-    Any failure removes the temporary file and leaves ``output`` as it was. With ``fsync`` the
-    file is flushed to disk before the rename, so it survives a power loss too (as torch.save and
-    safetensors, the default leaves that to the operating system: it costs waiting for the disk).
-    """
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        if fsync:
-            with open(tmp, "rb") as check:
-                os.fsync(check.fileno())
-        os.chmod(tmp, _new_file_mode(output))
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _new_file_mode(output: Path) -> int:
-    """The mode ``open()`` would give a new file (mkstemp's is 0600); a replaced output keeps its own."""
-    try:
-        return output.stat().st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
 
 
 def save_state_dict(
