@@ -28,6 +28,7 @@ Tensors in, tensors out: no modules, no IO.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -182,6 +183,15 @@ def scale(factor: Tensor) -> Map:
         raise InputError(f"a scale must be a floating-point tensor, not {_describe(factor)}")
     flat = factor.detach().reshape(-1)
     return Branches(convs=(), identity=IdentityBranch(scale=flat), in_channels=int(flat.shape[0]))
+
+
+def shift(offset: Tensor) -> Map:
+    """``x + offset`` per channel (a GRN's beta, a bias between two layers): a BatchNorm with mean
+    ``-offset``, variance 1 and eps 0, which computes exactly that."""
+    if not isinstance(offset, Tensor) or not offset.is_floating_point():
+        raise InputError(f"a shift must be a floating-point tensor, not {_describe(offset)}")
+    flat = offset.detach().reshape(-1).to(FLOAT64)
+    return bn(BatchNorm(running_mean=-flat, running_var=torch.ones_like(flat), eps=0.0))
 
 
 def identity(channels: int | None = None) -> Map:
@@ -458,8 +468,11 @@ def plus(*maps: Map) -> Map:
     if len(strides) > 1:
         raise UnsupportedError(f"summed branches have different strides: {sorted(strides)}")
     groups = {p.groups for p in parts if p.groups is not None}
-    if len(groups) > 1:
-        raise UnsupportedError(f"summed branches have different groups: {sorted(groups)}")
+    if len(groups) > 1:  # finer-grouped terms (a depthwise avg pool beside a dense conv) re-grouped
+        common = math.gcd(*groups)
+        parts = [p if p.groups in (None, common) else _regrouped(p, common) for p in parts]
+        convs = [c for p in parts for c in p.convs]
+        groups = {common}
     slot: IdentityBranch | None = None
     if identities:
         # the plainest identity keeps the slot; the others become 1x1 identity-kernel terms
@@ -500,6 +513,25 @@ def _undilated(value: Map) -> Map:
     """``value`` with every conv term spread to its undilated kernel (see :func:`plus`)."""
     return replace(value, convs=tuple(_spread(c) for c in value.convs), dilation=(1, 1),
                    composite=True, ops=ops_of(value))
+
+
+def _regrouped(value: Map, groups: int) -> Map:
+    """``value`` (a conv with ``value.groups`` groups) written with fewer ``groups`` (a divisor):
+    each kernel placed in the wider block of inputs its group sees, zeros elsewhere (exact)."""
+    if value.groups % groups:
+        raise UnsupportedError(f"a conv with {value.groups} groups cannot be written with {groups}")
+    terms = []
+    for term in value.convs:
+        out, per_group = int(term.weight.shape[0]), int(term.weight.shape[1])
+        channels = per_group * value.groups
+        wide = torch.zeros(out, channels // groups, *term.weight.shape[2:], dtype=term.weight.dtype)
+        out_per_fine, out_per_coarse = out // value.groups, out // groups
+        for g in range(value.groups):
+            rows = slice(g * out_per_fine, (g + 1) * out_per_fine)
+            offset = g * per_group - (g * out_per_fine // out_per_coarse) * (channels // groups)
+            wide[rows, offset : offset + per_group] = term.weight[rows].detach()
+        terms.append(replace(term, weight=wide))
+    return replace(value, convs=tuple(terms), groups=groups)
 
 
 # -- evaluation -------------------------------------------------------------------------------

@@ -151,6 +151,12 @@ class Family:
     parts: ClassVar[tuple[str, ...]] = ()
     deploy: ClassVar[str] = ""
     deploy_flags: ClassVar[dict[str, object]] = {}
+    deploy_flags_if_present: ClassVar[dict[str, object]] = {}
+    """Set on a switched live block only where it already has the attribute (e.g. timm's
+    ``inference_mode``, which some versions of a block lack)."""
+    kept: ClassVar[tuple[str, ...]] = ()
+    """Children under the block that are not its (they stay in the deploy form), subtracted from
+    :attr:`parts` (useful with ``parts = ("",)``)."""
     encloses: ClassVar[tuple[str, ...]] = ()
     """Families whose blocks may sit inside this family's blocks and are fused as part of them."""
     only_in: ClassVar[tuple[str, ...]] = ()
@@ -203,8 +209,9 @@ class Family:
         value = self.expression(view)
         if value is None:
             return None
+        owned = (view.owned_under(*self.parts) - view.owned_under(*self.kept)) | view.claimed
         block = self.finish_key_block(
-            view, owned=view.owned_under(*self.parts), branches=value,
+            view, owned=owned, branches=value,
             deploy_prefix=join(view.prefix, self.deploy), eps_note=view.eps_note,
             dtype=view.dtype, notes=tuple(view.notes),
         )
@@ -219,25 +226,39 @@ class Family:
             raise UnsupportedError(f"{name or '<root>'} looks like a {self.title} but its branches do not read as one")
         return Block(
             name=name, family=self.name, branches=value,
-            source_keys=self.module_keys(name, module, *self.parts),
+            source_keys=self.module_keys(name, module, *self.parts, *view.claimed),
             deploy_prefix=join(name, self.deploy), dtype=view.dtype or torch.float32, notes=tuple(view.notes),
-            weight_shape=view.weight_shape,
+            weight_shape=view.weight_shape, eps_note=view.eps_note,
         )
 
+    def deploy_like(self, module: nn.Module) -> Tensor:
+        """The tensor whose dtype and device the fused conv takes: the block's first conv weight,
+        else its first floating parameter or buffer."""
+        for sub in module.modules():
+            if isinstance(sub, nn.Conv2d):
+                return sub.weight
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.is_floating_point():
+                return tensor
+        return torch.empty(0)
+
     def to_deploy_module(self, module: nn.Module, fused: FusedConv) -> nn.Module:
-        """Switch a live block to its deploy form; return the module to put in its parent."""
-        like = next((m.weight for m in module.modules() if isinstance(m, nn.Conv2d)), None)
-        if like is None:
-            like = next(p for p in module.parameters() if p.is_floating_point())
-        conv = conv_from_fused(fused, like=like)
+        """Switch a live block to its deploy form; return the module to put in its parent.
+
+        The train-form :attr:`parts` are deleted (keeping :attr:`kept`), the fused conv is set as
+        :attr:`deploy` (the block itself is replaced when that is ""), then the flags are set."""
+        conv = conv_from_fused(fused, like=self.deploy_like(module))
         if not self.deploy:
             return conv
-        setattr(module, self.deploy, conv)
         for part in self.parts:
-            if part and hasattr(module, part):
+            if part and part not in self.kept and hasattr(module, part):
                 delattr(module, part)
+        setattr(module, self.deploy, conv)
         for attribute, value in self.deploy_flags.items():
             setattr(module, attribute, value)
+        for attribute, value in self.deploy_flags_if_present.items():
+            if hasattr(module, attribute):
+                setattr(module, attribute, value)
         return module
 
     # -- helpers for subclasses -------------------------------------------------------------

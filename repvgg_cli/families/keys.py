@@ -49,6 +49,8 @@ class KeyView:
     tree: str = "key"
     weight_shape: tuple[int, ...] | None = None
     """Set by a family whose deploy weight is not a conv's (a linear layer's ``(out, in)``)."""
+    claimed: set[str] = field(default_factory=set)
+    """Keys a family claimed beyond its declared parts (see :meth:`own`)."""
 
     def key(self, local: str) -> str:
         return join(self.prefix, local)
@@ -83,6 +85,15 @@ class KeyView:
     def where(self) -> str:
         return f"block {self.prefix or '<root>'}"
 
+    def label(self, local: str) -> str:
+        """The full key of ``local`` (for messages)."""
+        return self.key(local)
+
+    def own(self, local: str) -> None:
+        """Claim every key under ``local`` for this block (an option-dependent part, e.g. a post-sum
+        BN that is folded): they are then the block's, and one left unread is refused."""
+        self.claimed |= self.owned_under(local)
+
     def note(self, text: str) -> None:
         """Something worth reporting about this block (shown once per note with its blocks)."""
         self.notes.append(text)
@@ -106,13 +117,26 @@ class KeyView:
         vector = channel_vector(self, join(local, "bias"), int(weight.shape[0]), of, required=False) if bias else None
         return algebra.linear(weight, vector)
 
-    def conv(self, local: str, bias: bool = True) -> Map:
-        """``<local>.weight`` (4-D) and, when present and ``bias``, ``<local>.bias``."""
+    def conv(self, local: str, bias: bool = True, *, groups: int | None = None, padding=None,
+             dilation=1, stride=1) -> Map:
+        """``<local>.weight`` (4-D) and, when present and ``bias``, ``<local>.bias``.
+
+        A state dict stores no geometry: ``groups``, ``padding`` (default: centred), ``dilation``
+        and ``stride`` are what the family knows of its project (the key name, a class invariant).
+        """
         weight = conv_weight(self, join(local, "weight"))
         self._first_weight(weight)
         of = f"{self.key(join(local, 'weight'))} (output channels)"
         vector = channel_vector(self, join(local, "bias"), int(weight.shape[0]), of, required=False) if bias else None
-        return algebra.conv(weight, vector)
+        return algebra.conv(weight, vector, groups=groups, padding=padding, dilation=dilation, stride=stride,
+                            in_channels=None if groups is None else int(weight.shape[1]) * groups)
+
+    def kernel(self, local: str) -> Tensor:
+        """A bare 4-D kernel stored at ``local`` (a weight-space parameter, not a module's
+        ``.weight``), checked like a conv weight."""
+        weight = conv_weight(self, local)
+        self._first_weight(weight)
+        return weight
 
     def bn(self, local: str, channels: int | None = None, of: str = "") -> Map:
         """The BatchNorm at ``local`` (eps: the view's)."""

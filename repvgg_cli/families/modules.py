@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .. import algebra
 from ..algebra import Map
-from ..errors import UnsupportedError
+from ..errors import InputError, UnsupportedError
 from ..fusion import BatchNorm, ConvBranch, FusedConv, IdentityBranch
 
 def is_batch_norm(module: object) -> bool:
@@ -122,6 +122,7 @@ class ModuleView:
         self.dtype = None
         self.eps_note = "module"
         self.weight_shape: tuple[int, ...] | None = None
+        self.claimed: set[str] = set()
 
     @property
     def where(self) -> str:
@@ -151,11 +152,28 @@ class ModuleView:
             raise UnsupportedError(f"{self.where}: {path} is missing")
         return value
 
-    def _label(self, path: str) -> str:
+    def label(self, path: str) -> str:
+        """The module path of ``path`` (for messages)."""
         return f"{self.name}.{path}" if self.name else path
 
-    def conv(self, path: str, bias: bool = True) -> Map:
-        """The ``nn.Conv2d`` at ``path`` with its own geometry."""
+    _label = label
+
+    def own(self, path: str) -> None:
+        """Claim the child at ``path`` for this block (see :meth:`.keys.KeyView.own`)."""
+        self.claimed.add(path)
+
+    def kernel(self, path: str) -> Tensor:
+        """A bare 4-D kernel parameter at ``path``."""
+        value = self.get(path)
+        if not isinstance(value, Tensor) or value.dim() != 4 or not value.is_floating_point():
+            raise UnsupportedError(f"{self.label(path)} is not a 4-D floating-point kernel")
+        if self.dtype is None:
+            self.dtype = value.dtype
+        return value
+
+    def _conv(self, path: str, bias: bool = True) -> Map:
+        """The ``nn.Conv2d`` at ``path`` with its own geometry (the module's, whatever a family
+        assumes for a state dict)."""
         module = self.get(path)
         if not isinstance(module, nn.Conv2d):
             raise UnsupportedError(f"{self._label(path)} is a {type(module).__name__}, not a Conv2d")
@@ -201,6 +219,9 @@ class ModuleView:
         value = self.tensor(path, required=required)
         if value is None:
             return None
-        if not isinstance(value, torch.Tensor) or value.numel() != channels:
-            raise UnsupportedError(f"{self._label(path)} is not {channels} per-channel values")
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() != channels:
+            raise InputError(f"{self.label(path)} is not {channels} floating-point per-channel values")
         return algebra.scale(value)
+
+    def conv(self, path: str, bias: bool = True, **ignored) -> Map:  # noqa: D102 - geometry from the module
+        return self._conv(path, bias)
