@@ -30,6 +30,7 @@ from .apple_fastvit import AppleRepCPE, AppleRepMixer
 from .acnet import ACNetBlock
 from .dbb import DbbConvBN, DiverseBranchBlock
 from .orepa import Orepa, Orepa1x1, OrepaLargeConv, OrepaLargeConvBase, OrepaRepVGG
+from .timm_pairs import TimmConvNorm, TimmLevitConvNorm, TimmLevitLinearNorm, TimmNormLinear
 
 FAMILIES: tuple[Family, ...] = (
     # A family whose blocks enclose another family's (see Family.encloses) comes first.
@@ -60,6 +61,11 @@ FAMILIES: tuple[Family, ...] = (
     Orepa(),
     Orepa1x1(),
     DbbConvBN(),
+    # timm LeViT / EfficientViT / TinyViT pairs: only inside their architectures (see architectures.py)
+    TimmLevitConvNorm(),
+    TimmLevitLinearNorm(),
+    TimmNormLinear(),
+    TimmConvNorm(),
 )
 
 

@@ -93,6 +93,41 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         eps=1e-5,
         families=("dbb_convbn", "orepa_large_base"),
     ),
+    Architecture(
+        name="levit",
+        title="timm LeViT / LeViT-conv (ConvNorm, LinearNorm, NormLinear heads)",
+        source="huggingface/pytorch-image-models timm/models/levit.py (Stem16/Stem8 conv1.., Attention, "
+               "AttentionDownsample, LevitMlp; BN eps 1e-5)",
+        markers=(r"(^|\.)stem\.conv1\.linear\.weight$", r"(^|\.)stages\.\d+\.blocks\.\d+\.attn\.attention_biases$",
+                 r"(^|\.)stages\.\d+\.blocks\.\d+\.attn\.qkv\.linear\.weight$",
+                 r"(^|\.)stages\.\d+\.blocks\.\d+\.mlp\.ln1\.bn\.running_var$"),
+        eps=1e-5,
+        families=("timm_levit_convnorm", "timm_levit_linearnorm", "timm_normlinear"),
+    ),
+    Architecture(
+        name="efficientvit_msra",
+        title="timm EfficientViT (MSRA) (ConvNorm, NormLinear head)",
+        source="huggingface/pytorch-image-models timm/models/efficientvit_msra.py (PatchEmbedding conv1.., "
+               "CascadedGroupAttention qkvs/dws, ResidualDrop dw0; BN eps 1e-5)",
+        markers=(r"(^|\.)patch_embed\.conv1\.conv\.weight$",
+                 r"(^|\.)stages\.\d+\.blocks\.\d+\.mixer\.m\.attn\.qkvs\.\d+\.conv\.weight$",
+                 r"(^|\.)stages\.\d+\.blocks\.\d+\.mixer\.m\.attn\.attention_biases$",
+                 r"(^|\.)stages\.\d+\.blocks\.\d+\.dw0\.m\.conv\.weight$"),
+        eps=1e-5,
+        families=("timm_convnorm", "timm_normlinear"),
+    ),
+    Architecture(
+        name="tiny_vit",
+        title="timm TinyViT (ConvNorm)",
+        source="huggingface/pytorch-image-models timm/models/tiny_vit.py (PatchEmbed conv1/conv2, MBConv, "
+               "TinyVitBlock local_conv, Attention; BN eps 1e-5)",
+        markers=(r"(^|\.)patch_embed\.conv1\.conv\.weight$",
+                 r"(^|\.)stages\.\d+\.blocks\.\d+\.conv2\.conv\.weight$",
+                 r"(^|\.)stages\.\d+\.blocks\.\d+\.local_conv\.conv\.weight$",
+                 r"(^|\.)stages\.\d+\.blocks\.\d+\.attn\.attention_biases$"),
+        eps=1e-5,
+        families=("timm_convnorm",),
+    ),
 )
 
 

@@ -9,5 +9,9 @@ ZOO_OF: dict[str, str] = {
     "orepa_large": "orepa",
     "orepa_large_base": "orepa",
     "orepa_repvgg": "orepa",
+    "timm_levit_convnorm": "timm_levit",
+    "timm_levit_linearnorm": "timm_levit",
+    "timm_normlinear": "timm_levit",
+    "timm_convnorm": "timm_efficientvit",
 }
 """Family name -> zoo module, where one upstream model holds several families."""
