@@ -30,6 +30,7 @@ from .apple_fastvit import AppleRepCPE, AppleRepMixer
 from .acnet import ACNetBlock
 from .dbb import DbbConvBN, DiverseBranchBlock
 from .orepa import Orepa, Orepa1x1, OrepaLargeConv, OrepaLargeConvBase, OrepaRepVGG
+from .timm_ghost import TimmGhostV3Cheap, TimmGhostV3Dw, TimmGhostV3Primary, TimmRepGhost
 from .timm_pairs import TimmConvNorm, TimmLevitConvNorm, TimmLevitLinearNorm, TimmNormLinear
 
 FAMILIES: tuple[Family, ...] = (
@@ -61,6 +62,11 @@ FAMILIES: tuple[Family, ...] = (
     Orepa(),
     Orepa1x1(),
     DbbConvBN(),
+    # timm RepGhostNet / GhostNetV3 (timm_ghost.py; GhostNetV3 sites are matched at their children, timm_sites.py)
+    TimmRepGhost(),
+    TimmGhostV3Primary(),
+    TimmGhostV3Cheap(),
+    TimmGhostV3Dw(),
     # timm LeViT / EfficientViT / TinyViT pairs: only inside their architectures (see architectures.py)
     TimmLevitConvNorm(),
     TimmLevitLinearNorm(),
