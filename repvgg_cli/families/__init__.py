@@ -31,6 +31,7 @@ from .acnet import ACNetBlock
 from .dbb import DbbConvBN, DiverseBranchBlock
 from .orepa import Orepa, Orepa1x1, OrepaLargeConv, OrepaLargeConvBase, OrepaRepVGG
 from .timm_ghost import TimmGhostV3Cheap, TimmGhostV3Dw, TimmGhostV3Primary, TimmRepGhost
+from .timm_lcnetv2 import TimmLcnetV2RepDw
 from .timm_pairs import TimmConvNorm, TimmLevitConvNorm, TimmLevitLinearNorm, TimmNormLinear
 
 FAMILIES: tuple[Family, ...] = (
@@ -67,6 +68,7 @@ FAMILIES: tuple[Family, ...] = (
     TimmGhostV3Primary(),
     TimmGhostV3Cheap(),
     TimmGhostV3Dw(),
+    TimmLcnetV2RepDw(),
     # timm LeViT / EfficientViT / TinyViT pairs: only inside their architectures (see architectures.py)
     TimmLevitConvNorm(),
     TimmLevitLinearNorm(),
