@@ -22,6 +22,7 @@ from .yolov7_repconv import Yolov7RepConv
 from .ultralytics_repconv import UltralyticsRepConv
 from .ultralytics_repvggdw import UltralyticsRepVGGDW
 from .qarepvgg import QARepVGG
+from .yolov6_convmodule import Yolov6ConvModule
 from .mmpretrain_repvgg import MmpretrainRepVGG
 from .mmpretrain_mobileone import MmpretrainMobileOne
 from .replknet import RepLKNetLargeKernel
@@ -49,6 +50,7 @@ FAMILIES: tuple[Family, ...] = (
     UltralyticsRepConv(),
     UltralyticsRepVGGDW(),
     QARepVGG(),
+    Yolov6ConvModule(),
     MmpretrainRepVGG(),
     MmpretrainMobileOne(),
     RepLKNetLargeKernel(),
