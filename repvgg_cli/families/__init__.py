@@ -34,6 +34,7 @@ from .orepa import Orepa, Orepa1x1, OrepaLargeConv, OrepaLargeConvBase, OrepaRep
 from .timm_ghost import TimmGhostV3Cheap, TimmGhostV3Dw, TimmGhostV3Primary, TimmRepGhost
 from .timm_lcnetv2 import TimmLcnetV2RepDw
 from .timm_pairs import TimmConvNorm, TimmLevitConvNorm, TimmLevitLinearNorm, TimmNormLinear
+from .generic import GenericBlock  # registered last: only what no family claims
 
 FAMILIES: tuple[Family, ...] = (
     # A family whose blocks enclose another family's (see Family.encloses) comes first.
@@ -76,6 +77,7 @@ FAMILIES: tuple[Family, ...] = (
     TimmLevitLinearNorm(),
     TimmNormLinear(),
     TimmConvNorm(),
+    GenericBlock(),  # last: a traced block no family above claims (module tree only)
 )
 
 
