@@ -33,6 +33,7 @@ from .dbb import DbbConvBN, DiverseBranchBlock
 from .orepa import Orepa, Orepa1x1, OrepaLargeConv, OrepaLargeConvBase, OrepaRepVGG
 from .timm_ghost import TimmGhostV3Cheap, TimmGhostV3Dw, TimmGhostV3Primary, TimmRepGhost
 from .timm_lcnetv2 import TimmLcnetV2RepDw
+from .timm_efficientvim import TimmEfficientVimConv, TimmEfficientVimDwconv
 from .timm_pairs import TimmConvNorm, TimmLevitConvNorm, TimmLevitLinearNorm, TimmNormLinear
 from .generic import GenericBlock  # registered last: only what no family claims
 
@@ -72,6 +73,8 @@ FAMILIES: tuple[Family, ...] = (
     TimmGhostV3Cheap(),
     TimmGhostV3Dw(),
     TimmLcnetV2RepDw(),
+    TimmEfficientVimDwconv(),  # only inside efficientvim, like the next (architectures.py)
+    TimmEfficientVimConv(),
     # timm LeViT / EfficientViT / TinyViT pairs: only inside their architectures (see architectures.py)
     TimmLevitConvNorm(),
     TimmLevitLinearNorm(),

@@ -94,6 +94,16 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         families=("dbb_convbn", "orepa_large_base"),
     ),
     Architecture(
+        name="efficientvim",
+        title="timm EfficientViM (ConvLayer2d conv+BN, gated depthwise residuals)",
+        source="huggingface/pytorch-image-models timm/models/efficientvim.py (Stem, EfficientViMBlock alpha, "
+               "HSMSSD BCdt_proj; BN eps 1e-5)",
+        markers=(r"(^|\.)patch_embed\.conv\.\d+\.conv\.weight$", r"(^|\.)stages\.\d+\.blocks\.\d+\.alpha$",
+                 r"(^|\.)stages\.\d+\.blocks\.\d+\.mixer\.BCdt_proj\.conv\.weight$"),
+        eps=1e-5,
+        families=("timm_efficientvim_conv", "timm_efficientvim_dwconv"),
+    ),
+    Architecture(
         name="levit",
         title="timm LeViT / LeViT-conv (ConvNorm, LinearNorm, NormLinear heads)",
         source="huggingface/pytorch-image-models timm/models/levit.py (Stem16/Stem8 conv1.., Attention, "

@@ -22,13 +22,23 @@ from .read import Source
 @dataclass(frozen=True)
 class ConvBnPair:
     """A conv whose output goes straight into a BN: in a Sequential, or a ``conv``/``bn`` module
-    with a ``forward_fuse`` (ultralytics' ``Conv``) that skips the BN."""
+    with a forward that skips the BN (see :data:`FUSED_FORWARDS`)."""
 
     name: str
     owner: nn.Module
     conv_attr: str
     bn_attr: str
     switch_forward: bool
+
+
+FUSED_FORWARDS = ("forward_fuse", "fuseforward")
+"""Names of a conv/bn module's forward without the BN: ultralytics' and YOLOv6's ``forward_fuse``,
+YOLOv7's (and older YOLOv5's) ``fuseforward``."""
+
+
+def fused_forward(module: nn.Module) -> str | None:
+    """The name of ``module``'s BN-less forward (:data:`FUSED_FORWARDS`), or None."""
+    return next((name for name in FUSED_FORWARDS if callable(getattr(module, name, None))), None)
 
 
 @dataclass
@@ -135,6 +145,6 @@ def find_conv_bn_pairs(model: nn.Module, blocks: list[str] = ()) -> list[ConvBnP
                 if isinstance(conv, nn.Conv2d) and is_batch_norm(bn):
                     pairs.append(ConvBnPair(join(name, conv_name), module, conv_name, bn_name, False))
         elif (isinstance(getattr(module, "conv", None), nn.Conv2d) and is_batch_norm(getattr(module, "bn", None))
-              and callable(getattr(module, "forward_fuse", None))):
+              and fused_forward(module) is not None):
             pairs.append(ConvBnPair(join(name, "conv"), module, "conv", "bn", True))
     return pairs

@@ -25,7 +25,7 @@ from ..families import Block
 from ..families.base import conv_from_fused
 from ..families.modules import bn_from_module, conv_branch_from_module, geometry_from_conv
 from ..fusion import Branches, FusedConv, fuse_branches, fused_weight_shape
-from .find import ConvBnPair, Plan
+from .find import ConvBnPair, Plan, fused_forward
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 CONV_BN = "conv+bn"
@@ -246,7 +246,7 @@ class Fused:
         setattr(pair.owner, pair.conv_attr, conv_from_fused(shipped, like=conv.weight))
         if pair.switch_forward:
             delattr(pair.owner, pair.bn_attr)
-            pair.owner.forward = pair.owner.forward_fuse
+            pair.owner.forward = getattr(pair.owner, fused_forward(pair.owner))  # forward_fuse / fuseforward
         else:
             setattr(pair.owner, pair.bn_attr, nn.Identity())
         return FusedBlock(block, shipped, fused64, probe, params_of(block, None))

@@ -12,6 +12,8 @@ ZOO_OF: dict[str, str] = {
     "timm_ghostv3_primary": "timm_ghostv3",
     "timm_ghostv3_cheap": "timm_ghostv3",
     "timm_ghostv3_dw": "timm_ghostv3",
+    "timm_efficientvim_conv": "timm_efficientvim",
+    "timm_efficientvim_dwconv": "timm_efficientvim",
     "timm_levit_convnorm": "timm_levit",
     "timm_levit_linearnorm": "timm_levit",
     "timm_normlinear": "timm_levit",
