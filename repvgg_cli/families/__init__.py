@@ -35,6 +35,10 @@ from .timm_ghost import TimmGhostV3Cheap, TimmGhostV3Dw, TimmGhostV3Primary, Tim
 from .timm_lcnetv2 import TimmLcnetV2RepDw
 from .timm_efficientvim import TimmEfficientVimConv, TimmEfficientVimDwconv
 from .timm_pairs import TimmConvNorm, TimmLevitConvNorm, TimmLevitLinearNorm, TimmNormLinear
+from .timm_c_bn import TimmCBn
+from .timm_iformer import TimmIformerRepCPE
+from .timm_repvit import TimmRepVggDw, TimmRepVitClassifier
+from .timm_shvit import TimmShvitNormLinear, TimmShvitResidual
 from .generic import GenericBlock  # registered last: only what no family claims
 
 FAMILIES: tuple[Family, ...] = (
@@ -80,6 +84,13 @@ FAMILIES: tuple[Family, ...] = (
     TimmLevitLinearNorm(),
     TimmNormLinear(),
     TimmConvNorm(),
+    # timm RepViT / SHViT / iFormer (the c/bn ConvNorm family last: the others enclose its pairs)
+    TimmRepVggDw(),
+    TimmRepVitClassifier(),
+    TimmShvitResidual(),
+    TimmShvitNormLinear(),
+    TimmIformerRepCPE(),
+    TimmCBn(),
     GenericBlock(),  # last: a traced block no family above claims (module tree only)
 )
 

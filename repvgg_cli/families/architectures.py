@@ -138,6 +138,36 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         eps=1e-5,
         families=("timm_convnorm",),
     ),
+    Architecture(
+        name="repvit",
+        title="timm RepViT (ConvNorm c/bn, RepVggDw token mixers, RepVitClassifier head)",
+        source="huggingface/pytorch-image-models timm/models/repvit.py (RepVitStem conv1/conv2, RepViTBlock "
+               "token_mixer; BN eps 1e-5)",
+        markers=(r"(^|\.)stem\.conv1\.c\.weight$",
+                 r"(^|\.)stages\.\d+\.blocks\.\d+\.token_mixer\.conv\.c\.weight$"),
+        eps=1e-5,
+        families=("timm_c_bn", "timm_repvggdw", "timm_repvit_classifier"),
+    ),
+    Architecture(
+        name="shvit",
+        title="timm SHViT (Conv2dNorm c/bn, Residual depthwise convs, NormLinear head)",
+        source="huggingface/pytorch-image-models timm/models/shvit.py (patch_embed Conv2dNorm, BasicBlock "
+               "conv Residual; BN eps 1e-5)",
+        markers=(r"(^|\.)patch_embed\.0\.c\.weight$",
+                 r"(^|\.)stages\.\d+\.blocks\.\d+\.conv\.m\.c\.weight$"),
+        eps=1e-5,
+        families=("timm_c_bn", "timm_shvit_residual", "timm_shvit_normlinear"),
+    ),
+    Architecture(
+        name="iformer",
+        title="timm iFormer (ConvNorm c/bn, RepCPE, RepVitClassifier head)",
+        source="huggingface/pytorch-image-models timm/models/iformer.py (Stem conv1..conv3, ConvBlock mixer "
+               "Residual; BN eps 1e-5)",
+        markers=(r"(^|\.)stem\.conv3\.c\.weight$",
+                 r"(^|\.)stages\.\d+\.blocks\.\d+\.mixer\.module\.(\d+|q)\.c\.weight$"),
+        eps=1e-5,
+        families=("timm_c_bn", "timm_iformer_repcpe", "timm_repvit_classifier"),
+    ),
 )
 
 
