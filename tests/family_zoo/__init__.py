@@ -18,5 +18,11 @@ ZOO_OF: dict[str, str] = {
     "timm_levit_linearnorm": "timm_levit",
     "timm_normlinear": "timm_levit",
     "timm_convnorm": "timm_efficientvit",
+    "timm_c_bn": "timm_repvit",
+    "timm_repvggdw": "timm_repvit",
+    "timm_repvit_classifier": "timm_repvit",
+    "timm_shvit_residual": "timm_shvit",
+    "timm_shvit_normlinear": "timm_shvit",
+    "timm_iformer_repcpe": "timm_iformer",
 }
 """Family name -> zoo module, where one upstream model holds several families."""
