@@ -48,7 +48,10 @@ DingXiaoH/DiverseBranchBlock ``dbb_transforms.py``).
 
 from __future__ import annotations
 
+import dis
+import inspect
 import operator
+import types
 import warnings
 from dataclasses import dataclass, replace
 
@@ -122,14 +125,78 @@ class _Tracer(fx.Tracer):
         return _leaf_kind(m) is not None or super().is_leaf_module(m, module_qualified_name)
 
 
-def _trace(module: nn.Module) -> fx.Graph | None:
+class _ShallowTracer(fx.Tracer):
+    """Every child is a leaf: the module's own forward only (cheap, whatever the children hold)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _trace(module: nn.Module, tracer: fx.Tracer) -> fx.Graph | None:
     """The module's forward as a graph, or None when torch.fx cannot trace it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _Tracer().trace(module)
+            return tracer.trace(module)
     except Exception:  # noqa: BLE001 - whatever fx cannot trace is not a block read from a trace
         return None
+
+
+SUM_NAMES = frozenset({"add", "add_", "sub", "sub_", "sum", "iadd", "isub", "__add__", "__radd__", "__iadd__",
+                       "__sub__", "__rsub__", "__isub__"})
+SUM_OPCODES = frozenset({"BINARY_ADD", "INPLACE_ADD", "BINARY_SUBTRACT", "INPLACE_SUBTRACT"})
+
+
+def _code_may_sum(code: types.CodeType, namespace: dict, owner: type, seen: set, depth: int) -> bool:
+    """Whether ``code`` (or a function or method of ``owner`` it names) could add or subtract."""
+    if code in seen:
+        return False
+    seen.add(code)
+    if SUM_NAMES & set(code.co_names):
+        return True
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in SUM_OPCODES or (instruction.opname == "BINARY_OP"
+                                                 and instruction.argrepr in ("+", "+=", "-", "-=")):
+            return True
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType) and _code_may_sum(const, namespace, owner, seen, depth):
+            return True
+    if depth >= 4:
+        return False
+    for name in code.co_names:
+        target = inspect.getattr_static(owner, name, None)
+        if isinstance(target, (staticmethod, classmethod)):
+            target = target.__func__
+        if not isinstance(target, types.FunctionType):
+            target = namespace.get(name)
+        if isinstance(target, types.FunctionType) and _code_may_sum(target.__code__, target.__globals__, owner,
+                                                                    seen, depth + 1):
+            return True
+    return False
+
+
+def _may_sum(module: nn.Module) -> bool:
+    """A cheap look at the forward's bytecode (and the methods and functions it names): False
+    only when it certainly adds or subtracts nothing (then it is not traced at all)."""
+    forward = getattr(type(module), "forward", None)
+    if not isinstance(forward, types.FunctionType):
+        return True
+    return _code_may_sum(forward.__code__, forward.__globals__, type(module), set(), 0)
+
+
+def _sums_its_input(module: nn.Module) -> bool:
+    """The module's own forward (children not entered) adds or subtracts two values computed from
+    its one input: the first sign of a block, and cheap to see (a whole network's forward has none,
+    and is not traced through every block it holds)."""
+    graph = _trace(module, _ShallowTracer())
+    if graph is None:
+        return False
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        return False
+    depends = _depending(graph, placeholders[0])
+    return any(_operation(n) in ("add", "sub") and len(n.args) == 2 and all(a in depends for a in n.args)
+               for n in graph.nodes)
 
 
 class _NotConstant(Exception):
@@ -371,9 +438,11 @@ def read_block(module: nn.Module) -> _Reading | None:
         return None
     if type(module).__module__.startswith("torch.") or _has_hooks(module):
         return None
-    if not any(isinstance(m, nn.Conv2d) for m in module.modules()):
+    if not any(isinstance(m, nn.Conv2d) for m in module.modules()) or not _may_sum(module):
         return None
-    graph = _trace(module)
+    if not _sums_its_input(module):
+        return None
+    graph = _trace(module, _Tracer())
     if graph is None:
         return None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -474,6 +543,8 @@ def _leaf_label(step: _Step, root: nn.Module) -> str:
         label = f"{kh}x{kw}"
         if tuple(module.stride) != (1, 1):
             label += f"/s{module.stride[0]}" if module.stride[0] == module.stride[1] else f"/s{module.stride}"
+        if tuple(module.dilation) != (1, 1):
+            label += f"/d{module.dilation[0]}" if module.dilation[0] == module.dilation[1] else f"/d{module.dilation}"
         if module.groups > 1:
             label += "/dw" if module.groups == module.in_channels == module.out_channels else f"/g{module.groups}"
         return label
@@ -573,8 +644,10 @@ class GenericBlock(Family):
         return []
 
     def matches_module(self, module: nn.Module) -> bool:
+        if _claimed_by_a_family(module, self, inside=False):  # cheap: before any tracing
+            return False
         reading = read_block(module)
-        if reading is None or _claimed_by_a_family(module, self):
+        if reading is None or _claimed_by_a_family(module, self, inside=True):
             return False
         try:
             fuse_branches(block_expression(reading, ModuleView(module, "")))
@@ -620,10 +693,12 @@ class GenericBlock(Family):
         return GenericDeploy(conv_from_fused(fused, like=self.deploy_like(module)), post_module(module, reading))
 
 
-def _claimed_by_a_family(module: nn.Module, generic: Family) -> bool:
-    """A registered family claims the module or a module inside it (their blocks are theirs)."""
+def _claimed_by_a_family(module: nn.Module, generic: Family, inside: bool) -> bool:
+    """A registered family claims the module (``inside``: or a module inside it, walked outermost
+    first as the find stage walks): their blocks are theirs."""
     from . import FAMILIES  # the registry imports this module
 
     others = [f for f in FAMILIES if f is not generic and f.name != generic.name]
-    return any(f.matches_module(m) for m in module.modules() for f in others)
+    modules = module.modules() if inside else (module,)
+    return any(f.matches_module(m) for m in modules for f in others)
 
