@@ -34,6 +34,7 @@ from .orepa import Orepa, Orepa1x1, OrepaLargeConv, OrepaLargeConvBase, OrepaRep
 from .timm_ghost import TimmGhostV3Cheap, TimmGhostV3Dw, TimmGhostV3Primary, TimmRepGhost
 from .timm_lcnetv2 import TimmLcnetV2RepDw
 from .timm_efficientvim import TimmEfficientVimConv, TimmEfficientVimDwconv
+from .timm_nextvit import TimmNextVitPreBn
 from .timm_pairs import TimmConvNorm, TimmLevitConvNorm, TimmLevitLinearNorm, TimmNormLinear
 from .timm_c_bn import TimmCBn
 from .timm_iformer import TimmIformerRepCPE
@@ -79,6 +80,7 @@ FAMILIES: tuple[Family, ...] = (
     TimmLcnetV2RepDw(),
     TimmEfficientVimDwconv(),  # only inside efficientvim, like the next (architectures.py)
     TimmEfficientVimConv(),
+    TimmNextVitPreBn(),  # only inside nextvit
     # timm LeViT / EfficientViT / TinyViT pairs: only inside their architectures (see architectures.py)
     TimmLevitConvNorm(),
     TimmLevitLinearNorm(),

@@ -104,6 +104,16 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         families=("timm_efficientvim_conv", "timm_efficientvim_dwconv"),
     ),
     Architecture(
+        name="nextvit",
+        title="timm NextViT (pre-BNs merged into mlp.fc1 and e_mhsa.q/k/v; its conv+BN pairs kept)",
+        source="huggingface/pytorch-image-models timm/models/nextvit.py (ConvNormAct stem, NextConvBlock mhca, "
+               "ConvMlp; BN eps 1e-5)",
+        markers=(r"(^|\.)stem\.\d+\.norm\.running_var$", r"(^|\.)stages\.\d+\.blocks\.\d+\.mhca\.group_conv3x3\.weight$",
+                 r"(^|\.)stages\.\d+\.blocks\.\d+\.mlp\.fc1\.weight$"),
+        eps=1e-5,
+        families=("timm_nextvit",),
+    ),
+    Architecture(
         name="levit",
         title="timm LeViT / LeViT-conv (ConvNorm, LinearNorm, NormLinear heads)",
         source="huggingface/pytorch-image-models timm/models/levit.py (Stem16/Stem8 conv1.., Attention, "
