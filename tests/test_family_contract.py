@@ -4,7 +4,9 @@ Each family has a module in tests/family_zoo/ named after it (or named in
 ``tests.family_zoo.ZOO_OF`` when one upstream model holds several families), holding a small
 train-form model with randomised BN statistics (``train_model``), the same model's own deploy
 form (``deploy_model``), the BN ``EPS`` it trains with and an ``INPUT_SHAPE``. Every block found
-in it belongs to the family, or to the module's ``FAMILIES`` (a set of names) when it has one.
+in it belongs to the family, or to the module's ``FAMILIES`` (a set of names) when it has one;
+``OPTIONS`` holds what a state dict cannot tell and the conversion must be told (e.g. the
+QARepVGG variant).
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ def zoo_for(name: str):
         return importlib.import_module(f"tests.family_zoo.{module}")
     except ModuleNotFoundError:
         pytest.fail(f"family {name!r} has no toy models in tests/family_zoo/{module}.py")
+
+
+def options_of(z) -> dict:
+    """What the key tree must be told for the zoo's model (``OPTIONS`` in the zoo module)."""
+    return dict(getattr(z, "OPTIONS", {}))
 
 
 def families_of(z, name: str) -> set[str]:
@@ -74,7 +81,7 @@ def test_key_tree_loads_strictly_into_deploy_form_and_matches(name):
     torch.manual_seed(0)
     train = z.train_model().double()
     state = train.state_dict()
-    result = convert_state_dict(state, ConvertOptions(bn_eps=z.EPS))
+    result = convert_state_dict(state, ConvertOptions(bn_eps=z.EPS, **options_of(z)))
     assert result.ok, [(r.block.name, r.check.rel_err) for r in result.failures]
     assert result.blocks, "the toy model has no block of this family"
     assert {r.block.family for r in result.blocks} == families_of(z, name)
@@ -91,7 +98,7 @@ def test_module_tree_switches_blocks_and_matches(name):
     train = z.train_model()
     x = torch.randn(*z.INPUT_SHAPE)
     reference = outputs(train, x)
-    result = reparameterize(copy.deepcopy(train), ConvertOptions(input_shape=z.INPUT_SHAPE))
+    result = reparameterize(copy.deepcopy(train), ConvertOptions(input_shape=z.INPUT_SHAPE, **options_of(z)))
     assert result.ok and result.model_check is not None and result.model_check.ok
     assert result.blocks and {r.block.family for r in result.blocks} == families_of(z, name)
     assert_close(reference, outputs(result.model, x), rtol=1e-5)
@@ -107,7 +114,7 @@ def test_wrong_eps_is_caught(name):
         return
     train = z.train_model().double()
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in train.modules())
-    result = convert_state_dict(train.state_dict(), ConvertOptions(bn_eps=z.EPS * 1e3 + 0.5))
+    result = convert_state_dict(train.state_dict(), ConvertOptions(bn_eps=z.EPS * 1e3 + 0.5, **options_of(z)))
     deploy = z.deploy_model().double()
     deploy.load_state_dict(result.state_dict, strict=True)
     x = torch.randn(*z.INPUT_SHAPE, dtype=torch.float64)

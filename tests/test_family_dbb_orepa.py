@@ -28,7 +28,7 @@ from repvgg_cli.convert import (
     find_module_blocks,
     reparameterize,
 )
-from repvgg_cli.errors import UnsupportedError
+from repvgg_cli.errors import InputError, UnsupportedError
 from repvgg_cli.families import FamilyOptions, family_by_name, find_blocks
 from tests.family_zoo import dbb as dbb_zoo
 from tests.family_zoo import official as official_zoo
@@ -230,7 +230,8 @@ def test_convbn_is_claimed_only_inside_a_dbb_or_orepa_model():
     dbb_zoo.zoo.randomize_bn(plain, seed=3)
     state = plain.state_dict()
     assert not [b for b in find_blocks(state) if b.family == "dbb_convbn"]
-    assert convert_state_dict(state).state_dict.keys() == state.keys()
+    with pytest.raises(InputError, match="no re-parameterizable block found"):
+        convert_state_dict(state)  # nothing claimed: and nothing to fuse is an error
 
     with_dbb = nn.Sequential(plain, dbb_zoo.DiverseBranchBlock(8, 8, 3, 1, 1))
     families = {b.name: b.family for b in find_blocks(with_dbb.state_dict())}

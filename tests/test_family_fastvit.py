@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 from repvgg_cli import zoo
 from repvgg_cli.cli import app
 from repvgg_cli.convert import ConvertOptions, convert_state_dict, find_module_blocks, reparameterize
-from repvgg_cli.errors import UnsupportedError
+from repvgg_cli.errors import InputError, UnsupportedError
 from repvgg_cli.families import find_blocks
 
 TRAIN_FORM_PARTS = ("large_conv", "small_conv", "mixer", "norm.identity", "pos_enc", "conv_kxk", "conv_scale")
@@ -165,8 +165,8 @@ def test_pos_enc_with_company_or_dense_is_not_a_repcpe():
     assert find_blocks(state) == []
     dense = {"pos_enc.weight": torch.randn(4, 4, 3, 3), "pos_enc.bias": torch.randn(4)}
     assert find_blocks(dense) == []
-    result = convert_state_dict(state)
-    assert not result.blocks and list(result.state_dict) == list(state)
+    with pytest.raises(InputError, match="no re-parameterizable block found"):
+        convert_state_dict(state)  # nothing claimed: and nothing to fuse is an error
 
 
 # -- whole timm networks ------------------------------------------------------------------------

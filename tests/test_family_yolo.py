@@ -11,19 +11,19 @@ from __future__ import annotations
 import copy
 import io
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
+from tests.helpers import invoke
+
 from repvgg_cli import zoo
 from repvgg_cli.cli import app
 from repvgg_cli.convert import ConvertOptions, convert_state_dict, reparameterize
-from repvgg_cli.errors import UnsupportedError
+from repvgg_cli.errors import InputError, UnsupportedError
 from repvgg_cli.families import FamilyOptions, family_by_name, find_blocks
-from repvgg_cli.fusion import fuse_branches
 from tests.family_zoo import official as official_zoo
 from tests.family_zoo import qarepvgg as qa_zoo
 from tests.family_zoo import ultralytics_repconv as rc_zoo
@@ -31,6 +31,7 @@ from tests.family_zoo import ultralytics_repvggdw as dw_zoo
 from tests.family_zoo import yolov7 as v7_zoo
 
 FP16_RTOL = 4e-3
+V1 = ConvertOptions(qa_variant="v1")
 FP32_RTOL = 1e-5
 
 
@@ -236,7 +237,7 @@ def test_repconv_and_repvggdw_do_not_claim_each_other():
 def test_qarepvgg_keeps_the_post_bn_by_default_like_switch_to_deploy():
     train = qa_zoo.train_model()
     state = train.state_dict()
-    result = convert_state_dict(state)
+    result = convert_state_dict(state, V1)
     assert result.ok and len(result.blocks) == 5
     for i in range(5):
         for part in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
@@ -255,7 +256,7 @@ def test_qarepvgg_fold_post_bn_both_trees(v2):
     train = qa_zoo.train_model(block=block)
     deploy = qa_zoo.deploy_model(block=block, fold_post_bn=True)
     if not v2:  # the key tree cannot see V2's avg pool without the avg-branch option (see below)
-        result = convert_state_dict(train.state_dict(), ConvertOptions(fold_post_bn=True))
+        result = convert_state_dict(train.state_dict(), ConvertOptions(fold_post_bn=True, qa_variant="v1"))
         assert result.ok and not any(".bn." in k for k in result.state_dict if k.startswith("blocks."))
         deploy.load_state_dict(result.state_dict, strict=True)
         assert double_outputs(train, deploy, qa_zoo.INPUT_SHAPE) <= FP32_RTOL
@@ -273,8 +274,8 @@ def test_qarepvgg_fold_is_refused_across_a_nonlinear_se():
     state = OrderedDict(train.state_dict())
     state["blocks.1.se.fc.weight"] = torch.ones(8, 8, 1, 1)
     with pytest.raises(UnsupportedError, match="se"):
-        convert_state_dict(state, ConvertOptions(fold_post_bn=True))
-    kept = convert_state_dict(state)  # without folding the se and bn stay, untouched
+        convert_state_dict(state, ConvertOptions(fold_post_bn=True, qa_variant="v1"))
+    kept = convert_state_dict(state, V1)  # without folding the se and bn stay, untouched
     assert kept.ok and kept.state_dict["blocks.1.se.fc.weight"] is state["blocks.1.se.fc.weight"]
 
     train.blocks[1].se = nn.Sigmoid()
@@ -289,11 +290,11 @@ def test_qarepvgg_identity_rule_and_no_identity_globs():
     train = qa_zoo.train_model(strided_same=True)  # blocks.5: 24 -> 24 with stride 2: no identity
     state = train.state_dict()
     deploy = qa_zoo.deploy_model(strided_same=True)
-    wrong = convert_state_dict(state)  # the square 1x1 weight makes the key tree assume an identity
+    wrong = convert_state_dict(state, V1)  # the square 1x1 weight makes the key tree assume an identity
     assert [r.block.name for r in wrong.blocks if r.block.branches.identity is not None][-1] == "blocks.5"
     deploy.load_state_dict(wrong.state_dict, strict=True)
     assert double_outputs(train, deploy, qa_zoo.INPUT_SHAPE) > 1e-3
-    right = convert_state_dict(state, ConvertOptions(no_identity=("blocks.[5-9]",)))
+    right = convert_state_dict(state, ConvertOptions(no_identity=("blocks.[5-9]",), qa_variant="v1"))
     assert "no identity branch" in " ".join(next(r for r in right.blocks if r.block.name == "blocks.5").block.notes)
     deploy.load_state_dict(right.state_dict, strict=True)
     assert double_outputs(train, deploy, qa_zoo.INPUT_SHAPE) <= FP32_RTOL
@@ -305,27 +306,6 @@ def test_qarepvgg_identity_rule_and_no_identity_globs():
     assert double_outputs(grouped, result.model, qa_zoo.INPUT_SHAPE) <= FP32_RTOL
 
 
-@dataclass(frozen=True)
-class AvgBranchOptions(FamilyOptions):
-    """FamilyOptions plus the field the family reads for V2's invisible avg-pool branch."""
-
-    avg_branch: tuple[str, ...] = ()
-
-
-def _convert_with(state, options: FamilyOptions) -> OrderedDict:
-    """Key-tree conversion with options ConvertOptions cannot carry yet (the avg-branch globs)."""
-    blocks = find_blocks(state, options)
-    consumed = {k for b in blocks for k in b.source_keys}
-    first = {b.source_keys[0]: b for b in blocks}
-    deploy: OrderedDict[str, Tensor] = OrderedDict()
-    for key, value in state.items():
-        if key in first:
-            deploy.update(first[key].deploy_state(fuse_branches(first[key].branches).to(value.dtype)))
-        elif key not in consumed:
-            deploy[key] = value
-    return deploy
-
-
 def test_qarepvgg_v2_avg_branch():
     train = qa_zoo.train_model(block=qa_zoo.QARepVGGBlockV2)
     deploy = qa_zoo.deploy_model(block=qa_zoo.QARepVGGBlockV2)
@@ -335,15 +315,31 @@ def test_qarepvgg_v2_avg_branch():
     assert double_outputs(train, result.model, qa_zoo.INPUT_SHAPE) <= FP32_RTOL
     assert double_outputs(own, result.model, qa_zoo.INPUT_SHAPE) <= FP32_RTOL
     state = train.state_dict()
-    deploy.load_state_dict(_convert_with(state, AvgBranchOptions(avg_branch=("blocks.*",))), strict=True)
-    assert double_outputs(train, deploy, qa_zoo.INPUT_SHAPE) <= FP32_RTOL
-    # Without the option the key tree reads V2 blocks as V1: a state dict cannot show the avg pool.
-    deploy.load_state_dict(_convert_with(state, FamilyOptions()), strict=True)
+    for options in (ConvertOptions(qa_variant="v2"), ConvertOptions(avg_branch=("blocks.*",))):
+        deploy.load_state_dict(convert_state_dict(state, options).state_dict, strict=True)
+        assert double_outputs(train, deploy, qa_zoo.INPUT_SHAPE) <= FP32_RTOL
+    # A state dict cannot show the avg pool: not told which, the key tree refuses to guess
+    with pytest.raises(InputError) as refused:
+        convert_state_dict(state)
+    assert refused.value.exit_code == 2 and "--qa-variant v1 or --qa-variant v2" in refused.value.hint
+    assert "blocks.1 (qarepvgg): a QARepVGGBlock (v1) and a QARepVGGBlockV2" in refused.value.message
+    # told v1, it is v1: the V2 model's outputs differ (the user's word decides)
+    deploy.load_state_dict(convert_state_dict(state, V1).state_dict, strict=True)
     assert double_outputs(train, deploy, qa_zoo.INPUT_SHAPE) > 1e-3
 
 
+def test_qarepvgg_variant_on_the_cli(tmp_path):
+    state = qa_zoo.train_model(block=qa_zoo.QARepVGGBlockV2).state_dict()
+    torch.save(state, tmp_path / "qa.pt")
+    refused = invoke("convert", tmp_path / "qa.pt", tmp_path / "out.safetensors")
+    assert refused.exit_code == 2 and not (tmp_path / "out.safetensors").exists()
+    assert "--qa-variant v1 or --qa-variant v2" in refused.stderr
+    done = invoke("convert", tmp_path / "qa.pt", tmp_path / "out.safetensors", "--qa-variant", "v2")
+    assert done.exit_code == 0, done.stderr
+
+
 def test_qarepvgg_and_official_do_not_claim_each_other():
-    assert {b.family for b in find_blocks(qa_zoo.train_model().state_dict())} == {"qarepvgg"}
+    assert {b.family for b in find_blocks(qa_zoo.train_model().state_dict(), FamilyOptions(qa_variant="v1"))} == {"qarepvgg"}
     assert "qarepvgg" not in {b.family for b in find_blocks(official_zoo.train_model().state_dict())}
     qa, official = family_by_name("qarepvgg"), family_by_name("official")
     assert not any(qa.matches_module(m) for m in official_zoo.train_model().modules())

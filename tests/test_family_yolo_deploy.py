@@ -65,8 +65,10 @@ def convert(*args) -> str:
 
 
 def qa_flags(variant: str) -> tuple[str, ...]:
-    # The key tree cannot tell QARepVGGBlock from QARepVGGBlockV2 (the avg pool has no keys).
-    return ("--avg-branch", "*") if "qarepvggv2" in variant else ()
+    # The key tree cannot tell QARepVGGBlock from QARepVGGBlockV2 (the avg pool has no keys): say which.
+    if "qarepvggv2" in variant:
+        return ("--qa-variant", "v2")
+    return ("--qa-variant", "v1") if "qarepvgg" in variant else ()
 
 
 def conv_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

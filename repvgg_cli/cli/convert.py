@@ -16,6 +16,8 @@ from ..io.digest import FileDigest
 from .app import app, handle_errors, print_json, stderr_console, stdout_console
 from .options import (
     AtolOption,
+    DtypeChoice,
+    QaVariant,
     DebugOption,
     EntryOption,
     EpsOption,
@@ -82,6 +84,25 @@ def convert(
     fuse_conv_bn: Annotated[
         bool, typer.Option("--fuse-conv-bn", help="Module tree: also fold the remaining conv→BN pairs that run in sequence.")
     ] = False,
+    qa_variant: Annotated[
+        Optional[QaVariant],
+        typer.Option("--qa-variant", help="QARepVGG blocks of a state dict are QARepVGGBlock (v1) or QARepVGGBlockV2 "
+                                          "(v2, a hidden avg-pool branch): the weights cannot tell.", show_default=False),
+    ] = None,
+    passthrough: Annotated[
+        Optional[list[str]],
+        typer.Option("--passthrough", help="Glob of keys or block names that look like branches but are meant to stay "
+                                           "unfused (else refused); repeatable."),
+    ] = None,
+    dtype: Annotated[
+        DtypeChoice, typer.Option("--dtype", help="dtype of every floating tensor written: keep (the source's), "
+                                                  "float32, float16 or bfloat16. Fusion is float64 either way.")
+    ] = DtypeChoice.keep,
+    max_output_bytes: Annotated[
+        Optional[int],
+        typer.Option("--max-output-bytes", min=1, help="Refuse, before any work, an output larger than this "
+                                                       "(default: 4x the source's bytes).", show_default=False),
+    ] = None,
     report: Annotated[
         Optional[Path], typer.Option("--report", help="Also write the report to FILE.json, FILE.md or FILE.html.")
     ] = None,
@@ -122,7 +143,9 @@ def convert(
     option_fields = dict(bn_eps=bn_eps, tolerance=dict(rtol=rtol, atol=atol), seed=seed,
                          input_shape=parse_shape(input_shape), fold_post_bn=fold_post_bn,
                          no_identity=tuple(no_identity or ()), avg_branch=tuple(avg_branch or ()),
-                         fuse_conv_bn=fuse_conv_bn, fsync=fsync)
+                         fuse_conv_bn=fuse_conv_bn, fsync=fsync,
+                         qa_variant=qa_variant.value if qa_variant is not None else None,
+                         passthrough=tuple(passthrough or ()), dtype=dtype.value, max_output_bytes=max_output_bytes)
     if batch:  # plain values: with worker processes, torch is imported only in them
         _convert_batch(sources, output, option_fields, jobs=jobs, out_format=out_format.value if out_format else None,
                        allow_pickle=allow_pickle, entry=entry, model_spec=model, force=force, report=report,

@@ -179,3 +179,19 @@ class OutputFormat(str, Enum):
 
     safetensors = "safetensors"
     pt = "pt"
+
+
+class QaVariant(str, Enum):
+    """``--qa-variant``: which QARepVGG block a state dict holds (its weights cannot tell)."""
+
+    v1 = "v1"
+    v2 = "v2"
+
+
+class DtypeChoice(str, Enum):
+    """``--dtype``: the dtype of every floating tensor written."""
+
+    keep = "keep"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"

@@ -10,6 +10,7 @@ from torch import Tensor
 from ..errors import UnsupportedError
 from .architectures import ARCHITECTURES, Architecture, detect_architecture
 from .base import Block, Family, FamilyOptions, KeyView, join
+from .unclaimed import unclaimed_branches
 from .official import OfficialRepVGG
 from .plain import PlainBlock
 from .timm_repvgg import TimmRepVggBlock
@@ -158,52 +159,7 @@ __all__ = ["ARCHITECTURES", "Architecture", "Block", "FAMILIES", "Family", "Fami
            "family_by_name", "find_blocks"]
 
 
-def _conv_bn_units(state: Mapping[str, Tensor], keys: list[str]) -> dict[str, dict[str, tuple[str, Tensor]]]:
-    """Conv→BN units by parent prefix: ``{parent: {unit: (conv weight key, weight)}}``.
-
-    A unit is ``C.conv``+``C.bn``, ``C.0``+``C.1`` (a Sequential), or sibling ``<a>conv<b>`` +
-    ``<a>bn<b>`` modules, where the BN has running statistics and the conv weight is 4-D.
-    """
-    present = set(keys)
-    units: dict[str, dict[str, tuple[str, Tensor]]] = {}
-    for key in keys:
-        if not key.endswith(".weight"):
-            continue
-        weight = state[key]
-        if not isinstance(weight, Tensor) or weight.dim() != 4:
-            continue
-        module = key[: -len(".weight")]
-        parent, _, leaf = module.rpartition(".")
-        grand, _, unit = parent.rpartition(".")
-        if leaf in ("conv", "0") and f"{parent}.{'bn' if leaf == 'conv' else '1'}.running_var" in present:
-            units.setdefault(grand, {})[unit] = (key, weight)
-        elif "conv" in leaf and join(parent, leaf.replace("conv", "bn", 1)) + ".running_var" in present:
-            units.setdefault(parent, {})[leaf] = (key, weight)
-    return units
-
-
 def unrecognised_blocks(state: Mapping[str, Tensor], claimed: set[str]) -> list[tuple[str, str]]:
-    """Groups of keys no family claims that look like a multi-branch block meant to be summed.
-
-    The rule is conservative: two or more conv→BN units under one parent, all with the same
-    output and input channels, at least two different kernel sizes, and no other 4-D conv
-    weight under that parent (a ResNet bottleneck has one, so it is not reported).
-
-    Returns:
-        ``[(prefix, description)]`` for ``inspect`` and ``convert`` to report as "not recognised".
-    """
-    keys = [k for k in state if k not in claimed]
-    found = []
-    for parent, units in _conv_bn_units(state, keys).items():
-        if len(units) < 2:
-            continue
-        shapes = {tuple(w.shape[:2]) for _, w in units.values()}
-        kernels = {tuple(w.shape[2:]) for _, w in units.values()}
-        unit_keys = {k for k, _ in units.values()}
-        start = parent + "." if parent else ""
-        other_convs = [k for k in keys if k.startswith(start) and k not in unit_keys and k.endswith(".weight")
-                       and isinstance(state[k], Tensor) and state[k].dim() == 4]
-        if len(shapes) == 1 and len(kernels) >= 2 and not other_convs:
-            description = ", ".join(f"{u} ({w.shape[2]}x{w.shape[3]})" for u, (_, w) in sorted(units.items()))
-            found.append((parent, f"parallel conv+BN branches {description}"))
-    return found
+    """Groups of keys no family claims that look like re-parameterization branches (see
+    :func:`.unclaimed.unclaimed_branches`): convert refuses them, inspect lists them."""
+    return unclaimed_branches(state, claimed)

@@ -60,6 +60,8 @@ class FamilyOptions:
     fold_post_bn: bool = False
     no_identity: tuple[str, ...] = ()
     avg_branch: tuple[str, ...] = ()
+    qa_variant: str | None = None
+    """``"v1"``/``"v2"``: the QARepVGG block a state dict holds (None: the user has not said)."""
     architecture: "Architecture | None" = None
     """The whole-model architecture recognised from the key layout (see :mod:`.architectures`)."""
 

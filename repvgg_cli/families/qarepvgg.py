@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import algebra
 from ..algebra import Map, plus, then
-from ..errors import UnsupportedError
+from ..errors import InputError, UnsupportedError
 from ..fusion import FusedConv
 from .base import Block, Family, FamilyOptions, KeyView, is_batch_norm, join
 
@@ -89,9 +89,22 @@ def _avg_pool(v, dense: Map, identity: Map | None) -> Map | None:
     beside the identity where the block's name matches ``--avg-branch``."""
     channels, kernel = int(dense.convs[0].weight.shape[0]), dense.convs[0].kernel_size
     if v.tree == "key":
-        if identity is None or not _matches(v.prefix, v.options.avg_branch):
+        if identity is None:
             return None
-        v.note("QARepVGGBlockV2 avg-pool branch assumed (the block name matches the avg-branch option)")
+        variant = v.options.qa_variant
+        if _matches(v.prefix, v.options.avg_branch):
+            v.note("QARepVGGBlockV2 avg-pool branch assumed (the block name matches the avg-branch option)")
+        elif variant == "v2":
+            v.note("QARepVGGBlockV2 avg-pool branch (--qa-variant v2)")
+        elif variant == "v1" or v.options.avg_branch:
+            return None  # the user said which blocks are V2 (--avg-branch) or that none is (--qa-variant v1)
+        else:
+            raise InputError(
+                f"{v.where} (qarepvgg): a QARepVGGBlock (v1) and a QARepVGGBlockV2 (v2, a parameter-free avg-pool "
+                "branch beside the identity) have the same keys; the weights cannot tell which this is",
+                hint="say which: --qa-variant v1 or --qa-variant v2 (all such blocks), or --avg-branch GLOB for the V2 "
+                     "blocks (YOLOv6's QA configs use v2)",
+            )
         return _regrouped(algebra.avg_pool(channels, kernel, stride=1, padding=None), dense)  # centred
     pool = v.get("rbr_avg")
     if pool is None:

@@ -8,13 +8,14 @@ conv→BN pairs outside blocks that run in sequence are planned too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
-from ..errors import UnsupportedError
+from ..errors import InputError, UnsupportedError
 from ..families import FAMILIES, Block, Family, find_blocks, unrecognised_blocks
 from ..families.base import is_batch_norm, join
+from ..families.unclaimed import unclaimed_branches
 from .options import ConvertOptions
 from .read import Source
 
@@ -78,6 +79,12 @@ def find(source: Source, options: ConvertOptions) -> Plan:
     if source.model is not None:
         modules = find_module_blocks(source.model)
         pairs = find_conv_bn_pairs(source.model, [name for name, _, _ in modules]) if options.fuse_conv_bn else []
+        if not modules and not pairs:
+            raise InputError(
+                f"the model ({type(source.model).__name__}) has no block any family knows: nothing to fuse",
+                hint="`repvgg families` lists the blocks that can be fused; with --fuse-conv-bn, conv→BN pairs "
+                     "are folded too",
+            )
         return Plan(source=source, options=options, modules=modules, pairs=pairs)
     state = source.state
     assert state is not None
@@ -93,11 +100,42 @@ def find(source: Source, options: ConvertOptions) -> Plan:
                     f"block {block.name or '<root>'}: the file already has the deploy key {name} next to "
                     "the train-form branches (a half-converted checkpoint?)"
                 )
+    unclaimed = unclaimed_branches(state, consumed | dropped_set, options.passthrough)
+    if unclaimed:
+        shown = "; ".join(f"{prefix or '<root>'} ({what})" for prefix, what in unclaimed[:3])
+        more = f" and {len(unclaimed) - 3} more" if len(unclaimed) > 3 else ""
+        raise InputError(
+            f"{len(unclaimed)} group(s) of keys look like re-parameterization branches that no family claims: "
+            f"{shown}{more}; they would pass through unfused",
+            hint=f"if they are meant to stay as they are, pass --passthrough '{unclaimed[0][0] or '*'}*' "
+                 "(repeatable); `repvgg families` lists what can be fused",
+        )
+    if not blocks:
+        metadata = source.loaded.metadata if source.loaded is not None else None
+        if isinstance(metadata, dict) and metadata.get("blocks") is not None:
+            raise InputError("no train-form block found: the file carries repvgg_cli deploy metadata, it is a deploy "
+                             "checkpoint repvgg convert wrote; there is nothing to fuse",
+                             hint="check it with `repvgg verify`")
+        raise InputError(_nothing_found(keys), hint="`repvgg families` lists the blocks that can be fused")
+    target = options.target_dtype
+    if target is not None:  # fused in float64 either way; written in the dtype asked for
+        blocks = [replace(b, dtype=target) for b in blocks]
     return Plan(
         source=source, options=options, blocks=blocks, keys=keys, dropped=tuple(dropped),
         passthrough=[k for k in keys if k not in consumed and k not in dropped_set],
         unrecognised=tuple(unrecognised_blocks(state, consumed | dropped_set)),
     )
+
+
+def _nothing_found(keys: list[str]) -> str:
+    """Why a state dict has no block: already in deploy form, or no known block at all."""
+    deployed = [(f, p) for f in FAMILIES for p in f.find_deploy_prefixes(keys)]
+    if deployed:
+        names = sorted({f.name for f, _ in deployed})
+        example = deployed[0][1] or "<root>"
+        return (f"no train-form block found: the checkpoint is already in deploy form ({len(deployed)} deploy-form "
+                f"block(s) of {', '.join(names)}, e.g. {example}); there is nothing to fuse")
+    return f"no re-parameterizable block found among its {len(keys)} keys: no family knows these layers"
 
 
 def dropped_keys_for(state, blocks: list[Block]) -> list[str]:

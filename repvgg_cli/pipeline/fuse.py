@@ -210,6 +210,9 @@ class Fused:
         plan = self.plan
         self.model = plan.source.model
         options = plan.options
+        target = options.target_dtype
+        if target in (torch.float32, torch.float64):  # an exact upcast: fuse what will be written
+            self.model.to(target)
         for name, module, family in plan.modules:
             try:
                 block = family.parse_module(name, module, options.family_options)
@@ -221,6 +224,8 @@ class Fused:
             yield FusedBlock(block, shipped, fused64, probe, params)
         for pair in plan.pairs:
             yield self._fuse_pair(pair)
+        if target in (torch.float16, torch.bfloat16):  # rounded last: the whole-model check sees it
+            self.model.to(target)
 
     def _put(self, name: str, module: nn.Module, replacement: nn.Module) -> None:
         if replacement is module:

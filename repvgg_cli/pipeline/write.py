@@ -27,6 +27,7 @@ from ..families import Block
 from ..fusion import FusedConv, as_meta, map_branch_tensors
 from ..io import write as io_write
 from ..io.metadata import METADATA_KEY, TENSOR_DIGESTS, metadata_json, tensor_digests
+from ..io.limits import check_output_size, check_safetensors_limits
 from ..io.read import LoadedCheckpoint
 from ..io.safetensors_file import SafetensorsStream
 from ..checks.tolerance import ModelCheck
@@ -88,6 +89,8 @@ class Written:
 def write(checked: Checked, target: Target, progress: Progress | None = None) -> Written:
     """The write stage (see the module docstring)."""
     plan = checked.fused.plan
+    if isinstance(target, File) and plan.source.model is None:
+        _check_budget(plan, target)  # before anything is fused or allocated
     if isinstance(target, File) and plan.source.model is None and target.output.suffix == ".safetensors":
         return _stream(checked, target, progress)
     written = _in_memory(checked, progress)
@@ -95,6 +98,16 @@ def write(checked: Checked, target: Target, progress: Progress | None = None) ->
         _save(written, target)
         written.written = True
     return written
+
+
+def _check_budget(plan: Plan, target: File) -> None:
+    """Refuse an output over its budget (4x the source's bytes, or ``max_output_bytes``): an
+    expanded view or many views of one storage would otherwise be written out in full. A ``.pt``
+    output keeps shared storages shared."""
+    loaded = target.loaded
+    source_bytes = max(loaded.file_size, getattr(loaded, "data_bytes", 0) or 0)
+    check_output_size(plan.source.state, source_bytes, plan.options.max_output_bytes,
+                      keep_aliasing=target.output.suffix != ".safetensors")
 
 
 # -- in memory ------------------------------------------------------------------------------------
@@ -143,7 +156,8 @@ def _assemble(plan: Plan, results: list[BlockResult], streamed: bool) -> tuple["
         if key in first_key:
             deploy.update(first_key[key].block.deploy_state(first_key[key].fused))
         elif key in passthrough:
-            deploy[key] = as_meta(state[key]) if streamed else state[key]
+            tensor = plan.options.written(state[key])
+            deploy[key] = as_meta(tensor) if streamed else tensor
             count += 1
     return deploy, count
 
@@ -211,7 +225,7 @@ def _layout(plan: Plan) -> tuple["OrderedDict[str, tuple[torch.dtype, tuple[int,
             planned, weight_keys[block.name] = planned_deploy_state(block, planned_weight_shape(block))
             layout.update((k, (t.dtype, tuple(t.shape))) for k, t in planned.items())
         elif key in passthrough:
-            layout[key] = (state[key].dtype, tuple(state[key].shape))
+            layout[key] = (plan.options.written_dtype(state[key].dtype), tuple(state[key].shape))
     return layout, weight_keys
 
 
@@ -219,6 +233,7 @@ def _stream(checked: Checked, target: File, progress: Progress | None) -> Writte
     plan = checked.fused.plan
     state = plan.source.state
     layout, weight_keys = _layout(plan)
+    check_safetensors_limits(layout)  # a header no reader would open is refused before any work
     reserve = metadata_reserve(plan.blocks, list(layout), plan.dropped)
     done: list[Written] = []
 
@@ -226,7 +241,7 @@ def _stream(checked: Checked, target: File, progress: Progress | None) -> Writte
         stream = SafetensorsStream(tmp, layout, reserve, flush=target.fsync)
         try:
             for key in plan.passthrough:  # first: the writer has them to do while the first block is fused
-                stream.put(key, state[key])
+                stream.put(key, plan.options.written(state[key]))
 
             def sink_for(block: Block) -> RowSink | None:
                 key = weight_keys.get(block.name)

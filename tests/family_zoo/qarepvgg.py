@@ -19,6 +19,7 @@ from repvgg_cli import zoo
 
 EPS = 1e-3
 INPUT_SHAPE = (2, 3, 16, 16)
+OPTIONS = {"qa_variant": "v1"}  # train_model() builds QARepVGGBlock (V1); a state dict cannot tell
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
