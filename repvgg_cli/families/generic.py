@@ -49,10 +49,10 @@ DingXiaoH/DiverseBranchBlock ``dbb_transforms.py``).
 from __future__ import annotations
 
 import dis
-import inspect
 import operator
 import types
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
@@ -133,13 +133,64 @@ class _ShallowTracer(fx.Tracer):
 
 
 def _trace(module: nn.Module, tracer: fx.Tracer) -> fx.Graph | None:
-    """The module's forward as a graph, or None when torch.fx cannot trace it."""
+    """The module's forward as a graph, or None when torch.fx cannot trace it, or when tracing
+    changed the modules (a forward that fills a cache or sets an attribute: it ran with proxies,
+    what it stored is put back as it was, and such a forward is not read as a block)."""
+    saved = [_Saved(sub) for sub in module.modules()]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return tracer.trace(module)
+            graph = tracer.trace(module)
     except Exception:  # noqa: BLE001 - whatever fx cannot trace is not a block read from a trace
-        return None
+        graph = None
+    finally:
+        changed = [state.restore() for state in saved]
+    return None if any(changed) else graph
+
+
+_CONTAINERS = (dict, OrderedDict, list, set)
+
+
+class _Saved:
+    """A module's attributes and the contents of its plain containers (parameter, buffer, module
+    and hook tables, caches), to be put back after a trace; compared by identity only."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.attributes = dict(module.__dict__)
+        self.contents = {k: _entries(v) for k, v in self.attributes.items() if type(v) in _CONTAINERS}
+
+    def restore(self) -> bool:
+        """Put everything back; whether anything had changed."""
+        current = self.module.__dict__
+        changed = set(current) != set(self.attributes)
+        for key in [k for k in current if k not in self.attributes]:
+            del current[key]
+        for key, value in self.attributes.items():
+            if current.get(key, _Saved) is not value:
+                changed = True
+                current[key] = value
+        for key, entries in self.contents.items():
+            container = self.attributes[key]
+            now = _entries(container)
+            if len(now) == len(entries) and all(a is b for a, b in zip(now, entries)):
+                continue
+            changed = True
+            container.clear()
+            if isinstance(container, list):
+                container.extend(entries)
+            elif isinstance(container, dict):
+                container.update(zip(entries[::2], entries[1::2]))
+            else:
+                container.update(entries)
+        return changed
+
+
+def _entries(container: object) -> list:
+    """A dict's keys and values in turn, or the elements of a list or set."""
+    if isinstance(container, dict):
+        return [x for item in container.items() for x in item]
+    return list(container)
 
 
 SUM_NAMES = frozenset({"add", "add_", "sub", "sub_", "sum", "iadd", "isub", "__add__", "__radd__", "__iadd__",
@@ -164,20 +215,21 @@ def _code_may_sum(code: types.CodeType, namespace: dict, owner: type, seen: set,
     if depth >= 4:
         return False
     for name in code.co_names:
-        target = inspect.getattr_static(owner, name, None)
-        if isinstance(target, (staticmethod, classmethod)):
-            target = target.__func__
-        if not isinstance(target, types.FunctionType):
-            target = namespace.get(name)
-        if isinstance(target, types.FunctionType) and _code_may_sum(target.__code__, target.__globals__, owner,
-                                                                    seen, depth + 1):
-            return True
+        # every definition along the class's MRO (``super().forward``), else the module's global
+        targets = [vars(cls)[name] for cls in owner.__mro__ if name in vars(cls)] or [namespace.get(name)]
+        for target in targets:
+            if isinstance(target, (staticmethod, classmethod)):
+                target = target.__func__
+            if isinstance(target, types.FunctionType) and _code_may_sum(target.__code__, target.__globals__, owner,
+                                                                        seen, depth + 1):
+                return True
     return False
 
 
 def _may_sum(module: nn.Module) -> bool:
-    """A cheap look at the forward's bytecode (and the methods and functions it names): False
-    only when it certainly adds or subtracts nothing (then it is not traced at all)."""
+    """A cheap look at the forward's bytecode: False only when neither it nor a method (along the
+    class's MRO) or module-level function it names adds or subtracts (then it is not traced at all).
+    A sum reached only through another object's method is missed: such a block is not claimed."""
     forward = getattr(type(module), "forward", None)
     if not isinstance(forward, types.FunctionType):
         return True
