@@ -243,6 +243,23 @@ class ChildSumPlusInput(nn.Module):
         return F.relu(self.inner(x) + x)
 
 
+class ThroughSuper(z.AcBlock):
+    """The sum is in the parent class's forward."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+class ThroughHelper(SumOnly):
+    """The sum is in a helper method the forward calls."""
+
+    def _summed(self, x):
+        return self.dense(x) + self.point(x)
+
+    def forward(self, x):
+        return torch.tanh(self._summed(x))
+
+
 class FlatPair(nn.Module):
     """Two sums in one forward, one after the other: a network of blocks, not one block."""
 
@@ -307,7 +324,8 @@ def test_not_claimed(module):
 
 @pytest.mark.parametrize("factory", [lambda: z.AcBlock(8, 8), lambda: z.ScaledBlock(8), lambda: z.SeqBlock(8),
                                      lambda: z.GroupedBlock(8, 8, groups=8), lambda: SumOnly(8),
-                                     lambda: ChildSumPlusInput(8)])
+                                     lambda: ChildSumPlusInput(8), lambda: ThroughSuper(8, 8),
+                                     lambda: ThroughHelper(8)])
 def test_claimed(factory):
     assert GENERIC.matches_module(factory().eval())
 
@@ -330,6 +348,30 @@ def test_a_block_with_a_forward_hook_is_not_claimed():
     assert GENERIC.matches_module(block)
     block.register_forward_hook(lambda module, args, out: out * 2)
     assert not GENERIC.matches_module(block)
+
+
+class CachingBlock(SumOnly):
+    """A forward that stores what it computed on the module (a cache, timm LeViT-attention style):
+    a trace would store proxies there."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.cache: dict = {}
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls = self.calls + 1
+        y = self.dense(x) + self.point(x)
+        self.cache["last"] = y
+        return y
+
+
+def test_a_forward_that_changes_its_module_is_not_claimed_and_is_put_back():
+    block = CachingBlock(8).eval()
+    before = dict(block.__dict__)
+    assert not GENERIC.matches_module(block)
+    assert block.cache == {} and block.calls == 0 and dict(block.__dict__) == before
+    assert read_block(block) is None
 
 
 def test_official_and_plain_blocks_stay_their_families_own():
