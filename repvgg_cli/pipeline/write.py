@@ -80,6 +80,10 @@ class Written:
     written: bool = False
     passthrough: int = 0
     extra_notes: tuple[str, ...] = field(default_factory=tuple)
+    source_stand_ins: "OrderedDict[str, Tensor]" = field(default_factory=OrderedDict)
+    """The source keys the report's key diff cannot read once blocks are fused (see :func:`source_stand_ins`)."""
+    digests: dict[str, str] = field(default_factory=dict)
+    """Streamed file: ``{key: sha256}`` of every tensor as the writer wrote it (the metadata's tensor digests)."""
 
     @property
     def ok(self) -> bool:
@@ -91,13 +95,28 @@ def write(checked: Checked, target: Target, progress: Progress | None = None) ->
     plan = checked.fused.plan
     if isinstance(target, File) and plan.source.model is None:
         _check_budget(plan, target)  # before anything is fused or allocated
+    stand_ins = source_stand_ins(plan)  # before any block's source tensors are freed or switched
     if isinstance(target, File) and plan.source.model is None and target.output.suffix == ".safetensors":
-        return _stream(checked, target, progress)
+        written = _stream(checked, target, progress)
+        written.source_stand_ins = stand_ins
+        return written
     written = _in_memory(checked, progress)
+    written.source_stand_ins = stand_ins
     if isinstance(target, File) and written.ok:
         _save(written, target)
         written.written = True
     return written
+
+
+def source_stand_ins(plan: Plan) -> "OrderedDict[str, Tensor]":
+    """What the report's key diff needs of the source tensors the conversion frees or replaces:
+    key tree, a data-free stand-in (shape, dtype) of every block's source tensor (every other key
+    stays in the source); module tree, the model's state dict before any block is switched (the
+    same tensors, so the keys passed through can be compared with the output's)."""
+    if plan.source.model is not None:
+        return OrderedDict((k, v.detach()) for k, v in plan.source.model.state_dict().items())
+    state = plan.source.state
+    return OrderedDict((k, as_meta(state[k])) for b in plan.blocks for k in b.source_keys if k in state)
 
 
 def _check_budget(plan: Plan, target: File) -> None:
@@ -263,7 +282,7 @@ def _stream(checked: Checked, target: File, progress: Progress | None) -> Writte
             if not written.ok:
                 raise _NotEquivalent()
             metadata = metadata_of(written, target.loaded)
-            metadata[TENSOR_DIGESTS] = stream.wait()
+            metadata[TENSOR_DIGESTS] = written.digests = stream.wait()
             stream.finish({"format": "pt", METADATA_KEY: metadata_json(metadata)})
         finally:
             stream.close()
