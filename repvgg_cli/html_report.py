@@ -35,6 +35,12 @@ svg .grid { stroke: #d0d7de; stroke-width: 1; } svg .tol { stroke: #cf222e; stro
 svg .bar-ok { fill: #2da44e; } svg .bar-fail { fill: #cf222e; }
 svg .before { fill: #afb8c1; } svg .after { fill: #0969da; }
 footer { margin-top: 3em; color: #656d76; font-size: 0.9em; }
+details.keys { margin: 2px 0; } details.keys summary { cursor: pointer; }
+ul.keys { list-style: none; margin: 0.2em 0 0.6em; padding-left: 1.5em; font-family: ui-monospace, SFMono-Regular,
+          Menlo, Consolas, monospace; font-size: 0.92em; }
+li.removed, li.dropped, li.changed { color: #cf222e; } li.added { color: #1a7f37; } li.unchanged { color: #656d76; }
+li.cast, li.unverified { color: #9a6700; } li.changed { font-weight: 600; }
+.removed-count { color: #cf222e; } .added-count { color: #1a7f37; }
 """.strip()
 
 ROW = 18
@@ -270,6 +276,77 @@ def conversion_section(document: dict, heading: str = "h2") -> str:
     if blocks:
         parts += [f"<{sub}>Relative error per block (log scale; dashed: tolerance)</{sub}>", rel_err_chart(blocks),
                   f"<{sub}>Parameters per block, before and after fusion</{sub}>", params_chart(blocks)]
+    if document.get("key_diff"):
+        parts += [f"<{heading}>Key diff, source \u2192 output</{heading}>", key_diff_section(document["key_diff"])]
+    return "\n".join(parts)
+
+
+KEY_MARKS = {"removed": "-", "added": "+", "unchanged": "=", "cast": "~", "changed": "!", "unverified": "?",
+             "dropped": "-"}
+KEY_NOTES = {"cast": " (cast)", "changed": " (CHANGED)", "unverified": " (not compared)",
+             "dropped": " (dropped: training-only)"}
+KEY_PROOFS = {
+    "bytes": "every kept key compared byte for byte with the source",
+    "sha256": "every kept key's sha256 as written compared with the source's",
+}
+
+
+def _key_item(kind: str, key: str, shape: Sequence[int], dtype: str) -> str:
+    shape_text = "[" + ",".join(str(d) for d in shape) + "]"
+    return (f'<li class="{kind}">{KEY_MARKS[kind]} <code>{_e(key)}</code> {_e(shape_text)} {_e(dtype)}'
+            f"{_e(KEY_NOTES.get(kind, ''))}</li>")
+
+
+def _key_details(summary: str, items: list[str]) -> str:
+    return f'<details class="keys"><summary>{summary}</summary>\n<ul class="keys">\n' + "\n".join(items) + \
+        "\n</ul></details>"
+
+
+def key_diff_section(diff: dict) -> str:
+    """The key diff of a conversion: the totals, then one collapsible ``<details>`` per block (every
+    key removed and added, with shape and dtype) and one for the keys outside blocks (unchanged,
+    cast, changed, not compared, dropped, added). No script: the browser folds them.
+
+    Args:
+        diff: the ``key_diff`` of a :func:`repvgg_cli.render.conversion_json` document.
+    Returns:
+        An HTML fragment.
+    """
+    t = diff.get("totals") or {}
+    counts = [f'<span class="removed-count">{t.get("removed", 0)} removed</span>',
+              f'<span class="added-count">{t.get("added", 0)} added</span>',
+              f'{t.get("unchanged", 0)} unchanged (bit-identical)']
+    counts += [f'{t["cast"]} cast'] if t.get("cast") else []
+    counts += [f'<span class="fail">{t["changed"]} CHANGED</span>'] if t.get("changed") else []
+    counts += [f'{t["unverified"]} not compared'] if t.get("unverified") else []
+    counts.append(f'{t.get("dropped", 0)} dropped')
+    proof = KEY_PROOFS.get(diff.get("proof"), diff.get("proof") or "")
+    parts = [f"<p>{', '.join(counts)}; keys {t.get('source_keys', 0):,} \u2192 {t.get('output_keys', 0):,}, "
+             f"bytes {t.get('bytes_before', 0):,} \u2192 {t.get('bytes_after', 0):,}.<br>"
+             f"Outside blocks: {_e(proof)}.</p>"]
+    if diff.get("unverified"):
+        parts.append(f"<p>Not compared: {_e(diff.get('unverified_reason') or 'no data')}.</p>")
+    for block in _natural(diff.get("blocks") or []):
+        removed, added = block.get("removed") or [], block.get("added") or []
+        summary = (f"<code>{_e(_block_name(block))}</code> ({_e(block.get('family', ''))}): "
+                   f'<span class="removed-count">{len(removed)} removed</span>, '
+                   f'<span class="added-count">{len(added)} added</span>')
+        items = [_key_item("removed", e["key"], e["shape"], e["dtype"]) for e in removed]
+        items += [_key_item("added", e["key"], e["shape"], e["dtype"]) for e in added]
+        parts.append(_key_details(summary, items))
+    outside = [
+        ("changed", [(c["key"], c["shape_b"], c["dtype_a"] if c["dtype_a"] == c["dtype_b"]
+                      else f"{c['dtype_a']} \u2192 {c['dtype_b']}") for c in diff.get("changed") or []]),
+        ("unverified", [(e["key"], e["shape"], e["dtype"]) for e in diff.get("unverified") or []]),
+        ("unchanged", [(e["key"], e["shape"], e["dtype"]) for e in diff.get("unchanged") or []]),
+        ("cast", [(c["key"], c["shape_b"], f"{c['dtype_a']} \u2192 {c['dtype_b']}") for c in diff.get("cast") or []]),
+        ("dropped", [(e["key"], e["shape"], e["dtype"]) for e in diff.get("dropped") or []]),
+        ("added", [(e["key"], e["shape"], e["dtype"]) for e in diff.get("added") or []]),
+    ]
+    outside = [(kind, rows) for kind, rows in outside if rows]
+    if outside:
+        summary = "outside blocks: " + ", ".join(f"{len(rows)} {kind}" for kind, rows in outside)
+        parts.append(_key_details(_e(summary), [_key_item(kind, *row) for kind, rows in outside for row in rows]))
     return "\n".join(parts)
 
 

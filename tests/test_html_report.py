@@ -101,7 +101,9 @@ def test_block_names_are_escaped(tmp_path: Path) -> None:
     parsed = parse(page)
     assert_self_contained(page)
     escaped = "evil&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;amp"
-    assert page.count(escaped) == 8  # table cell; per chart a label and its tooltip; three bar tooltips
+    blocks_part, _, key_diff_part = page.partition("<h2>Key diff")
+    assert blocks_part.count(escaped) == 8  # table cell; per chart a label and its tooltip; three bar tooltips
+    assert key_diff_part.count(escaped) == 1 + 17 + 2  # the block's summary, its 17 keys removed and 2 added
     assert EVIL in [t.strip() for t in parsed.text]  # and it reads back as the name
 
 

@@ -114,6 +114,10 @@ def convert(
         Optional[OutputFormat],
         typer.Option("--format", help="Batch: output format (default: each source's own).", show_default=False),
     ] = None,
+    show_diff: Annotated[
+        bool, typer.Option("--diff", help="List every key removed, added, kept and dropped, by block (the totals are "
+                                          "always shown; --report files always hold the full list).")
+    ] = False,
     as_json: JsonOption = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output (atomically).")] = False,
     fsync: Annotated[
@@ -137,6 +141,9 @@ def convert(
         raise InputError(f"--report {report}: a batch report is .json or .html")
     if report is not None and not report.parent.is_dir():
         raise InputError(f"--report {report}: the folder {report.parent} does not exist")
+    if show_diff and batch:
+        raise InputError("--diff lists the keys of one conversion",
+                         hint="a batch's key diffs are in --report FILE.json or FILE.html")
     if out_format is not None and not batch:
         raise InputError("--format is for batch conversion into a folder",
                          hint=f"for one file, the extension of {output} picks the format")
@@ -157,7 +164,14 @@ def convert(
     # Hash the source on a second core while torch is imported (a single-threaded couple of seconds).
     digest = FileDigest(source) if source.is_file() else None
     from ..api import convert_file
-    from ..render import conversion_json, conversion_markdown, conversion_table, conversion_totals, printable
+    from ..render import (
+        conversion_json,
+        conversion_markdown,
+        conversion_table,
+        conversion_totals,
+        key_diff_renderables,
+        printable,
+    )
 
     options = convert_options(option_fields)
     with Activity(quiet) as activity:
@@ -177,6 +191,8 @@ def convert(
         for line in conversion_totals(result):
             if line not in loader_notes:  # those went to stderr already
                 console.print(line, highlight=False, markup=False)
+        for renderable in key_diff_renderables(result, expanded=show_diff):
+            console.print(renderable, highlight=False)
     if report is not None:
         if report.suffix == ".html":
             from ..html_report import conversion_html
