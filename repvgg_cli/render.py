@@ -548,7 +548,10 @@ def _key_line(kind: str, name: str, detail: str) -> Text:
 def _outside_lines(document: dict) -> list[Text]:
     """What needs saying even when the diff is collapsed: changes, casts, keys not compared."""
     lines = []
-    names = lambda items: ", ".join(printable(c["key"]) for c in items[:6]) + (" …" if len(items) > 6 else "")  # noqa: E731
+
+    def names(items: list[dict]) -> str:
+        return ", ".join(printable(c["key"]) for c in items[:6]) + (" …" if len(items) > 6 else "")
+
     if document["changed"]:
         lines.append(Text(f"{len(document['changed'])} key(s) outside blocks CHANGED (not bit-identical to the "
                           f"source): {names(document['changed'])}", style="bold red"))

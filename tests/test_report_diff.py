@@ -44,7 +44,7 @@ STAGE0_LINES = [  # the sample's first block, as `--diff` shows it
 ]
 
 
-def source_state() -> "OrderedDict[str, torch.Tensor]":
+def source_state() -> OrderedDict[str, torch.Tensor]:
     return torch.load(TINY, map_location="cpu", weights_only=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 
 from torch import Tensor, nn
 
@@ -169,7 +170,7 @@ def key_report(written: Written) -> KeyReport:
     def in_source_order(items: list, key_of=lambda item: item) -> tuple:
         return tuple(sorted(items, key=lambda item: at.get(key_of(item), -1)))
 
-    by_key = lambda item: item.key  # noqa: E731
+    by_key = attrgetter("key")
     diff = replace(diff, blocks=tuple(_in_file_order(b, source, deploy) for b in diff.blocks),
                    unchanged=in_source_order(kept.unchanged), changed=in_source_order(kept.changed, by_key),
                    unverified=in_source_order(kept.unverified), dropped=in_source_order(list(diff.dropped), by_key))
