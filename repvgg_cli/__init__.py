@@ -4,8 +4,13 @@ The public API (imported lazily, so the CLI starts without importing torch)::
 
     from repvgg_cli import reparameterize, convert_state_dict, convert_file, verify_file
 
-    result = reparameterize(model)            # live model, in place; result.ok, result.blocks
+    result = reparameterize(model)            # live model -> a converted copy: result.model, result.ok
     result = convert_state_dict(state_dict)   # plain state dict -> result.state_dict
+    outcome = convert_file("train.pt", "deploy.safetensors")   # what `repvgg convert` does
+    report = verify_file("deploy.safetensors")                 # what `repvgg verify` does
+
+Errors raised through these functions name their arguments (``force=True``), not CLI flags; see
+:mod:`repvgg_cli.api`.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "reparameterize": "convert",
-    "convert_state_dict": "convert",
-    "ConvertOptions": "convert",
-    "ConversionResult": "convert",
+    "reparameterize": "api",
+    "convert_state_dict": "api",
     "convert_file": "api",
     "verify_file": "api",
+    "ConvertOptions": "api",
+    "ConversionResult": "api",
+    "ConvertOutcome": "api",
+    "VerifyReport": "verify",
     "verify_deploy": "verify",
     "verify_against": "verify",
     "Tolerance": "verify",
@@ -32,6 +39,8 @@ _API = {
     "RepvggError": "errors",
     "InputError": "errors",
     "UnsupportedError": "errors",
+    "PickleRefusedError": "errors",
+    "OutputExistsError": "errors",
     "NotEquivalentError": "errors",
 }
 

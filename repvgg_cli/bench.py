@@ -22,7 +22,6 @@ progress goes through an optional :class:`Steps` object.
 
 from __future__ import annotations
 
-import inspect
 import random
 import statistics
 import time
@@ -260,10 +259,6 @@ class BenchResult:
     @property
     def blocks(self) -> int:
         return len(self.conversion.blocks)
-
-
-_IN_PLACE = {"inplace": True} if "inplace" in inspect.signature(reparameterize).parameters else {}
-"""The benchmark fuses the model it timed (no copy), whatever ``reparameterize``'s default."""
 
 
 def check_device(device: str) -> torch.device:
@@ -523,7 +518,7 @@ def bench_model(model: nn.Module, options: BenchOptions | None = None, steps: St
             steps.step("fusing blocks in place", total=total)
             return None, lambda name: steps.advance()
 
-        conversion = reparameterize(model, convert_options, progress=fusing, **_IN_PLACE)
+        conversion = reparameterize(model, convert_options, progress=fusing, inplace=True)  # the model timed, no copy
         deploy = conversion.model
         assert deploy is not None
         deploy.eval().to(device)

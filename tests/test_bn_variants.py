@@ -128,7 +128,7 @@ def test_a_bn_whose_forward_refuses_the_device_still_fuses(monkeypatch) -> None:
     with pytest.raises(InputError, match="the train-form model cannot run on input .*expected input tensor to be on GPU"):
         reparameterize(copy.deepcopy(train))  # the whole-model check needs a forward: a clean exit 2
     deploy = copy.deepcopy(train)
-    result = reparameterize(deploy, check_model=False)  # fusion and the per-block checks read tensors only
+    result = reparameterize(deploy, check_model=False, inplace=True)  # fusion and the per-block checks read tensors only
     assert result.ok and len(result.blocks) == 3 and result.model_check is None
     monkeypatch.undo()
     with torch.no_grad():

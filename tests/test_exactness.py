@@ -512,7 +512,7 @@ def test_a_22_block_network_is_exact_in_both_trees() -> None:
 
     # module tree: reparameterize in place, the model's own forward takes the fused path
     fused_model = copy.deepcopy(train)
-    module_result = reparameterize(fused_model, ConvertOptions(input_shape=(2, 3, 64, 64)))
+    module_result = reparameterize(fused_model, ConvertOptions(input_shape=(2, 3, 64, 64)), inplace=True)
     assert module_result.ok and len(module_result.blocks) == 22
     assert not any(hasattr(m, "rbr_dense") for m in fused_model.modules())
     module32 = rel_error(want32, eval_output(fused_model, x))
