@@ -249,9 +249,15 @@ def _summary(document: dict) -> str:
         items.append(("other keys", f"{totals.get('passthrough_keys', 0)} passed through unchanged"))
     eps = document.get("bn_eps")
     if eps is not None:
-        sources = ", ".join(eps.get("sources") or ()) or "unknown"
-        items.append(("BatchNorm eps", _e(f"{_eps(eps.get('values'))} (from {sources})" if eps.get("values")
+        from .render import eps_origin
+
+        items.append(("BatchNorm eps", _e(f"{_eps(eps.get('values'))} ({eps_origin(eps)})" if eps.get("values")
                                           else "none (no block has a BN)")))
+        if eps.get("sensitive"):
+            worst = max(s["rel_change_with_1e-3"] or 0.0 for s in eps["sensitive"])
+            items.append(("eps not decided", _e(f"with eps 1e-3 {len(eps['sensitive'])} block(s) compute differently "
+                                                f"beyond the tolerance (up to {worst:.1e} relative); if the model was "
+                                                "trained with another eps, pass --bn-eps")))
     tolerance = document.get("tolerance")
     if tolerance is not None:
         used = ", ".join(f"{v:g}" for v in tolerance.get("rtol_used") or ()) or "none"

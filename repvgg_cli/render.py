@@ -255,7 +255,9 @@ def eps_summary(result: "ConversionResult") -> dict[str, Any]:
     values = sorted({e for r in result.blocks for e in _block_eps(r)})
     sources = sorted({r.block.eps_note for r in result.blocks if _block_eps(r)})
     option = getattr(result.options, "bn_eps", None)
-    return {"values": values, "sources": sources, "option": option}
+    kinds = sorted({getattr(r.block, "eps_source", "module") for r in result.blocks if _block_eps(r)})
+    sensitive = [{"block": name, "rel_change_with_1e-3": _num(rel)} for name, rel in result.eps_sensitive]
+    return {"values": values, "sources": sources, "source": kinds, "option": option, "sensitive": sensitive}
 
 
 def tolerance_summary(result: "ConversionResult") -> dict[str, Any]:
@@ -271,8 +273,16 @@ def tolerance_summary(result: "ConversionResult") -> dict[str, Any]:
 def _eps_text(eps: dict[str, Any]) -> str:
     if not eps["values"]:
         return "BatchNorm eps: none (no block has a BN)"
-    return (f"BatchNorm eps: {', '.join(f'{v:g}' for v in eps['values'])} "
-            f"(from {', '.join(eps['sources']) or UNKNOWN})")
+    return f"BatchNorm eps: {', '.join(f'{v:g}' for v in eps['values'])} ({eps_origin(eps)})"
+
+
+def eps_origin(eps: dict[str, Any]) -> str:
+    """``from <where>; source: <module|flag|family|default>``, default saying nothing decided it."""
+    kinds = eps.get("source") or []
+    kind = ", ".join(kinds) or UNKNOWN
+    if kinds == ["default"]:
+        kind += ", nothing decided it"
+    return f"from {', '.join(eps['sources']) or UNKNOWN}; source: {kind}"
 
 
 def _tolerance_text(tol: dict[str, Any]) -> str:
@@ -292,7 +302,7 @@ def conversion_json(result: "ConversionResult", source: str | None = None, outpu
             "in_channels": f.in_channels, "out_channels": f.out_channels, "kernel": list(f.kernel_size),
             "groups": f.groups if r.block.branches.groups_known else None,
             "stride": list(f.stride) if r.block.branches.geometry_known else None, "dtype": str(f.weight.dtype).replace("torch.", ""),
-            "bn_eps": _block_eps(r), "eps_from": r.block.eps_note,
+            "bn_eps": _block_eps(r), "eps_from": r.block.eps_note, "eps_source": getattr(r.block, "eps_source", "module"),
             "params_before": r.params_before, "params_after": r.params_after,
             "max_abs_err": _num(r.check.max_abs_err), "rel_err": _num(r.check.rel_err),
             "cast_abs_err": _num(r.check.cast_abs_err), "rtol": r.check.rtol, "atol": r.check.atol, "ok": r.check.ok,

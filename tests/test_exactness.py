@@ -407,8 +407,14 @@ def measured_cast_errors(state: dict[str, Tensor], deploy: dict[str, Tensor], se
         with torch.no_grad():
             shipped.weight.copy_(weight.double())
             shipped.bias.copy_(bias.double())
-        gen = torch.Generator().manual_seed(checks.block_seed(seed, name))
-        x = torch.randn(1, shipped.in_channels, 3, 3, generator=gen, dtype=F64)
+        probe_seed = checks.block_seed(seed, name)
+        x = torch.randn(1, shipped.in_channels, 3, 3, generator=torch.Generator().manual_seed(probe_seed), dtype=F64)
+        if block.rbr_identity is not None:  # a second sample drawn from the identity BN's statistics
+            z = torch.randn(1, shipped.in_channels, 3, 3, generator=torch.Generator().manual_seed(probe_seed + 1),
+                            dtype=F64)
+            mean = block.rbr_identity.running_mean.reshape(1, -1, 1, 1)
+            std = block.rbr_identity.running_var.sqrt().reshape(1, -1, 1, 1)
+            x = torch.cat([x, mean + std * z])
         with torch.no_grad():
             train = block.rbr_dense(x) + block.rbr_1x1(x)
             if block.rbr_identity is not None:

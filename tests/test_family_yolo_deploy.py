@@ -100,7 +100,7 @@ def test_yolov6_key_tree_strict_loads_into_the_full_upstream_deploy_model(tmp_pa
     source, output = tmp_path / "train.pt", tmp_path / "deploy.pt"
     torch.save(train.state_dict(), source)
     stdout = convert(source, output, *qa_flags(variant))
-    assert "yolov6_convmodule" in stdout and "0.001 (from yolov6 default)" in stdout
+    assert "yolov6_convmodule" in stdout and "BatchNorm eps: 0.001 (from yolov6 default; source: family)" in stdout
     state = tensors_only(torch.load(output, map_location="cpu", weights_only=True))
     assert not any(".block.bn." in k or "rbr_dense" in k or "rbr_1x1" in k or "rbr_identity" in k for k in state)
 

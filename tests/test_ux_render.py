@@ -209,15 +209,15 @@ def test_markdown_report_says_unknown_groups_and_carries_eps_and_tolerance(tmp_p
     assert rows["stage2.1"][5].strip() == "1"
     assert rows["stage0"][6].strip() == "1e-05 (family default)"
     assert rows["stage0"][10].strip() == "1e-05"  # rtol of the block's check
-    assert "- BatchNorm eps: 1e-05 (from family default)" in text
+    assert "- BatchNorm eps: 1e-05 (from family default; source: default, nothing decided it)" in text
     assert "- tolerance: rtol 1e-05 (by the dtype written), atol 0" in text
 
 
-@pytest.mark.parametrize("args, eps, source, rtol, rtol_from", [
-    ([], 1e-5, "family default", 1e-5, "by dtype"),
-    (["--bn-eps", "0.001", "--rtol", "0.0001", "--atol", "1e-9"], 1e-3, "--bn-eps", 1e-4, "--rtol"),
+@pytest.mark.parametrize("args, eps, source, kind, rtol, rtol_from", [
+    ([], 1e-5, "family default", "default, nothing decided it", 1e-5, "by dtype"),
+    (["--bn-eps", "0.001", "--rtol", "0.0001", "--atol", "1e-9"], 1e-3, "--bn-eps", "flag", 1e-4, "--rtol"),
 ])
-def test_eps_and_tolerance_are_in_every_report_format(tmp_path: Path, args, eps, source, rtol, rtol_from) -> None:
+def test_eps_and_tolerance_are_in_every_report_format(tmp_path: Path, args, eps, source, kind, rtol, rtol_from) -> None:
     reports = {ext: tmp_path / f"r.{ext}" for ext in ("json", "md", "html")}
     for ext, report in reports.items():
         result = invoke("convert", TINY_TRAIN, tmp_path / f"d_{ext}.safetensors", "--report", report, *args)
@@ -230,10 +230,12 @@ def test_eps_and_tolerance_are_in_every_report_format(tmp_path: Path, args, eps,
     assert document["tolerance"]["atol"] == atol
     asked = "by the dtype written" if not args else f"--rtol {rtol:g}"
     line = f"tolerance: rtol {rtol:g} ({asked}), atol {atol:g}"
-    assert f"BatchNorm eps: {eps:g} (from {source})" in reports["md"].read_text()
+    assert f"BatchNorm eps: {eps:g} (from {source}; source: {kind})" in reports["md"].read_text()
+    assert document["bn_eps"]["source"] == [kind.split(",")[0]]
+    assert all(b["eps_source"] == kind.split(",")[0] for b in document["blocks"])
     assert line in reports["md"].read_text()
     html = reports["html"].read_text()
-    assert f"<dt>BatchNorm eps</dt><dd>{eps:g} (from {source})</dd>" in html
+    assert f"<dt>BatchNorm eps</dt><dd>{eps:g} (from {source}; source: {kind})</dd>" in html
     assert f"<dt>tolerance</dt><dd>{line.removeprefix('tolerance: ')}</dd>" in html
     assert f"<td>{eps:g} ({source})</td>" in html
 

@@ -49,15 +49,31 @@ def block_probe(in_channels: int, kernel_size: tuple[int, int], dilation: tuple[
 
 
 def branches_probe(branches: Branches, seed: int) -> Tensor:
-    """:func:`block_probe` for a train-form block (its input channels, kernel and padding)."""
-    return block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation, seed,
-                       padding=branches.resolved_padding, padding_mode=branches.padding_mode)
+    """:func:`block_probe` for a train-form block (its input channels, kernel and padding).
+
+    A block with an identity BN gets a second sample: that BN's running statistics are the
+    block's own input statistics, so the second sample is drawn from them (per channel mean and
+    standard deviation), and the error reported is the error on data like the model's own, not
+    only on unit-scale noise. The first sample is exactly :func:`block_probe`'s (what a deploy
+    file records and ``verify`` re-runs)."""
+    def probe(of_seed: int) -> Tensor:
+        return block_probe(branches.resolved_in_channels, branches.kernel_size, branches.dilation, of_seed,
+                           padding=branches.resolved_padding, padding_mode=branches.padding_mode)
+
+    x = probe(seed)
+    bn = branches.identity.bn if branches.identity is not None else None
+    if bn is None or int(x.shape[1]) != bn.num_features:
+        return x
+    mean = as_float64_vector(bn.running_mean, None).reshape(1, -1, 1, 1)
+    std = as_float64_vector(bn.running_var, None).clamp_min(0).sqrt().reshape(1, -1, 1, 1)
+    return torch.cat([x, mean + std * probe((seed + 1) % (2**63))])
 
 
 def reference_probe(branches: Branches, seed: int) -> Tensor:
-    """The train-form output at the centre pixel for the block's seeded probe: ``(batch, C_out)``."""
+    """The train-form output at the centre pixel for the block's seeded probe (the first sample,
+    the one a deploy file records): ``(1, C_out)``."""
     stride1 = replace(branches, stride=(1, 1))
-    return reference_forward(stride1, branches_probe(branches, seed), centre=True)[:, :, 0, 0]
+    return reference_forward(stride1, branches_probe(branches, seed)[:1], centre=True)[:, :, 0, 0]
 
 
 def fused_probe(fused: FusedConv, seed: int) -> Tensor:
@@ -130,6 +146,19 @@ class CentreProbe:
         self._fused[:, start:stop] = self._products(-1, start, rows)
         self._covered[-1] += stop - start
 
+    def reference_for(self, branches: Branches) -> Tensor:
+        """The train-form output at the centre pixel, from the centre products taken during fusion;
+        ``branches`` is the block's own description, or the same with other BN parameters (the
+        conv products do not depend on them), e.g. another eps."""
+        b = self.branches
+        if any(c != b.out_channels for c in self._covered):
+            raise RuntimeError(f"fusion showed {self._covered} rows of {b.out_channels} to the check's probe")
+        conv_outputs = []
+        for conv, y in zip(branches.convs, self._conv):
+            bias = as_float64_vector(conv.bias, None)
+            conv_outputs.append((y if bias is None else y + bias)[:, :, None, None])
+        return reference_forward(replace(branches, stride=(1, 1)), self.x, centre=True, conv_outputs=conv_outputs)
+
     def outputs(self, shipped: FusedConv) -> tuple[Tensor, Tensor]:
         """``(reference, shipped output)`` at the centre pixel, ``(batch, C_out, 1, 1)`` each.
 
@@ -137,13 +166,7 @@ class CentreProbe:
             InputError: a weight read or shipped holds NaN/Inf (see :func:`raise_non_finite`).
         """
         b = self.branches
-        if any(c != b.out_channels for c in self._covered):
-            raise RuntimeError(f"fusion showed {self._covered} rows of {b.out_channels} to the check's probe")
-        conv_outputs = []
-        for conv, y in zip(b.convs, self._conv):
-            bias = as_float64_vector(conv.bias, None)
-            conv_outputs.append((y if bias is None else y + bias)[:, :, None, None])
-        reference = reference_forward(replace(b, stride=(1, 1)), self.x, centre=True, conv_outputs=conv_outputs)
+        reference = self.reference_for(b)
         geometry = (shipped.kernel_size, shipped.padding, shipped.dilation, shipped.groups, shipped.padding_mode)
         if geometry == (b.kernel_size, b.resolved_padding, b.dilation, b.resolved_groups, b.padding_mode):
             output = (self._fused + as_float64_vector(shipped.bias, None))[:, :, None, None]
@@ -223,7 +246,7 @@ def check_block(
         rtol=tolerance.rtol_for(shipped.weight.dtype),
         atol=tolerance.atol,
         cast_abs_err=cast_err,
-        reference=reference[:, :, 0, 0],
+        reference=reference[:1, :, 0, 0],
     )
 
 
@@ -244,5 +267,36 @@ def check_expression(name: str, branches: Branches, fused64: FusedConv | None, s
     h, w = int(reference.shape[2]) // 2, int(reference.shape[3]) // 2
     return BlockCheck(
         name=name, max_abs_err=err, scale=scale, rtol=tolerance.rtol_for(shipped.weight.dtype),
-        atol=tolerance.atol, cast_abs_err=cast_err, reference=reference[:, :, h, w],
+        atol=tolerance.atol, cast_abs_err=cast_err, reference=reference[:1, :, h, w],
     )
+
+
+def with_eps(branches: Branches, eps: float) -> Branches:
+    """The same block with every BatchNorm's eps set to ``eps``."""
+    def bn(value):
+        return None if value is None else replace(value, eps=eps)
+
+    convs = tuple(replace(c, bn=bn(c.bn)) for c in branches.convs)
+    identity = None if branches.identity is None else replace(branches.identity, bn=bn(branches.identity.bn))
+    return replace(branches, convs=convs, identity=identity, post_bn=bn(branches.post_bn))
+
+
+def has_batch_norm(branches: Branches) -> bool:
+    return (any(c.bn is not None for c in branches.convs) or branches.post_bn is not None
+            or (branches.identity is not None and branches.identity.bn is not None))
+
+
+def eps_sensitivity(name: str, branches: Branches, seed: int, probe: CentreProbe | None = None,
+                    other_eps: float = 1e-3) -> float:
+    """How far the block's train-form output at its probe moves when every BN's eps is
+    ``other_eps`` instead of the one used (relative to the output's largest value): what an eps
+    nobody decided can change. Taken from the probe's centre products when there is one."""
+    other = with_eps(branches, other_eps)
+    if probe is not None:
+        first, second = probe.reference_for(branches), probe.reference_for(other)
+    else:
+        x = branches_probe(branches, block_seed(seed, name))
+        first = reference_forward(replace(branches, stride=(1, 1)), x, centre=True)
+        second = reference_forward(replace(other, stride=(1, 1)), x, centre=True)
+    err, scale = compare(first, second)
+    return err / scale if scale > 0 else err

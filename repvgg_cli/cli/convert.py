@@ -202,13 +202,34 @@ def convert(
             text = json.dumps(document, indent=2) + "\n" if report.suffix == ".json" else conversion_markdown(
                 result, str(source), str(output))
         write_text(report, text, force=force)
+    _warn_undecided_eps(result)
     wrote_lines(([output] if outcome.written else []) + ([report] if report is not None else []), as_json)
     if not result.ok:
         failed = [r.block.name or "<root>" for r in result.failures]
         detail = f"block(s) {first_names(failed)} exceed the tolerance" if failed else "the whole-model check failed"
         stderr_console().print(f"Error: not equivalent: {detail}; nothing was written",
                         markup=False, highlight=False)
+        low = sorted({str(r.fused.weight.dtype).removeprefix("torch.") for r in result.failures
+                      if str(r.fused.weight.dtype) in ("torch.float16", "torch.bfloat16")})
+        if low:
+            stderr_console().print(f"Hint: the fused weights were rounded to {'/'.join(low)}; --dtype float32 writes "
+                                   "them in float32 (fusion is exact in float64)", markup=False, highlight=False)
         raise typer.Exit(1)
+
+
+def _warn_undecided_eps(result: Any) -> None:
+    """A state dict stores no BN eps: where nothing decided it and 1e-3 would change blocks, say so."""
+    sensitive = result.eps_sensitive
+    if not sensitive:
+        return
+    undecided = sum(1 for r in result.blocks if r.eps_sensitivity is not None)
+    shown = ", ".join(f"{name or '<root>'} (rel {rel:.1e})" for name, rel in sensitive[:4])
+    more = f" and {len(sensitive) - 4} more" if len(sensitive) > 4 else ""
+    stderr_console().print(
+        f"Warning: BN eps is not stored in a state dict and nothing in this one says which project wrote it, so "
+        f"PyTorch's default 1e-5 was used for {undecided} block(s); with 1e-3 (the YOLO families') "
+        f"{len(sensitive)} of them compute differently beyond the tolerance: {shown}{more}. If the model was "
+        "trained with another eps, pass --bn-eps.", markup=False, highlight=False)
 
 def _convert_batch(sources: list[Path], output: Path, options: Any, *, jobs: int | None, out_format: str | None,
                    allow_pickle: bool, entry: str | None, model_spec: str | None, force: bool,

@@ -90,6 +90,9 @@ class Block:
     eps_note: str = "module"
     notes: tuple[str, ...] = ()
     weight_shape: tuple[int, ...] | None = None
+    eps_source: str = "module"
+    """Where BN eps came from: ``module`` (read from each BN), ``flag`` (``--bn-eps``), ``family``
+    (the family's or the recognised architecture's own), ``default`` (PyTorch's 1e-5, nothing decided)."""
     """The deploy weight's shape when it is not the conv's (a linear layer's 2-D weight)."""
 
     @property
@@ -161,6 +164,9 @@ class Family:
     :attr:`parts` (useful with ``parts = ("",)``)."""
     encloses: ClassVar[tuple[str, ...]] = ()
     """Families whose blocks may sit inside this family's blocks and are fused as part of them."""
+    eps_known: ClassVar[bool] = True
+    """The key layout implies the project, so its eps (:attr:`default_eps`) is known; False for
+    layouts many projects share (the official RepVGG block is also YOLOv6's, whose eps differs)."""
     only_in: ClassVar[tuple[str, ...]] = ()
     """Architectures this family is switched on in (empty: everywhere), see :mod:`.architectures`."""
 
@@ -195,6 +201,14 @@ class Family:
             [""] if self.deploy_anchor in keys else []
         )
 
+    def eps_source(self, options: FamilyOptions) -> str:
+        """``flag``, ``family`` or ``default``: what decided the key tree's eps (see :attr:`eps_known`)."""
+        if options.bn_eps is not None:
+            return "flag"
+        if options.architecture is not None and options.architecture.eps is not None:
+            return "family"
+        return "family" if self.eps_known else "default"
+
     def eps(self, options: FamilyOptions) -> tuple[float, str]:
         """The BN eps for the key tree and where it came from: the flag, else the architecture
         recognised from the whole key layout, else the family's own default."""
@@ -207,6 +221,7 @@ class Family:
     def parse_keys(self, view: KeyView, options: FamilyOptions) -> Block | None:
         """The block at ``view.prefix``, or None when the keys there are not this family's."""
         view.eps, view.eps_note = self.eps(options)
+        view.eps_source = self.eps_source(options)
         view.options = options
         value = self.expression(view)
         if value is None:
@@ -292,6 +307,7 @@ class Family:
             deploy_prefix=deploy_prefix,
             dtype=dtype,
             eps_note=eps_note,
+            eps_source=getattr(view, "eps_source", "default"),
             notes=notes,
         )
 

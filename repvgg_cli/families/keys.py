@@ -42,6 +42,7 @@ class KeyView:
     read: set[str] = field(default_factory=set)
     eps: float = 1e-5
     eps_note: str = "family default"
+    eps_source: str = "default"
     options: object = None
     notes: list[str] = field(default_factory=list)
     dtype: torch.dtype = torch.float32

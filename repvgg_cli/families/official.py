@@ -34,6 +34,7 @@ class OfficialRepVGG(Family):
     deploy_flags = {"deploy": True}
     train_keys = "rbr_dense.{conv,bn}, rbr_1x1.{conv,bn}, [rbr_identity (BN)]"
     deploy_keys = "rbr_reparam.{weight,bias}"
+    eps_known = False  # a layout many projects share (YOLOv6 builds it with eps 1e-3)
     after_sum = "se, then nonlinearity (RepVGGplus: nonlinearity, then post_se) - kept"
 
     def expression(self, v) -> Map | None:

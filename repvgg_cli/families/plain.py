@@ -23,6 +23,7 @@ class PlainBlock(Family):
     deploy = ""
     train_keys = "conv3x3, bn3x3, conv1x1, bn1x1, [identity (BN)]"
     deploy_keys = "<block>.weight, <block>.bias (the block becomes a Conv2d)"
+    eps_known = False  # a tutorial layout: the project, and so its eps, is unknown
     after_sum = "nothing"
 
     def expression(self, v) -> Map | None:

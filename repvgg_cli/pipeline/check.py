@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks.model import compare_outputs, infer_input_shape, model_outputs
-from ..checks.probe import check_block
+from ..checks.probe import check_block, eps_sensitivity, has_batch_norm
 from ..checks.tolerance import BlockCheck, ModelCheck
 from ..errors import InputError, RepvggError
 from ..families import Block
@@ -34,6 +34,9 @@ class BlockResult:
     reference: Tensor
     params_before: int
     params_after: int
+    eps_sensitivity: float | None = None
+    """When no one decided the block's BN eps (PyTorch's default 1e-5 was used): how far its output
+    moves with eps 1e-3 (the YOLO families'), relative; None when eps was decided or there is no BN."""
 
 
 @dataclass
@@ -69,7 +72,11 @@ class Checked:
             except RepvggError as error:
                 raise in_block(error, block.name) from None
             params_after = int(shipped.weight.numel() + shipped.bias.numel())
-            yield item, BlockResult(block, shipped, check, check.reference, item.params_before, params_after)
+            sensitivity = None
+            if block.eps_source == "default" and not block.branches.composite and has_batch_norm(block.branches):
+                sensitivity = eps_sensitivity(block.name, block.branches, options.seed, item.probe)
+            yield item, BlockResult(block, shipped, check, check.reference, item.params_before, params_after,
+                                    sensitivity)
         if probe is not None:
             self.model_check = self._compare_models(self.fused.model, probe, options)
 

@@ -32,6 +32,7 @@ def block_record(result: BlockResult, seed: int) -> dict:
         "dtype": str(fused.weight.dtype).replace("torch.", ""),
         "eps": sorted({bn.eps for bn in block_bns(block)}),
         "eps_from": block.eps_note,
+        "eps_source": block.eps_source,
         "params_before": result.params_before,
         "params_after": result.params_after,
         "max_abs_err": check.max_abs_err,

@@ -106,6 +106,13 @@ class ConversionResult:
         return not self.failures and (self.model_check is None or self.model_check.ok)
 
     @property
+    def eps_sensitive(self) -> tuple[tuple[str, float], ...]:
+        """Blocks whose BN eps nobody decided (1e-5, PyTorch's default, was used) and whose output
+        moves beyond their tolerance with 1e-3: ``(name, relative change)``."""
+        return tuple((r.block.name, r.eps_sensitivity) for r in self.blocks
+                     if r.eps_sensitivity is not None and r.eps_sensitivity > r.check.rtol)
+
+    @property
     def params_before(self) -> int:
         return sum(r.params_before for r in self.blocks)
 
