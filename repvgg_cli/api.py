@@ -19,6 +19,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -29,12 +30,12 @@ from torch import Tensor, nn
 from .checks.model import compare_outputs, copy_model, infer_input_shape, leave_a_core, model_outputs
 from .checks.tolerance import ModelCheck, Tolerance
 from .errors import InputError, RepvggError
-from .families import FamilyOptions
 from .io.digest import FileDigest
 from .io.metadata import metadata_problem
 from .io.read import LoadedCheckpoint, load_checkpoint
 from .io.write import check_output_path
 from .pipeline import ConversionResult, ConvertOptions, run
+from .pipeline.find import find as find_plan
 from .pipeline.read import Source, read_file, read_model, read_state
 from .pipeline.write import File, Memory, Progress, Target
 from .verify import VerifyReport, verify_against, verify_deploy
@@ -342,9 +343,15 @@ def verify_file(
     allow_pickle: bool = False,
     entry: str | None = None,
     input_shape: tuple[int, ...] | None = None,
+    options: ConvertOptions | None = None,
 ) -> VerifyReport:
     """Re-check a deploy file on its own (from the probes it records) or against its train-form
     source: ``repvgg verify DEPLOY [--against TRAIN]``.
+
+    Against a source, nothing that could change the answer is taken from the file under test:
+    the source's blocks are found and fused with ``options`` (and ``bn_eps``, ``tolerance``), as
+    convert would with the same options; what the file records about its own conversion only
+    appears in a note when it differs.
 
     Args:
         deploy: the deploy checkpoint.
@@ -353,8 +360,11 @@ def verify_file(
         bn_eps: eps for the source's blocks (default: what convert recorded, else the family's).
         tolerance: rtol/atol (default: by the dtype stored).
         allow_pickle: permit full unpickling (trusted files only).
-        entry: the container entry holding the weights.
+        entry: the container entry holding the weights: of ``deploy`` on its own, of ``against``
+            when there is one.
         input_shape: the whole-model probe when both files hold pickled models.
+        options: against a source: what its blocks need that a state dict does not store (eps,
+            QARepVGG variant, ``--passthrough`` globs, ``dtype`` written, ...), as for convert.
     Returns:
         A :class:`VerifyReport`: ``ok``, ``failures``, ``problems``.
     Raises:
@@ -372,7 +382,7 @@ def verify_file(
     """
     _checked_eps(bn_eps)
     tolerance = tolerance or Tolerance()
-    loaded = load_checkpoint(deploy, allow_pickle=allow_pickle, entry=entry)
+    loaded = load_checkpoint(deploy, allow_pickle=allow_pickle, entry=None if against is not None else entry)
     metadata = loaded.metadata
     if against is None:
         if metadata is None or "blocks" not in metadata:
@@ -389,28 +399,42 @@ def verify_file(
         with errors_name(Path(deploy)):
             report = verify_deploy(loaded.state_dict, metadata, tolerance)
         return replace(report, notes=loaded.notes)
-    source = load_checkpoint(against, allow_pickle=allow_pickle, entry=None)
-    recorded_entry = ((metadata or {}).get("source") or {}).get("entry")
-    if recorded_entry and source.entry not in (None, recorded_entry) and recorded_entry in source.container_keys:
-        # convert was told --entry; the default pick (EMA first) would compare other weights
-        source = load_checkpoint(against, allow_pickle=allow_pickle, entry=recorded_entry)
-    recorded = (metadata or {}).get("options") or {}
-    family_options = FamilyOptions(
-        bn_eps=bn_eps if bn_eps is not None else recorded.get("bn_eps"),
-        fold_post_bn=bool(recorded.get("fold_post_bn", False)),
-        no_identity=tuple(recorded.get("no_identity", ())),
-        avg_branch=tuple(recorded.get("avg_branch", ())),
-    )
-    dropped = tuple((metadata or {}).get("dropped_keys", ()))
+    options = replace(options or ConvertOptions(), tolerance=tolerance)
+    if bn_eps is not None:
+        options = replace(options, bn_eps=bn_eps)
+    source = load_checkpoint(against, allow_pickle=allow_pickle, entry=entry)
     train_state = source.state_dict
     if source.model is not None and loaded.model is not None:
         train_state = source.model.state_dict()
     with errors_name(Path(against)):  # the blocks checked are the source's
-        report = verify_against(loaded.state_dict, train_state, family_options, tolerance, dropped=dropped)
+        plan = find_plan(Source(state=OrderedDict(train_state), loaded=source), options)
+        report = verify_against(loaded.state_dict, plan)
     model_check = None
     if source.model is not None and loaded.model is not None:
         model_check = _compare_models(source.model, loaded.model, input_shape, tolerance)
-    return replace(report, against=str(against), model_check=model_check, notes=loaded.notes)
+    notes = loaded.notes + _recorded_differs(metadata, options, source)
+    return replace(report, against=str(against), model_check=model_check, notes=notes)
+
+
+def _recorded_differs(metadata: dict | None, options: ConvertOptions, source: LoadedCheckpoint) -> tuple[str, ...]:
+    """What the file says about its own conversion where it differs from what this check used
+    (taken from the command line, never from the file): a hint for a failure, nothing more."""
+    recorded = (metadata or {}).get("options") or {}
+    if not isinstance(recorded, dict):
+        return ()
+    said = {"bn_eps": options.bn_eps, "fold_post_bn": options.fold_post_bn, "qa_variant": options.qa_variant,
+            "no_identity": list(options.no_identity), "avg_branch": list(options.avg_branch), "dtype": options.dtype}
+    flags = {"bn_eps": "--bn-eps", "fold_post_bn": "--fold-post-bn", "qa_variant": "--qa-variant",
+             "no_identity": "--no-identity", "avg_branch": "--avg-branch", "dtype": "--dtype"}
+    differ = [f"{flags[k]} {recorded[k]}" for k in said if k in recorded and recorded[k] != said[k]
+              and not (k == "dtype" and recorded[k] is None)]
+    entry = ((metadata or {}).get("source") or {}).get("entry")
+    if isinstance(entry, str) and entry != source.entry:
+        differ.append(f"--entry {entry}")
+    if not differ:
+        return ()
+    return (f"the file says it was converted with {', '.join(differ)}; this check took its options from the command "
+            "line (nothing from the file under test): pass them if you trust the file's word",)
 
 
 def _compare_models(train: nn.Module, deploy: nn.Module, input_shape: tuple[int, ...] | None,

@@ -70,8 +70,11 @@ def _fused_from_file(state, record: dict) -> tuple[FusedConv | None, str | None]
     weight, bias = state[names["weight"]], state[names["bias"]]
     groups = int(record["groups"] or 1)  # unknown groups: convert checked with 1 (the kernel does not depend on them)
     expected_w = (record["out_channels"], record["in_per_group"], *record["kernel"])
-    if tuple(weight.shape) != tuple(expected_w):
-        return None, f"{names['weight']} has shape {tuple(weight.shape)}, convert wrote {tuple(expected_w)}"
+    stored = record.get("weight_shape")  # a linear layer's (out, in): the 1x1 conv it is
+    if tuple(weight.shape) != tuple(stored or expected_w):
+        return None, f"{names['weight']} has shape {tuple(weight.shape)}, convert wrote {tuple(stored or expected_w)}"
+    if stored:
+        weight = weight.reshape(expected_w)
     if tuple(bias.shape) != (record["out_channels"],):
         return None, f"{names['bias']} has shape {tuple(bias.shape)}, convert wrote ({record['out_channels']},)"
     if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
@@ -148,23 +151,30 @@ def verify_deploy(state, metadata: dict, tolerance: Tolerance | None = None) -> 
     return VerifyReport(blocks=tuple(checks), problems=tuple(problems))
 
 
-def verify_against(deploy_state, train_state, family_options=None,
-                   tolerance: Tolerance | None = None, dropped: tuple[str, ...] = (), seed: int = 0) -> VerifyReport:
+def verify_against(deploy_state, plan, seed: int = 0) -> VerifyReport:
     """Re-check a deploy state dict against the train-form source it came from.
 
-    Every block of the source is recomputed from its train-form tensors and compared with the
-    fused conv stored in the deploy file; every other source key must be present and identical.
+    Nothing is taken from the file under test that could change the answer: the blocks, their
+    eps, the training-only keys dropped and the dtype written are what the plan says (the
+    source's keys read by the families with the options given, exactly as for convert); every
+    block is fused again from its train-form tensors and compared with the conv stored in the
+    file; every other source key must be there, equal to the source (cast as ``--dtype`` says).
+
+    Args:
+        deploy_state: the deploy file's state dict.
+        plan: the find stage's plan of the train-form source (:func:`repvgg_cli.pipeline.find.find`).
+        seed: seeds the probes.
     """
     from .errors import RepvggError
-    from .families import FamilyOptions, find_blocks
     from .fusion import fuse_branches
 
-    tolerance = tolerance or Tolerance()
-    blocks = find_blocks(train_state, family_options or FamilyOptions())
+    options = plan.options
+    tolerance = options.tolerance
+    state = plan.source.state
     problems: list[str] = []
     checks: list[BlockCheck] = []
     accounted: set[str] = set()
-    for block in blocks:
+    for block in plan.blocks:
         half = block.dtype not in (torch.float32, torch.float64)
         try:  # fused as convert fuses (float64 kept only for half precision, to measure the cast)
             fused = fuse_branches(block.branches, dtype=FLOAT64 if half else block.dtype)
@@ -175,24 +185,32 @@ def verify_against(deploy_state, train_state, family_options=None,
             "deploy_prefix": block.deploy_prefix, "groups": fused.groups, "out_channels": fused.out_channels,
             "in_per_group": int(fused.weight.shape[1]), "kernel": list(fused.kernel_size), "stride": list(fused.stride),
             "padding": list(fused.padding), "dilation": list(fused.dilation), "padding_mode": fused.padding_mode,
+            "weight_shape": list(block.weight_shape) if block.weight_shape is not None else None,
         }
         accounted.update(block.deploy_state(fused))
         shipped, problem = _fused_from_file(deploy_state, record)
         if shipped is None:
-            checks.append(BlockCheck(block.name, float("inf"), 0.0, tolerance.rtol_for(torch.float32),
+            checks.append(BlockCheck(block.name, float("inf"), 0.0, tolerance.rtol_for(block.dtype),
                                      tolerance.atol, problem=problem))
             continue
+        if shipped.weight.dtype != block.dtype:
+            checks.append(BlockCheck(block.name, float("inf"), 0.0, tolerance.rtol_for(block.dtype), tolerance.atol,
+                                     problem=f"{block.deploy_prefix} is {str(shipped.weight.dtype).removeprefix('torch.')}"
+                                             f", the source's blocks are written as "
+                                             f"{str(block.dtype).removeprefix('torch.')} (see --dtype)"))
+            continue
         checks.append(check_block(block.name, block.branches, fused if half else None, shipped, seed, tolerance))
-    consumed = {k for b in blocks for k in b.source_keys} | set(dropped)
-    for key, value in train_state.items():
+    consumed = {k for b in plan.blocks for k in b.source_keys} | set(plan.dropped)
+    for key, value in state.items():
         if key in consumed:
             continue
         accounted.add(key)
+        written = options.written(value) if isinstance(value, Tensor) else value
         if key not in deploy_state:
             problems.append(f"key {key} of the source is missing")
-        elif not (isinstance(value, Tensor) and isinstance(deploy_state[key], Tensor)
-                  and value.shape == deploy_state[key].shape and value.dtype == deploy_state[key].dtype
-                  and torch.equal(value, deploy_state[key])):
+        elif not (isinstance(written, Tensor) and isinstance(deploy_state[key], Tensor)
+                  and written.shape == deploy_state[key].shape and written.dtype == deploy_state[key].dtype
+                  and torch.equal(written, deploy_state[key])):
             problems.append(f"key {key} differs from the source")
     extra = [k for k in deploy_state if k not in accounted]
     if extra:

@@ -407,7 +407,7 @@ def test_deploy_pt_from_a_container_verifies(tmp_path: Path) -> None:
     assert invoke("verify", output, "--against", TINY).exit_code == 0
 
 
-def test_verify_against_uses_the_entry_convert_was_told(tmp_path: Path) -> None:
+def test_verify_against_takes_the_entry_from_the_command_line_not_from_the_file(tmp_path: Path) -> None:
     weights = torch.load(PLAIN, weights_only=True)
     ema = OrderedDict((k, v + 0.5 if v.is_floating_point() else v.clone()) for k, v in weights.items())
     source = tmp_path / "ema.pt"
@@ -415,9 +415,13 @@ def test_verify_against_uses_the_entry_convert_was_told(tmp_path: Path) -> None:
     for entry in (["--entry", "model"], []):
         output = tmp_path / f"deploy{len(entry)}.safetensors"
         assert invoke("convert", source, output, *entry).exit_code == 0
-        result = invoke("verify", output, "--against", source)
+        result = invoke("verify", output, "--against", source, *entry)  # --entry picks the source's weights
         assert result.exit_code == 0, result.stderr
-    # and the check is real: the plain weights' deploy file does not match the EMA weights
+    # the file's word is not taken: without --entry the source's EMA weights are compared, and fail,
+    # with a note naming what the file says it was converted with
+    result = invoke("verify", tmp_path / "deploy2.safetensors", "--against", source)
+    assert result.exit_code == 1 and "the file says it was converted with --entry model" in result.stdout
+    # and a file that says another entry cannot make a check pass
     tensors, metadata = read_safetensors(tmp_path / "deploy2.safetensors")
     record = json.loads(metadata[METADATA_KEY])
     record["source"]["entry"] = "model_ema"

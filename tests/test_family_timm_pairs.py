@@ -266,9 +266,6 @@ def test_conv_norm_without_running_statistics_is_refused(tmp_path):
         f"Error: {source}: block stem.conv1: BatchNorm stem.conv1.bn has no running statistics (track_running_stats=False?)")
 
 
-@pytest.mark.xfail(strict=True, reason="verify.py checks every recorded block as a 4-D conv: the metadata "
-                   "(pipeline/metadata.py block_record) does not record Block.weight_shape, so a Linear's "
-                   "2-D deploy weight is reported as 'has shape (out, in), convert wrote (out, in, 1, 1)'")
 def test_standalone_verify_rechecks_linear_deploy_weights(tmp_path):
     source, target = tmp_path / "train.pt", tmp_path / "deploy.safetensors"
     torch.save(timm_levit.train_model().state_dict(), source)

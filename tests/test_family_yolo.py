@@ -321,7 +321,7 @@ def test_qarepvgg_v2_avg_branch():
     # A state dict cannot show the avg pool: not told which, the key tree refuses to guess
     with pytest.raises(InputError) as refused:
         convert_state_dict(state)
-    assert refused.value.exit_code == 2 and "--qa-variant v1 or --qa-variant v2" in refused.value.hint
+    assert refused.value.exit_code == 2 and "qa_variant='v1' or qa_variant='v2'" in refused.value.hint  # API words
     assert "blocks.1 (qarepvgg): a QARepVGGBlock (v1) and a QARepVGGBlockV2" in refused.value.message
     # told v1, it is v1: the V2 model's outputs differ (the user's word decides)
     deploy.load_state_dict(convert_state_dict(state, V1).state_dict, strict=True)

@@ -37,12 +37,13 @@ def test_unknown_parallel_branches_are_refused_not_passed_through(tmp_path):
     assert refused.value.exit_code == 2
     assert "1 group(s) of keys look like re-parameterization branches that no family claims: features.2 " \
            "(parallel conv+BN branches convk (3x3), convp (1x1))" in refused.value.message
-    assert "--passthrough 'features.2*'" in refused.value.hint
+    assert "passthrough=('features.2*',)" in refused.value.hint  # the library's words; the CLI's below
     torch.save(state, tmp_path / "odd.pt")
     runner = CliRunner()
     converted = runner.invoke(app, ["convert", str(tmp_path / "odd.pt"), str(tmp_path / "out.pt")])
     assert converted.exit_code == 2 and not (tmp_path / "out.pt").exists()
     assert "features.2 (parallel conv+BN branches" in converted.stderr
+    assert "--passthrough 'features.2*'" in converted.stderr
     # said to stay: the other blocks are fused, these keys pass through as they are
     allowed = runner.invoke(app, ["convert", str(tmp_path / "odd.pt"), str(tmp_path / "out.pt"), "--json",
                                   "--passthrough", "features.2*"])

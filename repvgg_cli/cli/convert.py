@@ -16,8 +16,13 @@ from ..io.digest import FileDigest
 from .app import app, handle_errors, print_json, stderr_console, stdout_console
 from .options import (
     AtolOption,
+    AvgBranchOption,
     DtypeChoice,
-    QaVariant,
+    DtypeOption,
+    FoldPostBnOption,
+    NoIdentityOption,
+    PassthroughOption,
+    QaVariantOption,
     DebugOption,
     EntryOption,
     EpsOption,
@@ -70,34 +75,15 @@ def convert(
     input_shape: Annotated[
         Optional[str], typer.Option("--input-shape", help="Whole-model probe N,C,H,W (module tree). Default: from the first conv, 64x64.")
     ] = None,
-    fold_post_bn: Annotated[
-        bool, typer.Option("--fold-post-bn", help="Fold a post-sum BN (QARepVGG) into the conv where nothing nonlinear sits between.")
-    ] = False,
-    no_identity: Annotated[
-        Optional[list[str]],
-        typer.Option("--no-identity", help="Glob of block names without a hidden (parameter-free) identity branch; repeatable."),
-    ] = None,
-    avg_branch: Annotated[
-        Optional[list[str]],
-        typer.Option("--avg-branch", help="Glob of block names with a hidden avg-pool branch (QARepVGGBlockV2); repeatable."),
-    ] = None,
+    fold_post_bn: FoldPostBnOption = False,
+    no_identity: NoIdentityOption = None,
+    avg_branch: AvgBranchOption = None,
     fuse_conv_bn: Annotated[
         bool, typer.Option("--fuse-conv-bn", help="Module tree: also fold the remaining conv→BN pairs that run in sequence.")
     ] = False,
-    qa_variant: Annotated[
-        Optional[QaVariant],
-        typer.Option("--qa-variant", help="QARepVGG blocks of a state dict are QARepVGGBlock (v1) or QARepVGGBlockV2 "
-                                          "(v2, a hidden avg-pool branch): the weights cannot tell.", show_default=False),
-    ] = None,
-    passthrough: Annotated[
-        Optional[list[str]],
-        typer.Option("--passthrough", help="Glob of keys or block names that look like branches but are meant to stay "
-                                           "unfused (else refused); repeatable."),
-    ] = None,
-    dtype: Annotated[
-        DtypeChoice, typer.Option("--dtype", help="dtype of every floating tensor written: keep (the source's), "
-                                                  "float32, float16 or bfloat16. Fusion is float64 either way.")
-    ] = DtypeChoice.keep,
+    qa_variant: QaVariantOption = None,
+    passthrough: PassthroughOption = None,
+    dtype: DtypeOption = DtypeChoice.keep,
     max_output_bytes: Annotated[
         Optional[int],
         typer.Option("--max-output-bytes", min=1, help="Refuse, before any work, an output larger than this "

@@ -195,3 +195,34 @@ class DtypeChoice(str, Enum):
     float32 = "float32"
     float16 = "float16"
     bfloat16 = "bfloat16"
+
+
+# What a state dict does not store and the user decides (convert and verify --against alike).
+FoldPostBnOption = Annotated[
+    bool, typer.Option("--fold-post-bn", help="Fold a post-sum BN (QARepVGG) into the conv where nothing nonlinear "
+                                              "sits between.")
+]
+NoIdentityOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--no-identity", help="Glob of block names without a hidden (parameter-free) identity branch; "
+                                       "repeatable."),
+]
+AvgBranchOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--avg-branch", help="Glob of block names with a hidden avg-pool branch (QARepVGGBlockV2); "
+                                      "repeatable."),
+]
+QaVariantOption = Annotated[
+    Optional[QaVariant],
+    typer.Option("--qa-variant", help="QARepVGG blocks of a state dict are QARepVGGBlock (v1) or QARepVGGBlockV2 "
+                                      "(v2, a hidden avg-pool branch): the weights cannot tell.", show_default=False),
+]
+PassthroughOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--passthrough", help="Glob of keys or block names that look like branches but are meant to stay "
+                                       "unfused (else refused); repeatable."),
+]
+DtypeOption = Annotated[
+    DtypeChoice, typer.Option("--dtype", help="dtype of every floating tensor written: keep (the source's), "
+                                              "float32, float16 or bfloat16. Fusion is float64 either way.")
+]

@@ -11,7 +11,14 @@ from .app import app, handle_errors, print_json, stderr_console, stdout_console
 from .options import (
     Activity,
     AtolOption,
+    AvgBranchOption,
     DebugOption,
+    DtypeChoice,
+    DtypeOption,
+    FoldPostBnOption,
+    NoIdentityOption,
+    PassthroughOption,
+    QaVariantOption,
     EntryOption,
     EpsOption,
     JsonOption,
@@ -33,19 +40,35 @@ def verify(
     entry: EntryOption = None,
     allow_pickle: PickleOption = False,
     input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Whole-model probe N,C,H,W (pickled models).")] = None,
+    fold_post_bn: FoldPostBnOption = False,
+    no_identity: NoIdentityOption = None,
+    avg_branch: AvgBranchOption = None,
+    qa_variant: QaVariantOption = None,
+    passthrough: PassthroughOption = None,
+    dtype: DtypeOption = DtypeChoice.keep,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Re-check a deploy artifact: structure, integrity and numerical equivalence."""
+    """Re-check a deploy artifact: structure, integrity and numerical equivalence.
+
+    On its own, from what convert recorded in it. With --against, from the train-form source,
+    with the options given here (as for convert), nothing taken from the file under test.
+    """
     from ..api import verify_file
+    from ..pipeline.options import ConvertOptions
     from ..render import printable, verify_json, verify_table
     from ..verify import Tolerance
 
     with Activity(quiet) as activity:
         activity.step(f"verifying {deploy}" + (f" against {against}" if against else "") + " (reading, checking)")
+        options = ConvertOptions(fold_post_bn=fold_post_bn, no_identity=tuple(no_identity or ()),
+                                 avg_branch=tuple(avg_branch or ()),
+                                 qa_variant=qa_variant.value if qa_variant is not None else None,
+                                 passthrough=tuple(passthrough or ()), dtype=dtype.value)
         report = verify_file(deploy, against=against, bn_eps=bn_eps, tolerance=Tolerance(rtol=rtol, atol=atol),
-                             allow_pickle=allow_pickle, entry=entry, input_shape=parse_shape(input_shape))
+                             allow_pickle=allow_pickle, entry=entry, input_shape=parse_shape(input_shape),
+                             options=options)
     if as_json:
         print_json(verify_json(report, str(deploy), str(against) if against else None))
     else:

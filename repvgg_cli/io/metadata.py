@@ -159,7 +159,35 @@ _RECORD_FIELDS: tuple[tuple[str, bool, Callable[[Any], bool], str], ...] = (
     ("padding_mode", False, lambda v: v in PADDING_MODES, f"one of {', '.join(PADDING_MODES)}"),
     ("branches", False, _is_str_list, "a list of strings"),
     ("rel_err", False, lambda v: v is None or _is_number(v), "a number"),
+    ("weight_shape", False, lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(d, 1) for d in v),
+     "two positive integers (a linear layer's out, in)"),
 )
+
+MAX_KERNEL_EXTENT = 4096
+"""Largest ``dilation * (kernel - 1) + 1`` a record may claim (RepLKNet's 31x31 is far below)."""
+MAX_PROBE_BYTES = 1 << 30
+"""Largest probe input (float64) verify allocates for one block: a header claiming more is refused
+before anything is allocated (a claimed dilation of 8000 once made verify take 18 GB)."""
+
+
+def _geometry_problem(record: Mapping, where: str) -> str | None:
+    """The recorded geometry against sane ranges and what a probe of it would allocate."""
+    kernel, dilation, padding = record.get("kernel"), record.get("dilation"), record.get("padding")
+    if not (_is_pair(kernel, 1) and _is_pair(dilation, 1) and _is_pair(padding, 0)):
+        return None  # reported by the field checks
+    extents = [dilation[d] * (kernel[d] - 1) + 1 for d in range(2)]
+    if max(extents) > MAX_KERNEL_EXTENT:
+        return f"kernel {kernel} with dilation {dilation} spans {max(extents)} pixels, over {MAX_KERNEL_EXTENT}{where}"
+    if any(padding[d] > extents[d] for d in range(2)):
+        return f"padding {padding} is wider than the kernel's extent {extents}{where}"
+    stride = record.get("stride")
+    if _is_pair(stride, 1) and max(stride) > MAX_KERNEL_EXTENT:
+        return f"stride {stride} is over {MAX_KERNEL_EXTENT}{where}"
+    in_channels = record.get("in_per_group", 1) * (record.get("groups") or 1)
+    side = [max(extents[d], padding[d] + 1) for d in range(2)]
+    if isinstance(in_channels, int) and 16 * in_channels * side[0] * side[1] > MAX_PROBE_BYTES:
+        return f"a probe of {in_channels} channels of {side[0]}x{side[1]} would take over 1 GiB{where}"
+    return None
 
 
 def _block_record_problem(record: Any, complete: bool) -> str | None:
@@ -177,6 +205,9 @@ def _block_record_problem(record: Any, complete: bool) -> str | None:
     groups = record.get("groups") or 1
     if out is not None and out % groups:
         return f"groups {groups} does not divide out_channels {out}{where}"
+    geometry = _geometry_problem(record, where)
+    if geometry is not None:
+        return geometry
     if "probe" not in record or out is None:
         return f"out_channels is missing{where}" if "probe" in record else None
     probe = record["probe"]

@@ -38,6 +38,7 @@ def block_record(result: BlockResult, seed: int) -> dict:
         "max_abs_err": check.max_abs_err,
         "rel_err": check.rel_err,
         "cast_abs_err": check.cast_abs_err,
+        **({"weight_shape": list(block.weight_shape)} if block.weight_shape is not None else {}),
         "probe": {
             "seed": block_seed(seed, block.name),
             "shape": list(result.reference.shape),
