@@ -280,6 +280,7 @@ def convert_file(
     force: bool = False,
     progress: Progress | None = None,
     source_digest: FileDigest | None = None,
+    dry_run: bool = False,
 ) -> ConvertOutcome:
     """Load ``source``, fuse and check every block, and write ``output`` only if every check passes:
     ``repvgg convert SOURCE OUTPUT``.
@@ -296,8 +297,9 @@ def convert_file(
         force: replace an existing output (atomically).
         progress: optional progress-bar factory ``total -> (context, advance(name))``.
         source_digest: the source's sha256 already being computed (see :class:`FileDigest`).
+        dry_run: read, find, fuse and check, and write nothing (``output`` is not even checked).
     Returns:
-        A :class:`ConvertOutcome`; ``written`` is False when a check failed.
+        A :class:`ConvertOutcome`; ``written`` is False when a check failed (or ``dry_run``).
     Raises:
         OutputExistsError: ``output`` exists and ``force`` is False; PickleRefusedError: the file
         needs ``allow_pickle=True``; InputError, UnsupportedError: as the CLI's exit codes 2 and 3.
@@ -316,10 +318,12 @@ def convert_file(
     """
     source, output = Path(source), Path(output)
     options = _checked_options(options)
-    check_output_path(output, [source], force)
+    if not dry_run:
+        check_output_path(output, [source], force)
     src = read_file(source, allow_pickle=allow_pickle, entry=entry, model_spec=model_spec, digest=source_digest)
+    target = Memory() if dry_run else File(output, src.loaded, fsync=options.fsync)
     with errors_name(source):
-        result = _run(src, options, File(output, src.loaded, fsync=options.fsync), progress)
+        result = _run(src, options, target, progress)
     return ConvertOutcome(result, src.loaded, written=result.written)
 
 

@@ -84,6 +84,9 @@ def convert(
     qa_variant: QaVariantOption = None,
     passthrough: PassthroughOption = None,
     dtype: DtypeOption = DtypeChoice.keep,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Read, find, fuse and check; print the report; write nothing.")
+    ] = False,
     max_output_bytes: Annotated[
         Optional[int],
         typer.Option("--max-output-bytes", min=1, help="Refuse, before any work, an output larger than this "
@@ -139,6 +142,9 @@ def convert(
                          fuse_conv_bn=fuse_conv_bn, fsync=fsync,
                          qa_variant=qa_variant.value if qa_variant is not None else None,
                          passthrough=tuple(passthrough or ()), dtype=dtype.value, max_output_bytes=max_output_bytes)
+    if dry_run and (batch or report is not None):
+        raise InputError("--dry-run writes nothing: it is for one source, without --report",
+                         hint="drop --dry-run to convert a batch or write a report")
     if batch:  # plain values: with worker processes, torch is imported only in them
         _convert_batch(sources, output, option_fields, jobs=jobs, out_format=out_format.value if out_format else None,
                        allow_pickle=allow_pickle, entry=entry, model_spec=model, force=force, report=report,
@@ -163,7 +169,7 @@ def convert(
     with Activity(quiet) as activity:
         reading(activity, source)
         outcome = convert_file(source, output, options, allow_pickle=allow_pickle, entry=entry, model_spec=model,
-                               force=force, progress=activity.blocks, source_digest=digest)
+                               force=force, progress=activity.blocks, source_digest=digest, dry_run=dry_run)
     result = outcome.result
     loader_notes = [printable(note) for note in outcome.loaded.notes]
     for note in loader_notes:
@@ -189,6 +195,9 @@ def convert(
                 result, str(source), str(output))
         write_text(report, text, force=force)
     _warn_undecided_eps(result)
+    if dry_run:
+        stderr_console().print(f"--dry-run: nothing was written ({output} would have been)", markup=False,
+                               highlight=False)
     wrote_lines(([output] if outcome.written else []) + ([report] if report is not None else []), as_json)
     if not result.ok:
         failed = [r.block.name or "<root>" for r in result.failures]
