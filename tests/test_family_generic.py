@@ -25,8 +25,9 @@ from torch import nn
 
 from repvgg_cli import zoo
 from repvgg_cli.api import reparameterize
-from repvgg_cli.families import FAMILIES
-from repvgg_cli.families.generic import GenericBlock, GenericDeploy, read_block
+from repvgg_cli.families import FAMILIES, family_by_name
+from repvgg_cli.families.generic.deploy import GenericDeploy
+from repvgg_cli.families.generic.read import read_block
 from repvgg_cli.pipeline.find import find_module_blocks
 from repvgg_cli.pipeline.options import ConvertOptions
 from tests.family_zoo import generic as z
@@ -34,7 +35,7 @@ from tests.family_zoo.seeded import train_form
 from tests.helpers import invoke
 
 SHAPE = "2,3,16,16"
-GENERIC = GenericBlock()
+GENERIC = family_by_name("generic")
 
 
 def rel(reference: torch.Tensor, candidate: torch.Tensor) -> float:

@@ -41,9 +41,9 @@ from .timm_c_bn import TimmCBn
 from .timm_iformer import TimmIformerRepCPE
 from .timm_repvit import TimmRepVggDw, TimmRepVitClassifier
 from .timm_shvit import TimmShvitNormLinear, TimmShvitResidual
-from .generic import GenericBlock  # registered last: only what no family claims
+from .generic.family import GenericBlock  # registered last: only what no family claims
 
-FAMILIES: tuple[Family, ...] = (
+_DECLARED: tuple[Family, ...] = (
     # A family whose blocks enclose another family's (see Family.encloses) comes first.
     PlainBlock(),
     OfficialRepVGG(),
@@ -94,7 +94,11 @@ FAMILIES: tuple[Family, ...] = (
     TimmShvitNormLinear(),
     TimmIformerRepCPE(),
     TimmCBn(),
-    GenericBlock(),  # last: a traced block no family above claims (module tree only)
+)
+
+FAMILIES: tuple[Family, ...] = (
+    *_DECLARED,
+    GenericBlock(others=_DECLARED),  # last: a traced block no family above claims (module tree only)
 )
 
 

@@ -4,7 +4,7 @@ Written only for these tests (issue 12, "Generic fusion"): the issue's own block
 conv1x3+BN, conv3x1+BN, avgpool+BN, identity BN, summed, then ReLU), a block with layer scales and
 an SE after the sum, a 1x1->3x3 sequence, depthwise and grouped blocks; in one small network with
 several channel counts and strides. ``deploy_model`` is the project's deploy form of that network:
-every block a :class:`~repvgg_cli.families.generic.GenericDeploy` whose conv has the geometry each
+every block a :class:`~repvgg_cli.families.generic.deploy.GenericDeploy` whose conv has the geometry each
 block declares (``deploy_conv``) and whose ``post`` is the block's traced remainder.
 """
 
@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repvgg_cli.families.generic import GenericDeploy, post_module, read_block
+from repvgg_cli.families.generic.deploy import GenericDeploy, post_module
+from repvgg_cli.families.generic.read import read_block
 from tests.family_zoo.seeded import train_form
 
 EPS = 1e-5
