@@ -147,7 +147,7 @@ def plan_batch(sources: Sequence[Path], output_dir: Path, fmt: str | None = None
 
 
 def convert_options(fields: Any = None):
-    """A :class:`repvgg_cli.convert.ConvertOptions` from itself or from its fields as plain values.
+    """A :class:`repvgg_cli.api.ConvertOptions` from itself or from its fields as plain values.
 
     Args:
         fields: None (the defaults), a ``ConvertOptions``, or a mapping of its fields with
@@ -156,7 +156,7 @@ def convert_options(fields: Any = None):
     Returns:
         The options.
     """
-    from .convert import ConvertOptions
+    from .pipeline.options import ConvertOptions
     from .verify import Tolerance
 
     if fields is None or isinstance(fields, ConvertOptions):

@@ -1,7 +1,7 @@
 """Latency of a model's train-form forward pass against its fused deploy form, side by side.
 
 The model is timed as it comes (train form, eval mode), then switched to its deploy form **in
-place** by :func:`repvgg_cli.convert.reparameterize` (which also runs the whole-model check),
+place** by :func:`repvgg_cli.api.reparameterize` (which also runs the whole-model check),
 then timed again on the same input. The benchmark itself never copies the model; the
 whole-model check casts a temporary float64 copy of it, one at a time, and drops it.
 
@@ -35,13 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from .io.read import LoadedCheckpoint, load_checkpoint
-from .convert import (
-    ConversionResult,
-    ConvertOptions,
-    build_model,
-    find_module_blocks,
-    reparameterize,
-)
+from .api import ConversionResult, ConvertOptions, reparameterize
+from .pipeline.find import find_module_blocks
+from .pipeline.read import build_model
 from .errors import InputError
 from .verify import Tolerance, compare_outputs, flatten_outputs, infer_input_shape
 

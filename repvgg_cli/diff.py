@@ -5,7 +5,7 @@ Three questions, three functions, each returning dataclasses (nothing here print
 * :func:`diff_states` — two state dicts key by key: keys only in A, only in B, and for keys in
   both their shapes, dtypes, bit identity and max abs / max rel difference.
 * :func:`diff_files` — two checkpoint files. When one is a train form and the other a deploy
-  form of the same model, the train side is fused with :func:`repvgg_cli.convert.convert_state_dict`
+  form of the same model, the train side is fused with :func:`repvgg_cli.api.convert_state_dict`
   and each fused block is compared with the other file's tensors under the same deploy names
   (so a deploy file written by a project's own ``switch_to_deploy()`` — e.g. RepVGG's
   ``repvgg_model_convert`` in DingXiaoH/RepVGG ``repvgg.py``, or timm's
@@ -301,7 +301,7 @@ class BlockAgreement:
 
 def _default_rtol(*tensors: Tensor) -> float:
     """The tool's default rtol for the least precise of ``tensors`` (fp32 1e-5, fp16 4e-3, …)."""
-    from .convert import ConvertOptions
+    from .pipeline.options import ConvertOptions
 
     tolerance = ConvertOptions().tolerance
     return max(tolerance.rtol_for(t.dtype) for t in tensors)
@@ -407,7 +407,7 @@ def _fused_against(train: Mapping[str, Tensor], deploy: Mapping[str, Tensor], bn
     """Fuse ``train`` if it is the train form of what ``deploy`` holds: at least one of its blocks
     has every deploy key in ``deploy`` and none of its train keys there. Returns the conversion
     (None: not this way round) and a note on why not, when that is worth saying."""
-    from .convert import ConvertOptions, convert_state_dict
+    from .api import ConvertOptions, convert_state_dict
 
     try:
         result = convert_state_dict(train, ConvertOptions(bn_eps=bn_eps))

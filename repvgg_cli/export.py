@@ -40,14 +40,9 @@ from . import __version__
 from .bench import model_dtype
 from .io.read import LoadedCheckpoint, load_checkpoint
 from .io.write import atomic_write
-from .convert import (
-    ConversionResult,
-    ConvertOptions,
-    build_model,
-    find_module_blocks,
-    load_factory,
-    reparameterize,
-)
+from .api import ConversionResult, ConvertOptions, reparameterize
+from .pipeline.find import find_module_blocks
+from .pipeline.read import build_model, load_factory
 from .errors import InputError, OutputExistsError, UnsupportedError
 from .verify import Tolerance, compare, flatten_outputs, infer_input_shape
 

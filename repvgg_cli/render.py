@@ -26,7 +26,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 if TYPE_CHECKING:  # the core imports torch; keep `repvgg --help` fast
-    from .convert import ConversionResult
+    from .pipeline.report import ConversionResult
     from .inspection import CheckpointSummary
     from .verify import BlockCheck, ModelCheck, VerifyReport
 

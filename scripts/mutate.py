@@ -79,11 +79,11 @@ TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "io/atomic": (("repvgg_cli/io/atomic.py",), IO_WRITE_TESTS),
     "io/limits": (("repvgg_cli/io/limits.py",), ("tests/test_io_limits.py", *IO_WRITE_TESTS)),
     "io/safetensors_file": (("repvgg_cli/io/safetensors_file.py",), IO_WRITE_TESTS),
-    "pipeline": (("repvgg_cli/pipeline/*.py", "repvgg_cli/convert.py", "repvgg_cli/api.py"), PIPELINE_TESTS),
+    "pipeline": (("repvgg_cli/pipeline/*.py", "repvgg_cli/api.py"), PIPELINE_TESTS),
 }
 
 CORE = ("repvgg_cli/fusion.py", "repvgg_cli/algebra.py", "repvgg_cli/verify.py", "repvgg_cli/checks/*.py",
-        "repvgg_cli/io/*.py", "repvgg_cli/pipeline/*.py", "repvgg_cli/convert.py", "repvgg_cli/api.py")
+        "repvgg_cli/io/*.py", "repvgg_cli/pipeline/*.py", "repvgg_cli/api.py")
 """Every file the mutation score is about (``__init__.py`` files excepted)."""
 
 SNAPSHOT = ("repvgg_cli", "tests", "sample_checkpoints", "scripts", "README.md")

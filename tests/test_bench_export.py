@@ -18,7 +18,7 @@ import torch
 
 from repvgg_cli import zoo
 from repvgg_cli.cli import app
-from repvgg_cli.convert import reparameterize
+from repvgg_cli.api import reparameterize
 from tests.helpers import RUNNER, invoke
 from tests.helpers import error_lines as errors
 

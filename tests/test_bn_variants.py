@@ -26,7 +26,7 @@ from timm.models.byobnet import RepVggBlock
 from torch import Tensor, nn
 
 from repvgg_cli import zoo
-from repvgg_cli.convert import ConvertOptions, convert_state_dict, reparameterize
+from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.errors import InputError, UnsupportedError
 from tests.helpers import error_lines, invoke
 

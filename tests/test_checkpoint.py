@@ -23,8 +23,8 @@ from torch import nn
 
 from repvgg_cli import zoo
 from repvgg_cli.io import metadata as io_metadata, safetensors_file, write as io_write
-from repvgg_cli.api import convert_file
-from repvgg_cli.convert import build_metadata, convert_state_dict
+from repvgg_cli.api import convert_file, convert_state_dict
+from repvgg_cli.pipeline.metadata import build_metadata
 from repvgg_cli.io.digest import FileDigest
 from repvgg_cli.io.containers import strip_prefixes
 from repvgg_cli.io.digest import sha256_file
@@ -825,7 +825,10 @@ def test_streamed_convert_writes_what_the_in_memory_path_writes(tmp_path: Path, 
     loaded = load_checkpoint(TINY_TRAIN)
     result = convert_state_dict(loaded.state_dict)
     in_memory = tmp_path / "in_memory.safetensors"
-    metadata = build_metadata(result, TINY_TRAIN.name, loaded.sha256, loaded.entry, loaded.stripped_prefixes)
+    metadata = build_metadata(mode=result.mode, options=result.options, blocks=result.blocks,
+                              dropped=result.dropped_keys, model_check=result.model_check,
+                              source_name=TINY_TRAIN.name, source_sha256=loaded.sha256, entry=loaded.entry,
+                              stripped=loaded.stripped_prefixes)
     save_state_dict(in_memory, result.state_dict, {**metadata, io_metadata.TENSOR_DIGESTS: tensor_digests(result.state_dict)})
     a, b = load_checkpoint(streamed), load_checkpoint(in_memory)
     assert_same_state(a.state_dict, b.state_dict)
@@ -868,7 +871,7 @@ def test_zip_checkpoints_are_memory_mapped_private_and_never_written(tmp_path: P
 def test_streamed_convert_gives_its_core_back(tmp_path: Path, monkeypatch) -> None:
     """Streaming runs torch on one thread fewer (the writer needs a core) and restores the count,
     after a failed check too."""
-    from repvgg_cli.convert import ConvertOptions
+    from repvgg_cli.api import ConvertOptions
     from repvgg_cli.pipeline import fuse
     from repvgg_cli.verify import Tolerance
 

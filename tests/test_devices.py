@@ -25,7 +25,7 @@ from torch import nn
 
 from repvgg_cli import zoo
 from repvgg_cli.io.metadata import METADATA_KEY
-from repvgg_cli.convert import ConvertOptions, convert_state_dict, reparameterize
+from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
 from tests.helpers import invoke, SAMPLES
 
 

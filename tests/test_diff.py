@@ -22,7 +22,7 @@ from timm.models.byobnet import MobileOneBlock, RepVggBlock
 from torch import nn
 
 from repvgg_cli import zoo
-from repvgg_cli.convert import convert_state_dict
+from repvgg_cli.api import convert_state_dict
 from repvgg_cli.diff import (
     brace_keys,
     compare_tensors,

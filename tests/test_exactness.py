@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from repvgg_cli import checks, zoo
-from repvgg_cli.convert import ConvertOptions, convert_state_dict, reparameterize
+from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.errors import UnsupportedError
 from repvgg_cli.fusion import (
     BatchNorm,

@@ -18,7 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from repvgg_cli.convert import convert_state_dict, find_module_blocks
+from repvgg_cli.api import convert_state_dict
+from repvgg_cli.pipeline.find import find_module_blocks
 from repvgg_cli.errors import UnsupportedError
 from repvgg_cli.families import FamilyOptions, family_by_name, find_blocks
 from tests.family_roundtrip import (

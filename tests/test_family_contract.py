@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from repvgg_cli.convert import ConvertOptions, convert_state_dict, reparameterize
+from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.families import FAMILIES
 
 NAMES = [f.name for f in FAMILIES]

@@ -22,12 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from repvgg_cli import algebra, semantics
-from repvgg_cli.convert import (
-    ConvertOptions,
-    convert_state_dict,
-    find_module_blocks,
-    reparameterize,
-)
+from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
+from repvgg_cli.pipeline.find import find_module_blocks
 from repvgg_cli.errors import InputError, UnsupportedError
 from repvgg_cli.families import FamilyOptions, family_by_name, find_blocks
 from tests.family_zoo import dbb as dbb_zoo

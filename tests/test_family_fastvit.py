@@ -28,7 +28,8 @@ from typer.testing import CliRunner
 
 from repvgg_cli import zoo
 from repvgg_cli.cli import app
-from repvgg_cli.convert import ConvertOptions, convert_state_dict, find_module_blocks, reparameterize
+from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
+from repvgg_cli.pipeline.find import find_module_blocks
 from repvgg_cli.errors import InputError, UnsupportedError
 from repvgg_cli.families import find_blocks
 

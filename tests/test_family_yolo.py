@@ -21,7 +21,7 @@ from tests.helpers import invoke
 
 from repvgg_cli import zoo
 from repvgg_cli.cli import app
-from repvgg_cli.convert import ConvertOptions, convert_state_dict, reparameterize
+from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.errors import InputError, UnsupportedError
 from repvgg_cli.families import FamilyOptions, family_by_name, find_blocks
 from tests.family_zoo import official as official_zoo

@@ -2,7 +2,7 @@
 
 Each test was checked by making the change by hand in a scratch copy and running it there: it
 fails under the change and passes on the real code. The tests go through public behaviour only
-(``load_checkpoint``, ``SafetensorsStream``, ``repvgg_cli.api``, ``repvgg_cli.convert``, the CLI),
+(``load_checkpoint``, ``SafetensorsStream``, ``repvgg_cli.api``, the CLI),
 so they outlive the reorganisation of the modules the changes were made in.
 
 Row by row, the change and the test that fails under it:
@@ -42,8 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from repvgg_cli import zoo
-from repvgg_cli.api import convert_file, verify_file
-from repvgg_cli.convert import convert_state_dict, reparameterize
+from repvgg_cli.api import convert_file, convert_state_dict, reparameterize, verify_file
 from repvgg_cli.errors import InputError, PickleRefusedError
 from repvgg_cli.io.read import load_checkpoint
 from repvgg_cli.io.safetensors_file import SafetensorsStream

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from repvgg_cli import zoo
 from repvgg_cli.cli import app
-from repvgg_cli.convert import ConvertOptions, convert_state_dict, reparameterize
+from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.errors import InputError
 from repvgg_cli.families import unrecognised_blocks
 

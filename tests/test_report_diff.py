@@ -21,8 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from repvgg_cli import zoo
-from repvgg_cli.api import convert_state_dict, reparameterize
-from repvgg_cli.convert import ConvertOptions
+from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.io.safetensors_file import SafetensorsStream
 from repvgg_cli.pipeline import write as write_stage
 from tests.helpers import SAMPLES, invoke

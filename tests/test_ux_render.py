@@ -15,10 +15,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from repvgg_cli import render
-from repvgg_cli.convert import ConvertOptions, convert_state_dict
 from repvgg_cli.render import conversion_table, human_size, natural_key, printable, shorten_middle, shorten_start
-from repvgg_cli.verify import Tolerance
 from tests.helpers import SAMPLES, cli_runner, error_lines, invoke
 
 PLAIN = SAMPLES / "plain_net.pt"

@@ -19,7 +19,7 @@ import torch
 from repvgg_cli import bench as bench_module
 from repvgg_cli import zoo
 from repvgg_cli.bench import Speedup, Timing, speedup_of
-from repvgg_cli.convert import reparameterize
+from repvgg_cli.api import reparameterize
 from tests.helpers import ROOT, error_lines, invoke
 
 SMALL = ["--input-shape", "1,3,32,32", "--warmup", "1", "--repeat", "5", "--threads", "1"]
