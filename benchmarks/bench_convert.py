@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.zoo: the clone's reference RepVGG
+
 MEASURE = r"""
 import resource, subprocess, sys, time
 start = time.perf_counter()
@@ -55,7 +57,7 @@ def measure(command: list[str]) -> tuple[float, float]:
 def make_checkpoint(name: str, folder: Path) -> tuple[Path, int]:
     import torch
 
-    from repvgg_cli import zoo
+    from tests import zoo
 
     torch.manual_seed(0)
     model = zoo.randomize_bn(zoo.repvgg(name), seed=0)

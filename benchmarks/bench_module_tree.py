@@ -34,7 +34,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))  # tests.zoo, the reference RepVGG (the clone's tests package)
 from bench_convert import measure, repvgg_command  # noqa: E402
 
 API_MODELS = ("repvgg_a0", "mobileone_s0", "fastvit_t8")
@@ -69,7 +71,7 @@ def ratios(numerator: list[float], denominator: list[float]) -> dict:
 def cli_rows(repeat: int) -> list[dict]:
     import torch
 
-    from repvgg_cli import zoo
+    from tests import zoo
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="repvgg-bench-tree-") as tmp:
@@ -80,6 +82,8 @@ def cli_rows(repeat: int) -> list[dict]:
         torch.save(model.state_dict(), state_path)
         torch.save(model, model_path)
         del model
+        # the pickled model's class is tests.zoo.RepVGG: the convert processes must find the clone's tests
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
         outputs = {"state": folder / "state.safetensors", "model": folder / "model.safetensors"}
         commands = {
             "state": [*repvgg_command(), "convert", str(state_path), str(outputs["state"])],
@@ -115,7 +119,8 @@ def api_rows(models: list[str], repeat: int) -> list[dict]:
     import torch
     from timm.utils import reparameterize_model
 
-    from repvgg_cli import reparameterize, zoo
+    from repvgg_cli import reparameterize
+    from tests import zoo
 
     def timed(call: Callable[[], object], check: Callable[[object], None] | None = None) -> Callable[[], float]:
         def run() -> float:

@@ -206,7 +206,8 @@ def convert_state_dict(state: Mapping[str, Tensor], options: ConvertOptions | No
         be fused (3).
 
     Example:
-        >>> from repvgg_cli import ConvertOptions, convert_state_dict, zoo
+        >>> from repvgg_cli import ConvertOptions, convert_state_dict
+        >>> from tests import zoo                     # the reference RepVGG of a clone's tests
         >>> train = zoo.randomize_bn(zoo.repvgg("tiny"))
         >>> state = {"module." + k: v for k, v in train.state_dict().items()}   # saved from DDP
         >>> result = convert_state_dict(state, ConvertOptions(bn_eps=1e-5))
@@ -248,7 +249,8 @@ def reparameterize(model: nn.Module, options: ConvertOptions | None = None, chec
 
     Example:
         >>> import torch
-        >>> from repvgg_cli import reparameterize, zoo
+        >>> from repvgg_cli import reparameterize
+        >>> from tests import zoo
         >>> model = zoo.randomize_bn(zoo.repvgg("tiny")).eval()
         >>> result = reparameterize(model)
         >>> result.ok, len(result.blocks), result.model_check.dtype

@@ -5,7 +5,7 @@ Usage::
 
     python scripts/make_samples.py [--out DIR]
 
-Two small networks from :mod:`repvgg_cli.zoo` are built with seeded weights, given random BN
+Two small networks from ``tests/zoo.py`` (the clone's reference networks) are built with seeded weights, given random BN
 affine parameters, and run in train mode over a fixed synthetic dataset in float64 (so every
 BatchNorm carries the real running statistics of its input, not mean 0 / var 1), then rounded
 to float32 and put in eval mode:
@@ -40,9 +40,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from repvgg_cli import zoo
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a clone: its tests package holds the reference networks
+from tests import zoo  # noqa: E402
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "sample_checkpoints"
+DEFAULT_OUT = ROOT / "sample_checkpoints"
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 32

@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 import repvgg_cli
-from repvgg_cli import api, zoo
+from repvgg_cli import api
 from repvgg_cli.api import API_WORDS, ConvertOptions, api_words, convert_file, convert_state_dict, reparameterize, verify_file
 from repvgg_cli.checks import model as model_checks
 from repvgg_cli.checks.model import copy_model, leave_a_core, model_outputs
 from repvgg_cli.errors import InputError, OutputExistsError, PickleRefusedError
 from repvgg_cli.families import FAMILIES
+from tests import zoo
 from tests.helpers import ROOT, SAMPLES, error_lines, invoke
 
 F64 = torch.float64

@@ -1,6 +1,6 @@
 """`repvgg bench` and `repvgg export` through Typer's CliRunner: exit codes, JSON fields, files written.
 
-Models are pickles of repvgg_cli.zoo classes (importable, so unpickling works in the runner).
+Models are pickles of tests.zoo classes (importable, so unpickling works in the runner).
 No assertion depends on how fast anything ran: latencies are only checked to be positive and
 consistent with the speedup reported.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from repvgg_cli import zoo
+from tests import zoo
 from repvgg_cli.cli import app
 from repvgg_cli.api import reparameterize
 from tests.helpers import RUNNER, invoke
@@ -85,7 +85,7 @@ def test_bench_json_pickled_model(files):
 
 
 def test_bench_table_and_state_dict_with_model(files):
-    result = invoke("bench", files["plain_state"], "--model", "repvgg_cli.zoo:PlainNet", "--input-shape", "2,3,16,16",
+    result = invoke("bench", files["plain_state"], "--model", "tests.zoo:PlainNet", "--input-shape", "2,3,16,16",
                     "--warmup", "0", "--repeat", "2")
     assert result.exit_code == 0, result.stderr
     out = result.stdout
@@ -221,7 +221,7 @@ def test_export_deploy_state_dict_with_train_factory(files, ort, tmp_path):
     deploy = tmp_path / "plain_deploy.safetensors"
     assert invoke("convert", files["plain_state"], deploy).exit_code == 0
     out = tmp_path / "plain.onnx"
-    result = invoke("export", deploy, out, "--model", "repvgg_cli.zoo:PlainNet", *SHAPE, "--json")
+    result = invoke("export", deploy, out, "--model", "tests.zoo:PlainNet", *SHAPE, "--json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["source_form"] == "deploy state dict" and doc["fused_blocks"] == 0 and doc["written"] is True
@@ -236,7 +236,7 @@ def test_export_deploy_state_dict_with_train_factory(files, ort, tmp_path):
 
 
 def test_export_train_state_dict_and_deploy_pickle(files, ort, tmp_path):
-    result = invoke("export", files["plain_state"], tmp_path / "a.onnx", "--model", "repvgg_cli.zoo:PlainNet", *SHAPE,
+    result = invoke("export", files["plain_state"], tmp_path / "a.onnx", "--model", "tests.zoo:PlainNet", *SHAPE,
                     "--json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
@@ -287,7 +287,7 @@ def test_export_check_failure_writes_nothing(files, ort, tmp_path):
         (["{tiny}", "{out}", "--allow-pickle", "--opset", "99"], "supports opsets 7 to"),
         (["{tiny}", "{out}", "--allow-pickle", "--input-shape", "1,3,32"], "expected four integers N,C,H,W"),
         (["{tiny}", "{tmp}/missing/x.onnx", "--allow-pickle"], "does not exist"),
-        (["{plain_state}", "{out}", "--model", "repvgg_cli.zoo:repvgg"], "loads neither into --model"),
+        (["{plain_state}", "{out}", "--model", "tests.zoo:repvgg"], "loads neither into --model"),
     ],
 )
 def test_export_bad_input_exits_2(files, ort, tmp_path, args, message):

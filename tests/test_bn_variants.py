@@ -25,7 +25,7 @@ from timm.layers import BatchNormAct2d
 from timm.models.byobnet import RepVggBlock
 from torch import Tensor, nn
 
-from repvgg_cli import zoo
+from tests import zoo
 from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.errors import InputError, UnsupportedError
 from tests.helpers import error_lines, invoke

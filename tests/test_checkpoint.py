@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from repvgg_cli import zoo
+from tests import zoo
 from repvgg_cli.io import metadata as io_metadata, safetensors_file, write as io_write
 from repvgg_cli.api import convert_file, convert_state_dict
 from repvgg_cli.pipeline.metadata import build_metadata
@@ -262,7 +262,7 @@ def test_pickled_module_is_refused_then_allowed(tmp_path: Path, layout: str) -> 
     error = info.value
     assert error.exit_code == 2
     assert error.message == (
-        f"{path} holds a pickled object of type repvgg_cli.zoo.PlainNet; loading it would run code from the file"
+        f"{path} holds a pickled object of type tests.zoo.PlainNet; loading it would run code from the file"
     )
     assert "--allow-pickle" in error.hint
 

@@ -18,10 +18,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from repvgg_cli import __version__, zoo
+from repvgg_cli import __version__
 from repvgg_cli.io.metadata import METADATA_KEY, tensor_sha256
 from repvgg_cli.cli import app
 from repvgg_cli.render import human_size
+from tests import zoo
 from tests.helpers import SAMPLES, disk_full_at_write, error_lines, invoke
 
 TINY = SAMPLES / "repvgg_tiny.pt"
@@ -224,7 +225,7 @@ def test_pickled_model_needs_allow_pickle(tmp_path: Path) -> None:
     result = invoke("convert", source, tmp_path / "out.pt")
     assert_clean_failure(result, 2)
     assert error_lines(result) == [
-        f"Error: {source} holds a pickled object of type repvgg_cli.zoo.PlainNet; loading it would run code from the file"
+        f"Error: {source} holds a pickled object of type tests.zoo.PlainNet; loading it would run code from the file"
     ]
     assert "--allow-pickle" in result.stderr
     assert not (tmp_path / "out.pt").exists()

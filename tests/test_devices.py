@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repvgg_cli import zoo
+from tests import zoo
 from repvgg_cli.io.metadata import METADATA_KEY
 from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
 from tests.helpers import invoke, SAMPLES

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from timm.models.byobnet import MobileOneBlock, RepVggBlock
 from torch import nn
 
-from repvgg_cli import zoo
+from tests import zoo
 from repvgg_cli.api import convert_state_dict
 from repvgg_cli.diff import (
     brace_keys,

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from repvgg_cli import checks, zoo
+from repvgg_cli import checks
 from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.errors import UnsupportedError
 from repvgg_cli.fusion import (
@@ -39,6 +39,7 @@ from repvgg_cli.fusion import (
     IdentityBranch,
     fuse_branches,
 )
+from tests import zoo
 from tests.helpers import invoke
 
 F64 = torch.float64

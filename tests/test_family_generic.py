@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from timm.models.resnet import BasicBlock
 from torch import nn
 
-from repvgg_cli import zoo
+from tests import zoo
 from repvgg_cli.api import reparameterize
 from repvgg_cli.families import FAMILIES, family_by_name
 from repvgg_cli.families.generic.deploy import GenericDeploy

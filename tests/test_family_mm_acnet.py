@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from repvgg_cli import zoo
+from tests import zoo
 from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.errors import UnsupportedError
 from repvgg_cli.families import FamilyOptions, family_by_name, find_blocks

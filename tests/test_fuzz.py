@@ -761,7 +761,7 @@ def test_a_sample_of_broken_inputs_fails_the_same_way_through_the_cli(corpus, tm
 
 def pickled_plain_net(folder: Path) -> Path:
     """A trusted pickled train-form model (the module tree; its .pt output is a pickled model)."""
-    from repvgg_cli import zoo
+    from tests import zoo
 
     torch.manual_seed(0)
     source = folder / "model.pt"

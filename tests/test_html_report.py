@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from repvgg_cli import zoo
+from tests import zoo
 from repvgg_cli.html_report import batch_html, conversion_html, params_chart, rel_err_chart
 from tests.helpers import invoke, SAMPLES
 

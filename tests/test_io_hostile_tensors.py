@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from repvgg_cli import zoo
+from tests import zoo
 from repvgg_cli.errors import InputError
 from repvgg_cli.io.read import load_checkpoint
 from tests.helpers import error_lines, invoke

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from repvgg_cli import zoo
+from tests import zoo
 from repvgg_cli.errors import InputError, PickleRefusedError
 from repvgg_cli.io.read import load_checkpoint
 from tests.helpers import error_lines, invoke

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from repvgg_cli import zoo
+from tests import zoo
 from repvgg_cli.api import convert_file
 from repvgg_cli.errors import InputError
 from repvgg_cli.io.read import load_checkpoint

@@ -41,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from repvgg_cli import zoo
+from tests import zoo
 from repvgg_cli.api import convert_file, convert_state_dict, reparameterize, verify_file
 from repvgg_cli.errors import InputError, PickleRefusedError
 from repvgg_cli.io.read import load_checkpoint

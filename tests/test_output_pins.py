@@ -43,7 +43,7 @@ MEASURED_MODEL_FIELDS = ("max_abs_err", "rel_err")
 
 def tiny_official_repvgg() -> nn.Module:
     """The repvgg_tiny sample's train-form model, built by the test (``--model``, module tree)."""
-    from repvgg_cli import zoo
+    from tests import zoo
 
     return zoo.repvgg("tiny_g2", num_classes=10)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from repvgg_cli import zoo
+from tests import zoo
 from repvgg_cli.cli import app
 from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.errors import InputError

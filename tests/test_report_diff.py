@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from repvgg_cli import zoo
+from tests import zoo
 from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.io.safetensors_file import SafetensorsStream
 from repvgg_cli.pipeline import write as write_stage

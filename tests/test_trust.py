@@ -18,10 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from repvgg_cli import checks, zoo
+from repvgg_cli import checks
 from repvgg_cli.api import convert_state_dict
 from repvgg_cli.checks.probe import branches_probe, eps_sensitivity
 from repvgg_cli.pipeline.options import ConvertOptions
+from tests import zoo
 from tests.helpers import SAMPLES, error_lines, invoke
 
 TINY = SAMPLES / "repvgg_tiny.pt"

@@ -70,7 +70,7 @@ def test_shell_completion_is_available() -> None:
 
 NOISY_MODEL = '''
 import os, sys
-from repvgg_cli import zoo
+from tests import zoo
 print("import-time print")
 os.write(1, b"import-time write to fd 1\\n")
 

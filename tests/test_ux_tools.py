@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from repvgg_cli import bench as bench_module
-from repvgg_cli import zoo
+from tests import zoo
 from repvgg_cli.bench import Speedup, Timing, speedup_of
 from repvgg_cli.api import reparameterize
 from tests.helpers import ROOT, error_lines, invoke
@@ -83,7 +83,7 @@ def test_bench_warns_in_plain_words_when_the_spread_decides_nothing(files, monke
 def test_bench_on_a_deploy_form_state_dict_says_it_is_deployed(files, tmp_path) -> None:
     deploy = tmp_path / "plain_deploy.safetensors"
     assert invoke("convert", files["plain_state"], deploy).exit_code == 0
-    result = invoke("bench", deploy, "--model", "repvgg_cli.zoo:PlainNet", *SMALL)
+    result = invoke("bench", deploy, "--model", "tests.zoo:PlainNet", *SMALL)
     assert result.exit_code == 2
     (line,) = error_lines(result)
     assert line.startswith(f"Error: {deploy} is already in deploy form (written by repvgg convert): 4 fused block(s)")

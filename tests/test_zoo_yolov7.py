@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from repvgg_cli import zoo
+from tests import zoo
 from tests.family_zoo import yolov7_model as v7
 
 

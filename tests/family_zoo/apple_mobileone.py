@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repvgg_cli import zoo
+from tests import zoo
 
 EPS = 1e-5
 INPUT_SHAPE = (2, 3, 16, 16)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repvgg_cli import zoo
+from tests import zoo
 
 EPS = 1e-5
 FAMILIES = {"dbb", "dbb_convbn"}

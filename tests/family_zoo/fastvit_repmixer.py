@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from repvgg_cli import zoo
+from tests import zoo
 
 from .fastvit_large_kernel import MobileOneBlock
 

@@ -1,6 +1,6 @@
 """Toy models for the `official` family's contract tests (grouped, strided, identity, SE)."""
 
-from repvgg_cli import zoo
+from tests import zoo
 
 EPS = 1e-5
 INPUT_SHAPE = (2, 3, 32, 32)

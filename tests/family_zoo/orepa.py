@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
-from repvgg_cli import zoo
+from tests import zoo
 
 EPS = 1e-5
 FAMILIES = {"orepa", "orepa_1x1", "orepa_large", "orepa_large_base", "orepa_repvgg", "dbb_convbn"}

@@ -1,6 +1,6 @@
 """Toy models for the `plain` family's contract tests."""
 
-from repvgg_cli import zoo
+from tests import zoo
 
 EPS = 1e-5
 INPUT_SHAPE = (2, 3, 16, 16)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from repvgg_cli import zoo
+from tests import zoo
 
 
 def build_seeded(factory: Callable[[], nn.Module], seed: int) -> nn.Module:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repvgg_cli import zoo
+from tests import zoo
 
 EPS = 1e-3
 INPUT_SHAPE = (2, 3, 16, 16)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repvgg_cli import zoo
+from tests import zoo
 
 from .ultralytics_repconv import EPS, Conv  # noqa: F401 - EPS: the contract tests read it from every zoo module
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from repvgg_cli import zoo
+from tests import zoo
 
 EPS = 1e-3
 INPUT_SHAPE = (2, 3, 16, 16)

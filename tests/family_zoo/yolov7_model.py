@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repvgg_cli import zoo
+from tests import zoo
 
 EPS = 1e-3
 MOMENTUM = 0.03

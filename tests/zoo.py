@@ -1,7 +1,9 @@
-"""Small reference networks in each family's published layout, train and deploy form.
+"""Small reference networks (official RepVGG, the tutorial plain block), train and deploy form.
 
-Written for this project from the layouts described in the papers and projects named in each
-family file; used by the sample-checkpoint script, the tests and the benchmarks. The official
+Test fixtures, not part of the package: written for this project from the layouts described in
+the papers and projects named in each family file; used by the tests, ``scripts/make_samples.py``
+(the bundled samples are built from them) and the benchmarks, all run from a clone. The per-family
+contract models are in ``tests/family_zoo/``. The official
 layout follows RepVGG's ``RepVGGBlock`` (``rbr_dense``/``rbr_1x1``/``rbr_identity`` ->
 ``rbr_reparam``) and its A/B width and depth table, so a state dict of :func:`repvgg` loads into
 the official code and back.
