@@ -240,18 +240,18 @@ def test_nothing_is_moved_into_place_once_a_stop_was_received(tmp_path: Path, mo
 
 
 def test_a_worker_sees_its_parent_exit(tmp_path: Path) -> None:
-    from repvgg_cli import batch
+    from repvgg_cli.batch import workers
 
     parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        gone, wait = batch._parent_watch(parent.pid)
+        gone, wait = workers.parent_watch(parent.pid)
         assert not gone()
     finally:
         parent.kill()
         parent.wait()
     wait()  # returns once the process has exited
     assert gone()
-    gone_before, wait_before = batch._parent_watch(parent.pid)  # reaped before the watch began
+    gone_before, wait_before = workers.parent_watch(parent.pid)  # reaped before the watch began
     assert gone_before()
 
 
