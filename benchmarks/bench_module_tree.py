@@ -15,6 +15,7 @@ shown with their range, which is robust to a shared machine drifting between rou
 
     python benchmarks/bench_module_tree.py                     # both, 9 cli rounds, 15 api rounds
     python benchmarks/bench_module_tree.py --part api --repeat 5
+    python benchmarks/bench_module_tree.py --part parts --threads 1   # each step of reparameterize()
     python benchmarks/bench_module_tree.py --markdown          # the README's tables
     python benchmarks/bench_module_tree.py --json
 
@@ -158,6 +159,51 @@ def api_rows(models: list[str], repeat: int) -> list[dict]:
     return rows
 
 
+# -- parts: where reparameterize's time goes ---------------------------------------------------------
+
+
+def parts_rows(models: list[str], repeat: int) -> list[dict]:
+    """Median time of each step of ``reparameterize(model)`` on its own (one process, in turn)."""
+    import copy
+
+    import timm
+    import torch
+    from timm.utils import reparameterize_model
+
+    from repvgg_cli import reparameterize
+    from repvgg_cli.checks.model import copy_model, infer_input_shape, model_outputs
+    from repvgg_cli.pipeline.find import find_module_blocks
+    from tests import zoo
+
+    rows = []
+    for name in models:
+        torch.manual_seed(0)
+        model = zoo.randomize_bn(timm.create_model(name, pretrained=False), seed=0).eval()
+        deploy = reparameterize(model).model
+        x = torch.randn(*infer_input_shape(model), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        steps = {
+            "timm reparameterize_model": lambda: reparameterize_model(model),
+            "copy.deepcopy(model)": lambda: copy.deepcopy(model),
+            "copy_model(model)": lambda: copy_model(model),
+            "find the blocks": lambda: find_module_blocks(model),
+            "train form: float64 copy + forward": lambda: model_outputs(model, x),
+            "deploy form: float64 copy + forward": lambda: model_outputs(deploy, x),
+            "reparameterize(check_model=False)": lambda: reparameterize(model, check_model=False),
+            "reparameterize()": lambda: reparameterize(model),
+        }
+        times = paired([_timer(step) for step in steps.values()], repeat)
+        rows.append({"model": name, "steps_ms": {k: statistics.median(t) * 1e3 for k, t in zip(steps, times)}})
+    return rows
+
+
+def _timer(step: Callable[[], object]) -> Callable[[], float]:
+    def run() -> float:
+        start = time.perf_counter()
+        step()
+        return time.perf_counter() - start
+    return run
+
+
 # -- output -----------------------------------------------------------------------------------------
 
 
@@ -188,13 +234,21 @@ def markdown(document: dict) -> str:
         lines += ["", f"Medians of {document['repeat_api']} paired rounds in one process, torch on "
                       f"{document['torch_threads']} thread(s); whole-model check on a seeded "
                       f"{'x'.join(map(str, shape))} input in {document['api'][0]['check_dtype']}."]
+    if document.get("parts"):
+        rows = document["parts"]
+        lines += ["| step | " + " | ".join(r["model"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
+        for step in rows[0]["steps_ms"]:
+            lines.append(f"| {step} | " + " | ".join(f"{r['steps_ms'][step]:.0f} ms" for r in rows) + " |")
+        lines += ["", f"Each step on its own, medians of {document['repeat_parts']} rounds, torch on "
+                      f"{document['torch_threads']} thread(s)."]
     lines.append(f"{os.cpu_count()} CPUs; torch {document['torch']}, timm {document.get('timm', '-')}.")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["cli", "api", "both"], default="both")
+    parser.add_argument("--part", choices=["cli", "api", "both", "parts"], default="both",
+                        help="parts: time each step of reparameterize() on its own")
     parser.add_argument("--models", nargs="+", default=list(API_MODELS), help="timm models for the api part")
     parser.add_argument("--repeat", type=int, default=None, help="measured rounds (default: cli 9, api 15)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the api part (default: torch's)")
@@ -216,6 +270,12 @@ def main() -> None:
         document["timm"] = timm.__version__
         document["repeat_api"] = args.repeat or 15
         document["api"] = api_rows(args.models, document["repeat_api"])
+    if args.part == "parts":
+        import timm
+
+        document["timm"] = timm.__version__
+        document["repeat_parts"] = args.repeat or 9
+        document["parts"] = parts_rows(args.models, document["repeat_parts"])
     print(json.dumps(document, indent=2) if args.json else markdown(document))
 
 
