@@ -34,7 +34,7 @@ _API = {
     "Tolerance": "verify",
     "load_checkpoint": "io.read",
     "summarize": "inspection",
-    "fuse_branches": "fusion",
+    "fuse_branches": "fusion.sum",
     "FAMILIES": "families",
     "RepvggError": "errors",
     "InputError": "errors",

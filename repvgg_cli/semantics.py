@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .algebra import AffineOp, ConvOp, IdentityOp, PadOp, PlusOp, ThenOp
+from .algebra.expression import AffineOp, ConvOp, IdentityOp, PadOp, PlusOp, ThenOp
 from .errors import UnsupportedError
 
 FLOAT64 = torch.float64

@@ -11,31 +11,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .checks.forward import fused_forward  # noqa: F401
-from .checks.model import compare_outputs, flatten_outputs, infer_input_shape, model_outputs  # noqa: F401
-from .checks.probe import (  # noqa: F401
-    CentreProbe,
-    block_probe,
-    block_seed,
-    branches_probe,
-    check_block,
-    fused_probe,
-    geometry_channels,
-    reference_probe,
-)
-from .checks.forward import reference_forward  # noqa: F401
-from .checks.tolerance import (  # noqa: F401
-    DEFAULT_RTOL,
+from .checks.probe import check_block, fused_probe
+from .checks.tolerance import (
     FLOAT64,
     BlockCheck,
     ModelCheck,
     Tolerance,
     compare,
     decode_tensor,
-    default_rtol,
-    encode_tensor,
 )
-from .fusion import FusedConv
+from .fusion.values import FusedConv
 from .io.metadata import TENSOR_DIGESTS
 
 
@@ -100,9 +85,9 @@ def verify_deploy(state, metadata: dict, tolerance: Tolerance | None = None) -> 
     Returns:
         A :class:`VerifyReport`.
     """
-    from .io.metadata import tensor_sha256
     from .errors import RepvggError
     from .families import find_blocks
+    from .io.metadata import tensor_sha256
 
     tolerance = tolerance or Tolerance()
     problems: list[str] = []
@@ -166,7 +151,7 @@ def verify_against(deploy_state, plan, seed: int = 0) -> VerifyReport:
         seed: seeds the probes.
     """
     from .errors import RepvggError
-    from .fusion import fuse_branches
+    from .fusion.sum import fuse_branches
 
     options = plan.options
     tolerance = options.tolerance

@@ -64,7 +64,7 @@ PIPELINE_TESTS = ("tests/test_checkpoint.py", "tests/test_patterns.py", "tests/t
                   "tests/test_verify_corruption.py", ROWS_TEST)
 
 TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "fusion": (("repvgg_cli/fusion.py", "repvgg_cli/algebra.py"),
+    "fusion": (("repvgg_cli/fusion/*.py", "repvgg_cli/algebra/*.py"),
                ("tests/test_fusion.py", "tests/test_exactness.py", "tests/test_bn_variants.py",
                 "tests/test_family_mm_acnet.py", "tests/test_family_dbb_orepa.py", "tests/test_family_contract.py",
                 ROWS_TEST)),
@@ -87,7 +87,7 @@ TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "pipeline": (("repvgg_cli/pipeline/*.py", "repvgg_cli/api.py"), PIPELINE_TESTS),
 }
 
-CORE = ("repvgg_cli/fusion.py", "repvgg_cli/algebra.py", "repvgg_cli/verify.py", "repvgg_cli/checks/*.py",
+CORE = ("repvgg_cli/fusion/*.py", "repvgg_cli/algebra/*.py", "repvgg_cli/verify.py", "repvgg_cli/checks/*.py",
         "repvgg_cli/io/*.py", "repvgg_cli/pipeline/*.py", "repvgg_cli/api.py")
 """Every file the mutation score is about (``__init__.py`` files excepted)."""
 

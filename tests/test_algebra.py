@@ -21,10 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from repvgg_cli import algebra
-from repvgg_cli.algebra import Map
+from repvgg_cli.algebra import maps
+from repvgg_cli.algebra.maps import Map
 from repvgg_cli.errors import UnsupportedError
-from repvgg_cli.fusion import BatchNorm, FusedConv, fuse_branches
+from repvgg_cli.fusion.values import BatchNorm, FusedConv
+from repvgg_cli.fusion.sum import fuse_branches
 
 F64 = torch.float64
 EXAMPLES = 1000
@@ -77,7 +78,7 @@ def conv_leaf(draw, cin: int, cout: int | None = None, pointwise: bool = False) 
     gen = torch.Generator().manual_seed(draw(st.integers(0, 10**6)))
     weight = torch.randn(cout, cin // groups, k, kw, generator=gen, dtype=F64)
     bias = torch.randn(cout, generator=gen, dtype=F64) if draw(st.booleans()) else None
-    value = algebra.conv(weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
+    value = maps.conv(weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
                          in_channels=cin, known=True)
 
     def forward(x: Tensor) -> Tensor:
@@ -90,10 +91,10 @@ def conv_leaf(draw, cin: int, cout: int | None = None, pointwise: bool = False) 
 def affine_leaf(draw, channels: int) -> Expr:
     kind = draw(st.sampled_from(["bn", "bn_plain", "scale", "identity"]))
     if kind == "identity":
-        return Expr(algebra.identity(channels), lambda x: x, channels, channels)
+        return Expr(maps.identity(channels), lambda x: x, channels, channels)
     if kind == "scale":
         factor = _vec(draw, channels, -2.0, 2.0)
-        return Expr(algebra.scale(factor), lambda x: x * factor.reshape(1, -1, 1, 1), channels, channels)
+        return Expr(maps.scale(factor), lambda x: x * factor.reshape(1, -1, 1, 1), channels, channels)
     mean, var = _vec(draw, channels, -1.0, 1.0), _vec(draw, channels, 0.1, 3.0)
     weight = _vec(draw, channels, 0.5, 1.5) if kind == "bn" else None
     bias = _vec(draw, channels, -0.5, 0.5) if kind == "bn" else None
@@ -102,18 +103,18 @@ def affine_leaf(draw, channels: int) -> Expr:
     def forward(x: Tensor) -> Tensor:
         return F.batch_norm(x, mean, var, weight, bias, training=False, eps=1e-5)
 
-    return Expr(algebra.bn(norm), forward, channels, channels)
+    return Expr(maps.bn(norm), forward, channels, channels)
 
 
 @st.composite
 def pool_leaf(draw, channels: int) -> Expr:
     k = draw(st.sampled_from([1, 3]))
-    value = algebra.avg_pool(channels, k, 1, k // 2)
+    value = maps.avg_pool(channels, k, 1, k // 2)
     return Expr(value, lambda x: F.avg_pool2d(x, k, 1, k // 2, count_include_pad=True), channels, channels)
 
 
 def then_expr(a: Expr, b: Expr, pad_first: bool = False) -> Expr:
-    return Expr(algebra.then(a.value, b.value, pad_first=pad_first), lambda x: b.forward(a.forward(x)), a.cin, b.cout)
+    return Expr(maps.then(a.value, b.value, pad_first=pad_first), lambda x: b.forward(a.forward(x)), a.cin, b.cout)
 
 
 def plus_expr(*terms: Expr) -> Expr:
@@ -123,7 +124,7 @@ def plus_expr(*terms: Expr) -> Expr:
             total = total + t.forward(x)
         return total
 
-    return Expr(algebra.plus(*(t.value for t in terms)), forward, terms[0].cin, terms[0].cout)
+    return Expr(maps.plus(*(t.value for t in terms)), forward, terms[0].cin, terms[0].cout)
 
 
 def _fused_forward(fused: FusedConv, x: Tensor) -> Tensor:
@@ -224,34 +225,34 @@ def test_then_is_associative_and_the_identity_is_neutral(data) -> None:
         return
     x = torch.randn(1, cin, 9, 9, dtype=F64)
     assert torch.allclose(_fused_forward(fused_left, x), _fused_forward(fused_right, x), rtol=1e-12, atol=1e-12)
-    ident = Expr(algebra.identity(a.cin), lambda t: t, a.cin, a.cin)
+    ident = Expr(maps.identity(a.cin), lambda t: t, a.cin, a.cin)
     assert_exact(then_expr(ident, a))
-    assert_exact(then_expr(a, Expr(algebra.identity(a.cout), lambda t: t, a.cout, a.cout)))
+    assert_exact(then_expr(a, Expr(maps.identity(a.cout), lambda t: t, a.cout, a.cout)))
 
 
 # -- the refusals, one by one -------------------------------------------------------------------
 
 
 def _bn(channels: int, shift: float) -> Map:
-    return algebra.bn(BatchNorm(running_mean=torch.full((channels,), -shift, dtype=F64),
+    return maps.bn(BatchNorm(running_mean=torch.full((channels,), -shift, dtype=F64),
                                 running_var=torch.ones(channels, dtype=F64), eps=0.0))
 
 
 def test_a_shifted_bn_before_a_padded_conv_is_refused_unless_the_block_pads_first() -> None:
     weight = torch.randn(4, 4, 3, 3, dtype=F64)
     with pytest.raises(UnsupportedError, match="the padded border sees 0"):
-        algebra.then(_bn(4, 0.5), algebra.conv(weight, padding=1, groups=1))
-    algebra.then(_bn(4, 0.0), algebra.conv(weight, padding=1, groups=1))  # no shift: exact
-    algebra.then(_bn(4, 0.5), algebra.conv(weight, padding=0, groups=1))  # no padding: exact
-    algebra.then(_bn(4, 0.5), algebra.conv(weight, padding=1, groups=1), pad_first=True)
+        maps.then(_bn(4, 0.5), maps.conv(weight, padding=1, groups=1))
+    maps.then(_bn(4, 0.0), maps.conv(weight, padding=1, groups=1))  # no shift: exact
+    maps.then(_bn(4, 0.5), maps.conv(weight, padding=0, groups=1))  # no padding: exact
+    maps.then(_bn(4, 0.5), maps.conv(weight, padding=1, groups=1), pad_first=True)
 
 
 def test_a_biased_1x1_before_a_padded_kxk_is_refused_unless_the_block_pads_first() -> None:
-    point = algebra.conv(torch.randn(4, 4, 1, 1, dtype=F64), torch.ones(4, dtype=F64), padding=0, groups=1)
-    wide = algebra.conv(torch.randn(4, 4, 3, 3, dtype=F64), padding=1, groups=1)
+    point = maps.conv(torch.randn(4, 4, 1, 1, dtype=F64), torch.ones(4, dtype=F64), padding=0, groups=1)
+    wide = maps.conv(torch.randn(4, 4, 3, 3, dtype=F64), padding=1, groups=1)
     with pytest.raises(UnsupportedError, match="gives 0 for a zero input"):
-        algebra.then(point, wide)
-    value = algebra.then(point, wide, pad_first=True)  # the border holds the 1x1's output of 0
+        maps.then(point, wide)
+    value = maps.then(point, wide, pad_first=True)  # the border holds the 1x1's output of 0
     x = torch.randn(1, 4, 7, 7, dtype=F64)
     expected = F.conv2d(F.conv2d(F.pad(x, (1, 1, 1, 1)), point.convs[0].weight, point.convs[0].bias),
                         wide.convs[0].weight)
@@ -260,21 +261,21 @@ def test_a_biased_1x1_before_a_padded_kxk_is_refused_unless_the_block_pads_first
 
 
 def test_a_strided_conv_before_a_spatial_conv_is_refused() -> None:
-    first = algebra.conv(torch.randn(4, 4, 3, 3, dtype=F64), stride=2, padding=1, groups=1)
-    second = algebra.conv(torch.randn(4, 4, 3, 3, dtype=F64), padding=0, groups=1)
+    first = maps.conv(torch.randn(4, 4, 3, 3, dtype=F64), stride=2, padding=1, groups=1)
+    second = maps.conv(torch.randn(4, 4, 3, 3, dtype=F64), padding=0, groups=1)
     with pytest.raises(UnsupportedError, match="is not one conv"):
-        algebra.then(first, second)
+        maps.then(first, second)
 
 
 def test_summed_branches_with_different_strides_are_refused() -> None:
     with pytest.raises(UnsupportedError, match="different strides"):
-        algebra.plus(algebra.conv(torch.randn(4, 4, 3, 3, dtype=F64), stride=2, groups=1),
-                     algebra.conv(torch.randn(4, 4, 1, 1, dtype=F64), stride=1, groups=1))
+        maps.plus(maps.conv(torch.randn(4, 4, 3, 3, dtype=F64), stride=2, groups=1),
+                     maps.conv(torch.randn(4, 4, 1, 1, dtype=F64), stride=1, groups=1))
 
 
 def test_misaligned_paddings_are_refused_when_fused() -> None:
-    value = algebra.plus(algebra.conv(torch.randn(4, 4, 3, 3, dtype=F64), padding=1, groups=1),
-                         algebra.conv(torch.randn(4, 4, 1, 1, dtype=F64), padding=1, groups=1))
+    value = maps.plus(maps.conv(torch.randn(4, 4, 3, 3, dtype=F64), padding=1, groups=1),
+                         maps.conv(torch.randn(4, 4, 1, 1, dtype=F64), padding=1, groups=1))
     with pytest.raises(UnsupportedError, match="does not line up"):
         fuse_branches(value)
 
@@ -284,8 +285,8 @@ def test_summed_terms_with_different_groups_are_regrouped_not_refused(groups) ->
     """A grouped conv beside a denser one (a depthwise avg pool beside a grouped conv, ...): the
     finer-grouped term is written with the common groups, exactly."""
     gen = torch.Generator().manual_seed(3)
-    terms = [Expr(algebra.conv(w := torch.randn(8, 8 // g, 3, 3, generator=gen, dtype=F64), groups=g, padding=1),
+    terms = [Expr(maps.conv(w := torch.randn(8, 8 // g, 3, 3, generator=gen, dtype=F64), groups=g, padding=1),
                   (lambda w, g: lambda x: F.conv2d(x, w, padding=1, groups=g))(w, g), 8, 8) for g in groups]
-    fused = assert_exact(plus_expr(*terms, Expr(algebra.avg_pool(8, 3, 1, 1),
+    fused = assert_exact(plus_expr(*terms, Expr(maps.avg_pool(8, 3, 1, 1),
                                                 lambda x: F.avg_pool2d(x, 3, 1, 1), 8, 8)))
     assert fused.groups == min(groups)

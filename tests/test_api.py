@@ -200,7 +200,7 @@ def test_api_words_rewrites_each_flag_as_its_argument(cli: str, python: str) -> 
     assert api_words(cli) == python
 
 
-LIBRARY = ["io", "pipeline", "families", "checks", "fusion.py", "algebra.py", "verify.py", "api.py"]
+LIBRARY = ["io", "pipeline", "families", "checks", "fusion", "algebra", "verify.py", "api.py"]
 CLI_ONLY = {
     "--report": "a convert report file; convert_file returns the result instead",
 }

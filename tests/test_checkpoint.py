@@ -800,10 +800,10 @@ def test_streamed_convert_writes_what_the_in_memory_path_writes(tmp_path: Path, 
     """`convert` into safetensors streams block by block through two reused buffers, each fused
     weight chunk by chunk as it is written; the tensors and metadata are those of converting in
     memory and saving the state dict."""
-    from repvgg_cli import fusion
+    from repvgg_cli.fusion import sum as fusion_sum
 
     if rows_per_chunk is not None:
-        monkeypatch.setattr(fusion, "chunk_rows", lambda row_numel: rows_per_chunk)
+        monkeypatch.setattr(fusion_sum, "chunk_rows", lambda row_numel: rows_per_chunk)
     parts: dict[str, list[int]] = {}
     real_put_rows = safetensors_file.SafetensorsStream.put_rows
 

@@ -32,13 +32,13 @@ from torch import Tensor, nn
 from repvgg_cli import checks
 from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.errors import UnsupportedError
-from repvgg_cli.fusion import (
+from repvgg_cli.fusion.values import (
     BatchNorm,
     Branches,
     ConvBranch,
     IdentityBranch,
-    fuse_branches,
 )
+from repvgg_cli.fusion.sum import fuse_branches
 from tests import zoo
 from tests.helpers import invoke
 

@@ -21,7 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from repvgg_cli import algebra, semantics
+from repvgg_cli import semantics
+from repvgg_cli.algebra.expression import ops_of
 from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.pipeline.find import find_module_blocks
 from repvgg_cli.errors import InputError, UnsupportedError
@@ -187,7 +188,7 @@ def test_declared_expression_is_the_live_blocks_own_forward(project):
             if hasattr(linear, attribute):
                 setattr(linear, attribute, nn.Identity())
         reference = run(linear, inputs[name])
-        declared = semantics.run(algebra.ops_of(block.branches), inputs[name])
+        declared = semantics.run(ops_of(block.branches), inputs[name])
         assert declared.shape == reference.shape, name
         assert rel(reference, declared) <= 1e-12, name
         assert block.branches.composite == (family.name != "dbb_convbn"), name

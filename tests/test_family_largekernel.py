@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repvgg_cli import algebra
+from repvgg_cli.algebra import maps
 from repvgg_cli.api import convert_state_dict
 from repvgg_cli.pipeline.find import find_module_blocks
 from repvgg_cli.errors import UnsupportedError
@@ -118,10 +118,10 @@ def test_plus_sums_dilated_kernels_as_the_undilated_kernels_they_equal():
     x = torch.randn(2, 4, 21, 19, generator=g, dtype=torch.float64)
     want = sum(F.conv2d(x, w, padding=r * (k // 2), dilation=r, groups=4) for (k, r), w in weights.items())
     for explicit_padding in (False, True):  # key tree (centred) and module tree (each conv's own padding)
-        terms = [algebra.conv(w, dilation=r, groups=4, padding=r * (k // 2) if explicit_padding else None)
+        terms = [maps.conv(w, dilation=r, groups=4, padding=r * (k // 2) if explicit_padding else None)
                  for (k, r), w in weights.items()]
-        value = algebra.plus(*terms)
-        fused = algebra.evaluate(value)
+        value = maps.plus(*terms)
+        fused = maps.evaluate(value)
         assert fused.kernel_size == (17, 17) and fused.dilation == (1, 1) and fused.padding == (8, 8)
         got = F.conv2d(x, fused.weight, fused.bias, padding=fused.padding, groups=fused.groups)
         assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
@@ -132,9 +132,9 @@ def test_plus_keeps_a_dilation_every_kxk_term_shares():
     g = torch.Generator().manual_seed(4)
     kxk = torch.randn(8, 2, 3, 3, generator=g, dtype=torch.float64)
     point = torch.randn(8, 2, 1, 1, generator=g, dtype=torch.float64)
-    value = algebra.plus(algebra.conv(kxk, dilation=2, padding=2, groups=4),
-                         algebra.conv(point, padding=0, groups=4), algebra.identity(8))
-    fused = algebra.evaluate(value)
+    value = maps.plus(maps.conv(kxk, dilation=2, padding=2, groups=4),
+                         maps.conv(point, padding=0, groups=4), maps.identity(8))
+    fused = maps.evaluate(value)
     assert fused.kernel_size == (3, 3) and fused.dilation == (2, 2) and not value.composite
     x = torch.randn(1, 8, 9, 9, generator=g, dtype=torch.float64)
     want = F.conv2d(x, kxk, padding=2, dilation=2, groups=4) + F.conv2d(x, point, groups=4) + x

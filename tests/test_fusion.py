@@ -20,18 +20,16 @@ from torch import Tensor, nn
 from repvgg_cli import checks
 from repvgg_cli.checks import forward as checks_forward
 from repvgg_cli.errors import InputError, UnsupportedError
-from repvgg_cli.fusion import (
+from repvgg_cli.fusion.values import (
     BatchNorm,
     Branches,
     ConvBranch,
     FusedConv,
     IdentityBranch,
-    center_kernel,
-    fold_batch_norm,
-    fuse_branches,
-    fused_weight_shape,
-    identity_kernel,
 )
+from repvgg_cli.fusion.bn import fold_batch_norm
+from repvgg_cli.fusion.kernels import center_kernel, identity_kernel
+from repvgg_cli.fusion.sum import fuse_branches, fused_weight_shape
 
 F64 = torch.float64
 SOURCE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -1007,15 +1005,15 @@ def _probe_block(weight_value: float | None = None, var: float = 1.0) -> Branche
 def test_centre_probe_reference_is_independent_of_the_folding(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fusion that folds BN wrongly is caught with the probe too: the probe only multiplies
     the raw upcast weights, the BN is the reference's own ``batch_norm``."""
-    from repvgg_cli import fusion
+    from repvgg_cli.fusion import sum as fusion_sum
 
     branches = _probe_block()
     honest = checks.CentreProbe("b", branches, 0)
     fused = fuse_branches(branches, dtype=torch.float32, observer=honest, check_finite=False)
     assert checks.check_block("b", branches, None, fused, 0, checks.Tolerance(), honest).ok
 
-    real = fusion.bn_scale_shift
-    monkeypatch.setattr(fusion, "bn_scale_shift", lambda *a, **k: tuple(t * 1.001 for t in real(*a, **k)))
+    real = fusion_sum.bn_scale_shift
+    monkeypatch.setattr(fusion_sum, "bn_scale_shift", lambda *a, **k: tuple(t * 1.001 for t in real(*a, **k)))
     probe = checks.CentreProbe("b", branches, 0)
     wrong = fuse_branches(branches, dtype=torch.float32, observer=probe, check_finite=False)
     caught = checks.check_block("b", branches, None, wrong, 0, checks.Tolerance(), probe)

@@ -193,7 +193,7 @@ def test_a_block_with_an_identity_bn_is_also_probed_with_its_input_statistics() 
     # the statistics sample makes the reported error the error on such data (here larger: the
     # inputs are far from unit scale, and the fp16 rounding of the weights shows with them)
     from repvgg_cli.families import find_blocks
-    from repvgg_cli.fusion import fuse_branches
+    from repvgg_cli.fusion.sum import fuse_branches
 
     state = {f"b.{k}": v.half() for k, v in block.state_dict().items()}
     found = find_blocks(state)[0]

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UnsupportedError
-from ..fusion import BatchNorm, Branches, ConvBranch, FusedConv, chunk_rows
+from ..fusion.values import BatchNorm, Branches, ConvBranch, FusedConv
+from ..fusion.sum import chunk_rows
 from .tolerance import FLOAT64
 
 

@@ -15,7 +15,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ..fusion import Branches, FusedConv, raise_non_finite
+from ..fusion.values import Branches, FusedConv
+from ..fusion.sum import raise_non_finite
 from .forward import (
     as_float64_vector,
     branch_geometry,
@@ -86,7 +87,7 @@ def fused_probe(fused: FusedConv, seed: int) -> Tensor:
 class CentreProbe:
     """A block check's centre-pixel products, computed while fusion has the rows in cache.
 
-    A :class:`~repvgg_cli.fusion.RowObserver` for :func:`~repvgg_cli.fusion.fuse_branches`:
+    A :class:`~repvgg_cli.fusion.sum.RowObserver` for :func:`~repvgg_cli.fusion.sum.fuse_branches`:
     each chunk of each conv branch's weight (upcast exactly, before any BN) and of the fused
     weight (as shipped) is multiplied with the probe's centre receptive field as it goes by, so
     the check does not read every weight twice more once the block is fused. The rest of the

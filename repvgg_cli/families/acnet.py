@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from torch import nn
 
-from ..algebra import Map, plus, then
+from ..algebra.maps import Map, plus, then
 from ..errors import UnsupportedError
 from .base import Block, Family, FamilyOptions, KeyView
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import algebra
-from ..algebra import Map, plus, then
+from ..algebra import maps
+from ..algebra.maps import Map, plus, then
 from ..errors import UnsupportedError
 from .apple_mobileone import AppleMobileOneBlock
 from .base import Family, join
@@ -81,12 +81,12 @@ class AppleRepMixer(Family):
             return None  # a MobileOne block called `mixer` without RepMixer's norm: apple_mobileone's
         mixer = _linear_mobileone(v, "mixer")
         channels = mixer.out_channels
-        minus = algebra.scale(-torch.ones(channels, dtype=torch.float64))
+        minus = maps.scale(-torch.ones(channels, dtype=torch.float64))
         difference = plus(mixer, then(_linear_mobileone(v, "norm"), minus))
         layer_scale = v.scale("layer_scale", channels, required=False)
         if layer_scale is not None:
             difference = then(difference, layer_scale)
-        return plus(algebra.identity(channels), difference)
+        return plus(maps.identity(channels), difference)
 
     def matches_module(self, module: nn.Module) -> bool:
         return (getattr(module, "reparam_conv", None) is None
@@ -115,7 +115,7 @@ class AppleRepCPE(Family):
             weight = v.tensor("pe.weight")
             if weight.dim() != 4 or int(weight.shape[1]) != 1:
                 return None  # not depthwise: not a RepCPE
-        return plus(v.conv("pe"), algebra.identity())
+        return plus(v.conv("pe"), maps.identity())
 
     def matches_module(self, module: nn.Module) -> bool:
         pe = getattr(module, "pe", None)

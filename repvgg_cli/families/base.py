@@ -17,10 +17,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..algebra import Map
+from ..algebra.maps import Map
 from .architectures import Architecture
 from ..errors import UnsupportedError
-from ..fusion import Branches, FusedConv, IdentityBranch
+from ..fusion.values import Branches, FusedConv, IdentityBranch
 from .keys import (  # noqa: F401 - re-exported for the families
     BN_KEYS,
     BN_STAT_KEYS,

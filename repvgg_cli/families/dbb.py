@@ -34,10 +34,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .. import algebra
-from ..algebra import Map, plus, then
+from ..algebra import maps
+from ..algebra.maps import Map, plus, then
 from ..errors import InputError, UnsupportedError
-from ..fusion import FusedConv
+from ..fusion.values import FusedConv
 from .base import Family, conv_from_fused, is_batch_norm
 
 BRANCHES = ("dbb_origin", "dbb_avg", "dbb_1x1", "dbb_1x1_kxk")
@@ -54,10 +54,10 @@ def _conv(v, local: str, groups: int, after_pad: int | None = None) -> Map:
             return value
         if max(value.padding or (0, 0)) > 0:
             raise UnsupportedError(f"{v.where}: {local} pads its input after a BNAndPadLayer that pads already")
-        return algebra.conv(c.weight, c.bias, stride=value.stride, padding=after_pad, dilation=value.dilation,
+        return maps.conv(c.weight, c.bias, stride=value.stride, padding=after_pad, dilation=value.dilation,
                             groups=value.groups, padding_mode=value.padding_mode, in_channels=value.in_channels,
                             known=True)
-    return algebra.conv(c.weight, c.bias, groups=groups)
+    return maps.conv(c.weight, c.bias, groups=groups)
 
 
 def _pad_pixels(v, local: str) -> int | None:
@@ -75,7 +75,7 @@ def _avg_pool(v, channels: int, kernel: int, after_pad: int | None) -> Map:
     BNAndPadLayer's before it); a live ``nn.AvgPool2d`` has its own geometry, except that
     ``after_pad`` replaces its own padding of 0."""
     if v.tree == "key":
-        return algebra.avg_pool(channels, kernel, stride=1, padding=kernel // 2)
+        return maps.avg_pool(channels, kernel, stride=1, padding=kernel // 2)
     pool = v.get("dbb_avg.avg")
     if not isinstance(pool, nn.AvgPool2d):
         raise UnsupportedError(f"{v.where}: dbb_avg.avg is a {type(pool).__name__}, not an AvgPool2d")
@@ -85,7 +85,7 @@ def _avg_pool(v, channels: int, kernel: int, after_pad: int | None) -> Map:
     own = pool.padding
     if after_pad is not None and own not in (0, (0, 0)):
         raise UnsupportedError(f"{v.where}: dbb_avg.avg pads its input after a BNAndPadLayer that pads already")
-    return algebra.avg_pool(channels, pool.kernel_size, stride=pool.stride, padding=own if after_pad is None else after_pad)
+    return maps.avg_pool(channels, pool.kernel_size, stride=pool.stride, padding=own if after_pad is None else after_pad)
 
 
 def _check_linear_pair(v, local: str) -> None:
@@ -132,7 +132,7 @@ class DiverseBranchBlock(Family):
             terms.append(then(_conv(v, "dbb_1x1.conv", groups), v.bn("dbb_1x1.bn")))
 
         if first_name.endswith("idconv1"):  # IdentityBasedConv1x1: weight + the (unstored) identity
-            first = plus(_conv(v, first_name, groups), algebra.identity(first_rows))
+            first = plus(_conv(v, first_name, groups), maps.identity(first_rows))
         else:
             first = _conv(v, first_name, groups)
         terms.append(then(first, v.bn("dbb_1x1_kxk.bn1.bn"),

@@ -15,8 +15,8 @@ from dataclasses import replace
 
 from torch import nn
 
-from .. import algebra
-from ..algebra import Map, plus
+from ..algebra import maps
+from ..algebra.maps import Map, plus
 from ..errors import UnsupportedError
 from .base import Block, Family, FamilyOptions
 
@@ -39,7 +39,7 @@ class FastVitRepCPE(Family):
         if v.tree == "module":
             if v.get("pos_enc").bias is None:
                 raise UnsupportedError(f"{v.where}.pos_enc has no bias; timm's RepConditionalPosEnc has one")
-            return plus(v.conv("pos_enc"), algebra.identity())
+            return plus(v.conv("pos_enc"), maps.identity())
         # timm's RepCPE holds nothing but its conv; a `pos_enc` with company is someone else's.
         if not v.has("pos_enc.bias") or v.owned_under("") - {v.key("pos_enc.weight"), v.key("pos_enc.bias")}:
             return None
@@ -49,7 +49,7 @@ class FastVitRepCPE(Family):
         v.eps_note = NO_BN
         conv, kh = v.conv("pos_enc"), int(weight.shape[2])
         # a state dict does not say: depthwise, and timm pads both dimensions by spatial_shape[0] // 2
-        return plus(replace(conv, groups=int(weight.shape[0]), padding=(kh // 2, kh // 2)), algebra.identity())
+        return plus(replace(conv, groups=int(weight.shape[0]), padding=(kh // 2, kh // 2)), maps.identity())
 
     def matches_module(self, module: nn.Module) -> bool:
         return (

@@ -25,10 +25,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import algebra
-from ..algebra import Map, plus, then
+from ..algebra import maps
+from ..algebra.maps import Map, plus, then
 from ..errors import UnsupportedError
-from ..fusion import FusedConv
+from ..fusion.values import FusedConv
 from .base import Family, join
 from .fastvit_large_kernel import is_passive, linear_conv_norm
 
@@ -71,7 +71,7 @@ def _linear_mobileone(v, local: str) -> Map | None:
     if v.has_any(join(local, "conv_scale")):
         terms.append(linear_conv_norm(v, join(local, "conv_scale")))
     if v.has_any(join(local, "identity")):
-        terms.append(then(algebra.identity(), v.bn(join(local, "identity"))))
+        terms.append(then(maps.identity(), v.bn(join(local, "identity"))))
     return plus(*terms) if terms else None
 
 
@@ -107,8 +107,8 @@ class FastVitRepMixer(Family):
         minus = -v.tensor("layer_scale.gamma") if gamma is not None else -torch.ones(channels, dtype=torch.float64)
         norm = _linear_mobileone(v, "norm")
         v.note(NOTE)
-        return plus(algebra.identity(), mixer if gamma is None else then(mixer, gamma),
-                    *([then(norm, algebra.scale(minus))] if norm is not None else []))
+        return plus(maps.identity(), mixer if gamma is None else then(mixer, gamma),
+                    *([then(norm, maps.scale(minus))] if norm is not None else []))
 
     def matches_module(self, module: nn.Module) -> bool:
         return (

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .. import algebra
-from ..algebra import Map
+from ..algebra import maps
+from ..algebra.maps import Map
 from ..errors import InputError, UnsupportedError
-from ..fusion import BatchNorm, Branches, ConvBranch
+from ..fusion.values import BatchNorm, Branches, ConvBranch
 
 BN_STAT_KEYS = ("running_mean", "running_var")
 
@@ -116,7 +116,7 @@ class KeyView:
         self._first_weight(weight)
         of = f"{self.key(join(local, 'weight'))} (output features)"
         vector = channel_vector(self, join(local, "bias"), int(weight.shape[0]), of, required=False) if bias else None
-        return algebra.linear(weight, vector)
+        return maps.linear(weight, vector)
 
     def conv(self, local: str, bias: bool = True, *, groups: int | None = None, padding=None,
              dilation=1, stride=1) -> Map:
@@ -129,7 +129,7 @@ class KeyView:
         self._first_weight(weight)
         of = f"{self.key(join(local, 'weight'))} (output channels)"
         vector = channel_vector(self, join(local, "bias"), int(weight.shape[0]), of, required=False) if bias else None
-        return algebra.conv(weight, vector, groups=groups, padding=padding, dilation=dilation, stride=stride,
+        return maps.conv(weight, vector, groups=groups, padding=padding, dilation=dilation, stride=stride,
                             in_channels=None if groups is None else int(weight.shape[1]) * groups)
 
     def kernel(self, local: str) -> Tensor:
@@ -141,7 +141,7 @@ class KeyView:
 
     def bn(self, local: str, channels: int | None = None, of: str = "") -> Map:
         """The BatchNorm at ``local`` (eps: the view's)."""
-        return algebra.bn(bn_from_keys(self, local, self.eps, channels, of))
+        return maps.bn(bn_from_keys(self, local, self.eps, channels, of))
 
     def conv_bn(self, conv: str, norm: str | None) -> Map:
         """A conv at ``conv`` followed by the BN at ``norm`` (None: no BN)."""
@@ -149,14 +149,14 @@ class KeyView:
         if norm is None:
             return value
         weight = value.convs[0].weight
-        return algebra.then(value, self.bn(norm, int(weight.shape[0]),
+        return maps.then(value, self.bn(norm, int(weight.shape[0]),
                                            f"{self.key(join(conv, 'weight'))} (output channels)"))
 
     def identity_bn(self, local: str) -> Map | None:
         """The identity branch with its BN at ``local``, or None when the state dict has none."""
         if not self.has_any(local):
             return None
-        return algebra.then(algebra.identity(), self.bn(local))
+        return maps.then(maps.identity(), self.bn(local))
 
     def scale(self, local: str, channels: int, required: bool = True) -> Map | None:
         """A per-channel factor stored at ``local`` (any shape with ``channels`` values)."""
@@ -168,7 +168,7 @@ class KeyView:
                              f"{value.dtype}; {channels} floating-point values are expected")
         if not _finite(value):
             raise InputError(f"{self.where}: {self.key(local)} holds NaN or Inf")
-        return algebra.scale(value)
+        return maps.scale(value)
 
     def owned_under(self, *local_prefixes: str) -> set[str]:
         """Every key under the given sub-prefixes (the block's branch modules)."""

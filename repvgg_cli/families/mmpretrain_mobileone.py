@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..algebra import Map, plus
+from ..algebra.maps import Map, plus
 from .base import Family
 from .replknet import conv_bn_pair, is_conv_bn_pair
 from .timm_mobileone import numbered

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import algebra
-from ..algebra import Map
+from ..algebra import maps
+from ..algebra.maps import Map
 from ..errors import InputError, UnsupportedError
-from ..fusion import BatchNorm, ConvBranch, FusedConv, IdentityBranch
+from ..fusion.values import BatchNorm, ConvBranch, FusedConv, IdentityBranch
 
 def is_batch_norm(module: object) -> bool:
     """BatchNorm1d/2d/3d, SyncBatchNorm and their subclasses (e.g. timm's BatchNormAct2d)."""
@@ -181,7 +181,7 @@ class ModuleView:
             raise UnsupportedError(f"{self._label(path)} uses padding={module.padding!r}; numeric padding is needed")
         if self.dtype is None:
             self.dtype = module.weight.dtype
-        return algebra.conv(
+        return maps.conv(
             module.weight, module.bias if bias else None, stride=tuple(module.stride), padding=tuple(module.padding),
             dilation=tuple(module.dilation), groups=int(module.groups), padding_mode=module.padding_mode,
             in_channels=int(module.in_channels), known=True,
@@ -194,14 +194,14 @@ class ModuleView:
             raise UnsupportedError(f"{self._label(path)} is a {type(module).__name__}, not a Linear")
         if self.dtype is None:
             self.dtype = module.weight.dtype
-        return algebra.linear(module.weight, module.bias if bias else None)
+        return maps.linear(module.weight, module.bias if bias else None)
 
     def bn(self, path: str, channels: int | None = None, of: str = "") -> Map:
-        return algebra.bn(bn_from_module(self.get(path), self._label(path)))
+        return maps.bn(bn_from_module(self.get(path), self._label(path)))
 
     def conv_bn(self, conv: str, norm: str | None) -> Map:
         value = self.conv(conv)
-        return value if norm is None else algebra.then(value, self.bn(norm))
+        return value if norm is None else maps.then(value, self.bn(norm))
 
     def identity_bn(self, path: str) -> Map | None:
         """The skip branch at ``path``: a BN (then the identity with it), ``nn.Identity``, or None."""
@@ -209,9 +209,9 @@ class ModuleView:
         if module is None:
             return None
         if is_batch_norm(module):
-            return algebra.then(algebra.identity(), self.bn(path))
+            return maps.then(maps.identity(), self.bn(path))
         if isinstance(module, nn.Identity):
-            return algebra.identity()
+            return maps.identity()
         raise UnsupportedError(f"{self._label(path)} is a {type(module).__name__}; a BatchNorm, nn.Identity or "
                                "None is expected")
 
@@ -221,7 +221,7 @@ class ModuleView:
             return None
         if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() != channels:
             raise InputError(f"{self.label(path)} is not {channels} floating-point per-channel values")
-        return algebra.scale(value)
+        return maps.scale(value)
 
     def conv(self, path: str, bias: bool = True, **ignored) -> Map:  # noqa: D102 - geometry from the module
         return self._conv(path, bias)

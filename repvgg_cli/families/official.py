@@ -13,7 +13,7 @@ import re
 
 from torch import nn
 
-from ..algebra import Map, plus
+from ..algebra.maps import Map, plus
 from .base import Family, is_batch_norm, join
 
 AUX_COMPONENT = re.compile(r"(^|\.)[^.]*_aux[^.]*\.")

@@ -44,10 +44,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import algebra
-from ..algebra import Map, pad, plus, then
+from ..algebra import maps
+from ..algebra.maps import Map, pad, plus, then
 from ..errors import InputError, UnsupportedError
-from ..fusion import FusedConv
+from ..fusion.values import FusedConv
 from .base import Family, conv_from_fused, conv_weight, is_batch_norm, join
 
 KEPT = ("nonlinear",)
@@ -132,7 +132,7 @@ def _conv(weight: Tensor, geometry: Geometry, *, padding: int, groups: int | Non
           strided: bool = False) -> Map:
     """A conv of the generated kernel's branches: the block's groups unless told, its stride only
     on the step that carries it (``strided``; a 1×1 before a k×k runs at stride 1)."""
-    return algebra.conv(weight, stride=geometry.stride if strided else 1, padding=padding,
+    return maps.conv(weight, stride=geometry.stride if strided else 1, padding=padding,
                         groups=geometry.groups if groups is None else groups, known=geometry.known)
 
 
@@ -156,7 +156,7 @@ def generated_kernel(v, at: str, prefix: str, geometry: Geometry, rows: dict[str
     p, g = geometry.padding, geometry.groups
 
     def factor(branch: str) -> Map:
-        return algebra.scale(vector[rows[branch]])
+        return maps.scale(vector[rows[branch]])
 
     terms = {"origin": then(_conv(_spatial(origin, flip), geometry, padding=p, strided=True), factor("origin"))}
     for branch in ("avg", "pfir"):
@@ -297,9 +297,9 @@ class Orepa1x1(Family):
                 raise UnsupportedError(f"{v.where}: OREPA_1x1 with groups {geometry.groups}, padding "
                                        f"{geometry.padding}; upstream builds it with groups 1 and padding 0")
             stride, known = geometry.stride, True
-        direct = then(algebra.conv(origin, stride=stride, padding=0, groups=1, known=known), algebra.scale(vector[0]))
-        low_rank = then(algebra.conv(first, stride=stride, padding=0, groups=1, known=known),
-                        algebra.conv(second, padding=0, groups=1, known=known), algebra.scale(vector[1]))
+        direct = then(maps.conv(origin, stride=stride, padding=0, groups=1, known=known), maps.scale(vector[0]))
+        low_rank = then(maps.conv(first, stride=stride, padding=0, groups=1, known=known),
+                        maps.conv(second, padding=0, groups=1, known=known), maps.scale(vector[1]))
         return then(plus(direct, low_rank), v.bn("bn"))
 
     def matches_module(self, module: nn.Module) -> bool:
@@ -396,7 +396,7 @@ class OrepaLargeConvBase(Family):
         else:
             geometry = _module_geometry(v, "", 2 * layers + 1)
             groups, stride, known = geometry.groups, geometry.stride, True
-        steps = [algebra.conv(_spatial(w, i > 0), stride=stride if i == layers - 1 else 1, padding=0, groups=groups,
+        steps = [maps.conv(_spatial(w, i > 0), stride=stride if i == layers - 1 else 1, padding=0, groups=groups,
                               known=known) for i, w in enumerate(kernels)]
         return _large_kernel(v, steps, 2 * layers + 1)
 

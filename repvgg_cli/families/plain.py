@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..algebra import Map, plus
+from ..algebra.maps import Map, plus
 from .base import Family
 
 

@@ -37,10 +37,10 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from .. import algebra
-from ..algebra import Map, plus, then
+from ..algebra import maps
+from ..algebra.maps import Map, plus, then
 from ..errors import InputError, UnsupportedError
-from ..fusion import FusedConv
+from ..fusion.values import FusedConv
 from .base import Block, Family, FamilyOptions, KeyView, is_batch_norm, join
 
 FOLD_HINT = "convert without --fold-post-bn (the bn is then kept)"
@@ -81,7 +81,7 @@ def _hidden_identity(v, point: Map) -> Map | None:
         v.note("no identity branch: the block name matches --no-identity")
         return None
     v.note("identity branch assumed: the 1x1 weight is square (in == out, groups 1)")
-    return algebra.identity()
+    return maps.identity()
 
 
 def _avg_pool(v, dense: Map, identity: Map | None) -> Map | None:
@@ -105,7 +105,7 @@ def _avg_pool(v, dense: Map, identity: Map | None) -> Map | None:
                 hint="say which: --qa-variant v1 or --qa-variant v2 (all such blocks), or --avg-branch GLOB for the V2 "
                      "blocks (YOLOv6's QA configs use v2)",
             )
-        return _regrouped(algebra.avg_pool(channels, kernel, stride=1, padding=None), dense)  # centred
+        return _regrouped(maps.avg_pool(channels, kernel, stride=1, padding=None), dense)  # centred
     pool = v.get("rbr_avg")
     if pool is None:
         return None
@@ -119,7 +119,7 @@ def _avg_pool(v, dense: Map, identity: Map | None) -> Map | None:
         )
     if stride != dense.stride:
         raise UnsupportedError(f"{v.where}.rbr_avg has stride {stride} but rbr_dense has {dense.stride}")
-    return _regrouped(algebra.avg_pool(channels, kernel, stride, padding), dense)
+    return _regrouped(maps.avg_pool(channels, kernel, stride, padding), dense)
 
 
 def _between_sum_and_bn(v) -> str | None:

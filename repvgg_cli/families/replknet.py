@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..algebra import Map, plus
+from ..algebra.maps import Map, plus
 from ..errors import UnsupportedError
 from .base import Family, is_batch_norm, join
 

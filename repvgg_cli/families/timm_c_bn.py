@@ -29,9 +29,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..algebra import Map, then
+from ..algebra.maps import Map, then
 from ..errors import UnsupportedError
-from ..fusion import FusedConv
+from ..fusion.values import FusedConv
 from .base import Family, is_batch_norm, join
 
 REPVIT = "timm.models.repvit"

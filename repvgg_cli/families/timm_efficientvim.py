@@ -33,10 +33,10 @@ import re
 import torch
 from torch import nn
 
-from .. import algebra
-from ..algebra import Map, plus, then
+from ..algebra import maps
+from ..algebra.maps import Map, plus, then
 from ..errors import InputError, UnsupportedError
-from ..fusion import FusedConv
+from ..fusion.values import FusedConv
 from .base import Family, conv_from_fused, is_batch_norm, join
 from .timm_repvgg import _check_plain_conv
 from .timm_sites import SITES, ChildSite, borrowed
@@ -138,7 +138,7 @@ class TimmEfficientVimDwconv(ChildSite):
                 raise UnsupportedError(f"{v.label(path)} has an activation before its residual")
         branch = v.conv_bn(join(path, "conv"), join(path, "norm"))
         if not v.has("alpha"):
-            return plus(branch, algebra.identity())
+            return plus(branch, maps.identity())
         channels = int(branch.convs[0].weight.shape[0])
         alpha = borrowed(v, lambda: v.tensor("alpha"))  # stays in the deploy form
         if not isinstance(alpha, torch.Tensor) or not alpha.is_floating_point() or tuple(alpha.shape) != (4, channels):
@@ -148,7 +148,7 @@ class TimmEfficientVimDwconv(ChildSite):
             raise InputError(f"{v.where}: alpha holds NaN or Inf")
         gate = torch.sigmoid(alpha.detach().to(torch.float64)[GATE_ROW[path]])
         v.note("gate sigmoid(alpha) folded: a * (bn(dw(x)) - x) + x; alpha kept (it gates the mixer and the FFN too)")
-        return plus(then(branch, algebra.scale(gate)), then(algebra.identity(), algebra.scale(1.0 - gate)))
+        return plus(then(branch, maps.scale(gate)), then(maps.identity(), maps.scale(1.0 - gate)))
 
     def switch(self, block: nn.Module, path: str, child: nn.Module, fused: FusedConv) -> nn.Module:
         child.conv = conv_from_fused(fused, like=child.conv.weight)

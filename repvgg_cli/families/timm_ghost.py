@@ -36,9 +36,9 @@ import re
 
 from torch import nn
 
-from ..algebra import Map, plus
+from ..algebra.maps import Map, plus
 from ..errors import UnsupportedError
-from ..fusion import FusedConv
+from ..fusion.values import FusedConv
 from .base import Family, conv_from_fused, is_batch_norm, join
 from .timm_mobileone import numbered
 from .timm_repvgg import _check_plain_conv

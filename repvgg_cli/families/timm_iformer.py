@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .. import algebra
-from ..algebra import Map, plus
+from ..algebra import maps
+from ..algebra.maps import Map, plus
 from ..errors import UnsupportedError
 from .base import Family
 from .timm_c_bn import IFORMER, c_bn, is_c_bn, is_timm
@@ -45,7 +45,7 @@ class TimmIformerRepCPE(Family):
             if getattr(residual, "gamma", None) is not None:
                 raise UnsupportedError(f"{v.label('cpe')} has a layer scale (gamma), which timm's RepCPE.fuse() "
                                        "ignores; its fused form would not be this block")
-        return plus(c_bn(v, "cpe.module", depthwise=True), algebra.identity())
+        return plus(c_bn(v, "cpe.module", depthwise=True), maps.identity())
 
     def matches_module(self, module: nn.Module) -> bool:
         residual = getattr(module, "cpe", None)

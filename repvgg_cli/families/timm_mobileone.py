@@ -29,10 +29,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .. import algebra
-from ..algebra import Map, plus
+from ..algebra import maps
+from ..algebra.maps import Map, plus
 from ..errors import UnsupportedError
-from ..fusion import FusedConv
+from ..fusion.values import FusedConv
 from .base import Family, conv_from_fused, join
 from .timm_repvgg import conv_norm, has_no_deploy_conv, is_conv_norm
 
@@ -92,7 +92,7 @@ class TimmMobileOneBlock(Family):
         centre = (dilation[0] * (kernel[0] // 2), dilation[1] * (kernel[1] // 2))
         v.dtype = _template(block, self.branches).dtype
         v.note(f"identity-only block: written as a {kernel[0]}x{kernel[1]} kernel, as its project does")
-        zero = algebra.conv(torch.zeros(channels, channels // groups, *kernel, dtype=v.dtype), dilation=dilation,
+        zero = maps.conv(torch.zeros(channels, channels // groups, *kernel, dtype=v.dtype), dilation=dilation,
                             stride=_pair(getattr(block, "stride", 1)), groups=groups, in_channels=channels)
         return replace(zero, padding=_pair(getattr(block, "padding", centre)))  # the zero kernel itself is centred
 

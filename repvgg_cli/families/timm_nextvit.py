@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..algebra import Map, then
+from ..algebra.maps import Map, then
 from ..errors import UnsupportedError
-from ..fusion import FusedConv
+from ..fusion.values import FusedConv
 from .base import conv_from_fused, is_batch_norm, join
 from .timm_sites import SITES, ChildSite, borrowed, linear_from_fused
 

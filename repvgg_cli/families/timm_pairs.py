@@ -36,9 +36,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..algebra import Map, then
+from ..algebra.maps import Map, then
 from ..errors import InputError
-from ..fusion import FusedConv
+from ..fusion.values import FusedConv
 from .base import Family, is_batch_norm
 
 LEVIT = "timm.models.levit"

@@ -34,10 +34,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import algebra
-from ..algebra import Map, plus, then
+from ..algebra import maps
+from ..algebra.maps import Map, plus, then
 from ..errors import UnsupportedError
-from ..fusion import FusedConv
+from ..fusion.values import FusedConv
 from .base import Family, is_batch_norm
 from .timm_c_bn import (
     IFORMER,
@@ -81,7 +81,7 @@ class TimmRepVggDw(Family):
         if v.tree == "key" and not legacy and not v.has("conv1.weight"):
             return None  # not a RepVggDw
         terms = [c_bn(v, "conv", depthwise=True), c_bn(v, "conv1", depthwise=True) if legacy else _depthwise_conv1(v),
-                 algebra.identity()]
+                 maps.identity()]
         value = plus(*terms)
         outer = v.get("bn") if v.tree == "module" else None
         if v.tree == "module" and not (is_batch_norm(outer) or isinstance(outer, nn.Identity)):
@@ -121,7 +121,7 @@ class TimmRepVitClassifier(Family):
                 raise UnsupportedError(f"{v.where}: head_dist.l is {linear_shape(dist)} but head.l is "
                                        f"{linear_shape(main)}; the two heads are averaged")
             half = torch.full((linear_shape(main)[0],), 0.5, dtype=torch.float64)
-            value = then(plus(main, dist), algebra.scale(half))
+            value = then(plus(main, dist), maps.scale(half))
         v.weight_shape = linear_shape(main)
         return value
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .. import algebra
-from ..algebra import Map, plus
-from ..fusion import FusedConv
+from ..algebra import maps
+from ..algebra.maps import Map, plus
+from ..fusion.values import FusedConv
 from .base import Family
 from .timm_c_bn import (
     SHVIT,
@@ -54,7 +54,7 @@ class TimmShvitResidual(Family):
     def expression(self, v) -> Map | None:
         if v.tree == "key" and not (v.has("m.bn.running_var") or v.has("m.bn.running_mean")):
             return None
-        return plus(c_bn(v, "m", depthwise=True), algebra.identity())
+        return plus(c_bn(v, "m", depthwise=True), maps.identity())
 
     def matches_module(self, module: nn.Module) -> bool:
         return is_timm(module, SHVIT, "Residual") and is_c_bn(getattr(module, "m", None))

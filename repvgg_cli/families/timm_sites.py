@@ -27,9 +27,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..algebra import Map
+from ..algebra.maps import Map
 from ..errors import UnsupportedError
-from ..fusion import FusedConv
+from ..fusion.values import FusedConv
 from .base import Block, Family, FamilyOptions, KeyView, ModuleView, join
 
 

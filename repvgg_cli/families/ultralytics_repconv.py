@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..algebra import Map, plus
+from ..algebra.maps import Map, plus
 from ..errors import UnsupportedError
-from ..fusion import FusedConv
+from ..fusion.values import FusedConv
 from .base import Family, is_batch_norm
 
 

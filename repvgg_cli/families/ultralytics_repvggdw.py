@@ -23,9 +23,9 @@ from dataclasses import replace
 
 from torch import Tensor, nn
 
-from ..algebra import Map, plus
+from ..algebra.maps import Map, plus
 from ..errors import UnsupportedError
-from ..fusion import FusedConv
+from ..fusion.values import FusedConv
 from .base import Family, conv_from_fused
 from .ultralytics_repconv import four_dim, is_ultralytics_conv, switch_forward_to_fused
 

@@ -12,7 +12,7 @@ each its own family (and its own entry in a report, named after the module it wr
 - a ``DilatedReparamBlock``: ``origin_bn(lk_origin(x)) + sum(dil_bn_k{k}_{r}(dil_conv_k{k}_{r}(x)))``,
   depthwise, stride 1, ``lk_origin`` K×K (padding K//2), each ``dil_conv_k{k}_{r}`` k×k with
   dilation ``r`` (padding ``(r(k-1)+1)//2``). The dilation is in the key name only; the algebra's
-  :func:`~repvgg_cli.algebra.plus` sums the dilated kernels as the undilated kernels they equal.
+  :func:`~repvgg_cli.algebra.maps.plus` sums the dilated kernels as the undilated kernels they equal.
   Deploy: ``dwconv.lk_origin`` (K×K with bias; ``origin_bn`` and every ``dil_*`` deleted);
 - or a plain bias-free depthwise conv (K in {3, 5}). Deploy: ``dwconv`` with a bias.
 
@@ -46,10 +46,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .. import algebra
-from ..algebra import Map, plus, then
+from ..algebra import maps
+from ..algebra.maps import Map, plus, then
 from ..errors import InputError, UnsupportedError
-from ..fusion import BatchNorm, FusedConv
+from ..fusion.values import BatchNorm, FusedConv
 from .base import Block, Family, FamilyOptions, KeyView, ModuleView, conv_from_fused, is_batch_norm, join
 
 DILATED = re.compile(r"dil_conv_k(\d+)_(\d+)")
@@ -86,7 +86,7 @@ def _dilated_conv(v, local: str, k: int, r: int) -> Map:
         if term.dilation != (r, r):
             raise UnsupportedError(f"{v.where}: {local} is named for dilation {r} but has dilation {term.dilation}")
         return value
-    return algebra.conv(term.weight, term.bias, dilation=r)
+    return maps.conv(term.weight, term.bias, dilation=r)
 
 
 def _grn_shift(v, features: int) -> Map:
@@ -99,7 +99,7 @@ def _grn_shift(v, features: int) -> Map:
     if not bool(torch.isfinite(beta.detach()).all()):
         raise InputError(f"{v.where}: act.1.beta holds NaN or Inf")
     flat = beta.detach().reshape(-1)
-    return algebra.bn(BatchNorm(running_mean=torch.zeros_like(flat), running_var=torch.ones_like(flat), eps=0.0,
+    return maps.bn(BatchNorm(running_mean=torch.zeros_like(flat), running_var=torch.ones_like(flat), eps=0.0,
                                 bias=flat))
 
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..algebra import Map
-from ..fusion import FusedConv
+from ..algebra.maps import Map
+from ..fusion.values import FusedConv
 from .base import Family, conv_from_fused, is_batch_norm
 
 

@@ -20,7 +20,7 @@ from ..checks.probe import check_block, eps_sensitivity, has_batch_norm
 from ..checks.tolerance import BlockCheck, ModelCheck
 from ..errors import InputError, RepvggError
 from ..families import Block
-from ..fusion import FusedConv
+from ..fusion.values import FusedConv
 from .fuse import Fused, FusedBlock, RowSink, in_block
 
 

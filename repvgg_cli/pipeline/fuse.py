@@ -24,7 +24,8 @@ from ..errors import RepvggError
 from ..families import Block
 from ..families.base import conv_from_fused
 from ..families.modules import bn_from_module, conv_branch_from_module, geometry_from_conv
-from ..fusion import Branches, FusedConv, fuse_branches, fused_weight_shape
+from ..fusion.values import Branches, FusedConv
+from ..fusion.sum import fuse_branches, fused_weight_shape
 from .find import ConvBnPair, Plan, fused_forward
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -272,7 +273,7 @@ def planned_weight_shape(block: Block) -> tuple[int, int, int, int]:
 
 def lightened(fused: FusedBlock) -> FusedBlock:
     """The same record holding data-free stand-ins for the tensors (kept for the report only)."""
-    from ..fusion import as_meta, map_branch_tensors
+    from ..fusion.values import as_meta, map_branch_tensors
 
     block = replace(fused.block, branches=map_branch_tensors(fused.block.branches, as_meta))
     shipped = replace(fused.shipped, weight=as_meta(fused.shipped.weight), bias=as_meta(fused.shipped.bias))

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..families import Block
-from ..fusion import FusedConv, as_meta, map_branch_tensors
+from ..fusion.values import FusedConv, as_meta, map_branch_tensors
 from ..io import write as io_write
 from ..io.metadata import METADATA_KEY, TENSOR_DIGESTS, metadata_json, tensor_digests
 from ..io.limits import check_output_size, check_safetensors_limits

@@ -13,10 +13,11 @@ from dataclasses import replace
 import torch
 from torch import Tensor, fx, nn
 
-from ... import algebra
-from ...algebra import Map, plus, then
+from ...algebra import maps
+from ...algebra.maps import Map, plus, then
 from ...errors import RepvggError, UnsupportedError
-from ...fusion import FusedConv, fuse_branches
+from ...fusion.sum import fuse_branches
+from ...fusion.values import FusedConv
 from ..base import Block, Family, FamilyOptions, ModuleView, conv_from_fused, join
 from .deploy import GenericDeploy, post_module
 from .read import SUMMING, Reading, Step, fetch, read_block
@@ -33,7 +34,7 @@ def block_expression(reading: Reading, v: ModuleView) -> Map:
         given = [values[i] for i in step.inputs]
         width = reading.channels if step.kind == "source" else channels[step.inputs[0]]
         if step.kind == "source":
-            value = algebra.identity(reading.channels)
+            value = maps.identity(reading.channels)
         elif step.kind == "conv":
             value = then(given[0], v.conv(step.target))
             width = int(v.get(step.target).out_channels)
@@ -41,7 +42,7 @@ def block_expression(reading: Reading, v: ModuleView) -> Map:
             value = then(given[0], v.bn(step.target))
         elif step.kind == "pool":
             pool = v.get(step.target)
-            value = then(given[0], replace(algebra.avg_pool(width, pool.kernel_size, pool.stride, pool.padding),
+            value = then(given[0], replace(maps.avg_pool(width, pool.kernel_size, pool.stride, pool.padding),
                                            geometry_known=True))
         elif step.kind == "identity":
             value = given[0]
@@ -52,17 +53,17 @@ def block_expression(reading: Reading, v: ModuleView) -> Map:
         elif step.kind == "neg":
             value = then(given[0], _factor(-1.0, width))
         elif step.kind == "scale":
-            value = then(given[0], algebra.scale(_widened(step.constant, width)))
+            value = then(given[0], maps.scale(_widened(step.constant, width)))
         elif step.kind == "shift":
-            value = then(given[0], algebra.shift(_widened(step.constant, width)))
+            value = then(given[0], maps.shift(_widened(step.constant, width)))
         else:  # rshift: c - x
-            value = then(given[0], _factor(-1.0, width), algebra.shift(_widened(step.constant, width)))
+            value = then(given[0], _factor(-1.0, width), maps.shift(_widened(step.constant, width)))
         values[node], channels[node] = value, width
     return values[reading.head]
 
 
 def _factor(number: float, width: int) -> Map:
-    return algebra.scale(torch.full((width,), number, dtype=torch.float64))
+    return maps.scale(torch.full((width,), number, dtype=torch.float64))
 
 
 def _widened(vector: Tensor, width: int) -> Tensor:
