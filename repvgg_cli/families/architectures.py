@@ -40,15 +40,8 @@ class Architecture:
     families: tuple[str, ...] = ()
 
     def matches(self, keys: Iterable[str]) -> bool:
-        patterns = [re.compile(m) for m in self.markers]
-        found = [False] * len(patterns)
-        for key in keys:
-            for index, pattern in enumerate(patterns):
-                if not found[index] and pattern.search(key):
-                    found[index] = True
-            if all(found):
-                return True
-        return False
+        keys = keys if isinstance(keys, (list, tuple)) else list(keys)
+        return all(any(map(re.compile(marker).search, keys)) for marker in self.markers)
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (

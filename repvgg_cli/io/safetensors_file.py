@@ -25,6 +25,11 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.complex64: "C64",
 }
 
+INLINE_BYTES = 1 << 16
+"""A whole tensor up to this size is written and hashed by :meth:`SafetensorsStream.put`'s caller:
+handing each of 100 k tiny tensors to the writer and hasher threads cost more than the writing
+(on a loaded 2-core machine 27 s of a 52 s conversion; benchmarks/bench_many_tensors.py)."""
+
 
 def write_safetensors(path: Path, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
     """Write a safetensors file, streaming each tensor's bytes (no copy of the whole model).
@@ -118,7 +123,18 @@ class SafetensorsStream:
         dtype, shape = self._expect(key, None)
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise RuntimeError(f"{key} is {tensor.dtype} {tuple(tensor.shape)}; the layout says {dtype} {shape}")
-        return self._queue(key, tensor_bytes(tensor), hashlib.sha256(), 0, True)
+        data = tensor_bytes(tensor)
+        if data.nbytes > INLINE_BYTES:
+            return self._queue(key, data, hashlib.sha256(), 0, True)
+        self._queued.add(key)  # small: written and hashed here (a thread hand-off costs more)
+        future: Future = Future()
+        try:
+            self._write_now(key, data)
+            future.set_result(None)
+        except BaseException as error:  # noqa: BLE001 - handed over like the writer thread's
+            future.set_exception(error)
+            self._futures.append(future)
+        return future
 
     def put_rows(self, key: str, rows: Tensor, start: int) -> Future:
         """Queue the leading-dimension slice ``start:start + len(rows)`` of one tensor of the
@@ -155,6 +171,18 @@ class SafetensorsStream:
         future = self._writer.submit(self._write_rows, key, data, digest, offset, last)
         self._futures.append(future)
         return future
+
+    def _write_now(self, key: str, data: memoryview) -> None:
+        """The caller's thread: one whole small tensor (its key's only write)."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            digest = hashlib.sha256(data)
+            _pwrite_all(self._fd, data, 8 + self._room + self._entries[key]["data_offsets"][0])
+            self.digests[key] = digest.hexdigest()
+        except BaseException as error:
+            self._failed = error
+            raise
 
     def _write_rows(self, key: str, data: memoryview, digest: Any, offset: int, last: bool) -> None:
         """Writer thread: ``data`` at ``offset`` into ``key``'s bytes, hashed on the hasher thread
