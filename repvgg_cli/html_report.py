@@ -249,7 +249,7 @@ def _summary(document: dict) -> str:
         items.append(("other keys", f"{totals.get('passthrough_keys', 0)} passed through unchanged"))
     eps = document.get("bn_eps")
     if eps is not None:
-        from .render import eps_origin
+        from .render.conversion import eps_origin
 
         items.append(("BatchNorm eps", _e(f"{_eps(eps.get('values'))} ({eps_origin(eps)})" if eps.get("values")
                                           else "none (no block has a BN)")))

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from repvgg_cli import __version__
 from repvgg_cli.io.metadata import METADATA_KEY, tensor_sha256
 from repvgg_cli.cli import app
-from repvgg_cli.render import human_size
+from repvgg_cli.render.text import human_size
 from tests import zoo
 from tests.helpers import SAMPLES, disk_full_at_write, error_lines, invoke
 

@@ -23,14 +23,9 @@ from torch import nn
 
 from tests import zoo
 from repvgg_cli.api import convert_state_dict
-from repvgg_cli.diff import (
-    brace_keys,
-    compare_tensors,
-    diff_files,
-    diff_states,
-    key_diff,
-    natural_sorted,
-)
+from repvgg_cli.diff.compare import brace_keys, compare_tensors, diff_states, natural_sorted
+from repvgg_cli.diff.conversion import key_diff
+from repvgg_cli.diff.files import diff_files
 from tests.helpers import cli_runner, error_lines, invoke
 
 # -- the official RepVGG conversion, rewritten -------------------------------------------------

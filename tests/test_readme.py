@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from repvgg_cli.cli import app
-from repvgg_cli.render import families_markdown
+from repvgg_cli.render.inspect import families_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

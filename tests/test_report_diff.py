@@ -191,7 +191,7 @@ def test_terminal_shows_totals_and_expands_every_key_with_diff(reports) -> None:
 def test_terminal_key_diff_is_red_and_green() -> None:
     from rich.console import Console
 
-    from repvgg_cli.render import key_diff_renderables
+    from repvgg_cli.render.key_diff import key_diff_renderables
 
     state = source_state()
     console = Console(record=True, width=80, color_system="truecolor", force_terminal=True)

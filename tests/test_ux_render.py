@@ -15,7 +15,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from repvgg_cli.render import conversion_table, human_size, natural_key, printable, shorten_middle, shorten_start
+from repvgg_cli.render.conversion import conversion_table
+from repvgg_cli.render.text import human_size, natural_key, printable, shorten_middle, shorten_start
 from tests.helpers import SAMPLES, cli_runner, error_lines, invoke
 
 PLAIN = SAMPLES / "plain_net.pt"

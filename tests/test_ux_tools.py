@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from repvgg_cli import bench as bench_module
+from repvgg_cli.bench import run as bench_run
 from tests import zoo
-from repvgg_cli.bench import Speedup, Timing, speedup_of
+from repvgg_cli.bench.results import Speedup, Timing, speedup_of
 from repvgg_cli.api import reparameterize
 from tests.helpers import ROOT, error_lines, invoke
 
@@ -70,7 +70,7 @@ def test_bench_json_has_each_sides_spread_and_the_interval(files) -> None:
 
 
 def test_bench_warns_in_plain_words_when_the_spread_decides_nothing(files, monkeypatch) -> None:
-    monkeypatch.setattr(bench_module, "speedup_of", lambda slow, fast, seed=0: Speedup(1.05, 0.9, 1.3))
+    monkeypatch.setattr(bench_run, "speedup_of", lambda slow, fast, seed=0: Speedup(1.05, 0.9, 1.3))
     result = invoke("bench", files["tiny"], "--allow-pickle", *SMALL)
     assert result.exit_code == 0, result.stderr
     assert "speedup 1.05x (train median / deploy median; 95% interval 0.90x-1.30x)" in result.stdout

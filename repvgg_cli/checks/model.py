@@ -47,6 +47,14 @@ def infer_input_shape(model: nn.Module, spatial: int = 64, batch: int = 2) -> tu
     raise ValueError("the model has no Conv2d to infer an input shape from; pass --input-shape N,C,H,W")
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 if none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 @contextmanager
 def leave_a_core() -> Iterator[int]:
     """Run torch on one thread fewer than the process has (at least one), and give the threads

@@ -111,7 +111,7 @@ class RepvggGroup(typer.core.TyperGroup):
 
 
 def _print_usage_error(error: Any) -> None:
-    from ..render import printable
+    from ..render.text import printable
 
     console = stderr_console()
     message = " ".join(printable(line.strip()) for line in error.format_message().splitlines() if line.strip())
@@ -178,7 +178,7 @@ def handle_errors(command: Callable[..., None]) -> Callable[..., None]:
         except RepvggError as error:
             if debug:
                 traceback.print_exc()
-            from ..render import printable  # names and paths in messages: one line, no terminal escapes
+            from ..render.text import printable  # names and paths in messages: one line, no terminal escapes
 
             console = stderr_console()
             console.print(f"Error: {printable(error.message)}", markup=False, highlight=False)
@@ -192,7 +192,7 @@ def handle_errors(command: Callable[..., None]) -> Callable[..., None]:
             _stopped_by_signal()
             if debug:
                 traceback.print_exc()
-            from ..render import printable
+            from ..render.text import printable
 
             where = f" {error.filename}" if getattr(error, "filename", None) else ""
             stderr_console().print(printable(f"Error: cannot read or write{where}: {error.strerror or error}; "
@@ -202,7 +202,7 @@ def handle_errors(command: Callable[..., None]) -> Callable[..., None]:
             _stopped_by_signal()
             if debug:
                 traceback.print_exc()
-            from ..render import printable
+            from ..render.text import printable
 
             text = printable(str(error).strip().splitlines()[0][:300]) if str(error).strip() else ""
             stderr_console().print(

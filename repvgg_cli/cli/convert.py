@@ -156,14 +156,9 @@ def convert(
     # Hash the source on a second core while torch is imported (a single-threaded couple of seconds).
     digest = FileDigest(source) if source.is_file() else None
     from ..api import convert_file
-    from ..render import (
-        conversion_json,
-        conversion_markdown,
-        conversion_table,
-        conversion_totals,
-        key_diff_renderables,
-        printable,
-    )
+    from ..render.conversion import conversion_json, conversion_markdown, conversion_table, conversion_totals
+    from ..render.key_diff import key_diff_renderables
+    from ..render.text import printable
 
     options = convert_options(option_fields)
     with Activity(quiet) as activity:
@@ -235,7 +230,7 @@ def _convert_batch(sources: list[Path], output: Path, options: Any, *, jobs: int
     from rich.markup import escape
 
     from ..batch import batch_json, batch_table, batch_totals, failed_sources, plan_batch, run_batch
-    from ..render import printable
+    from ..render.text import printable
 
     items = plan_batch(sources, output, out_format)
     if report is not None:

@@ -23,7 +23,8 @@ from .options import (
 )
 
 if TYPE_CHECKING:  # the library imports torch; keep `repvgg --help` fast
-    from ..diff import CheckpointSide, FileDiff, KeyComparison, KeyEntry
+    from ..diff.compare import KeyComparison, KeyEntry
+    from ..diff.files import CheckpointSide, FileDiff
 
 
 @app.command()
@@ -47,7 +48,7 @@ def diff(
 
     Exit 0: the same (within the tolerances), 1: different, 2: unreadable.
     """
-    from ..diff import diff_files, file_diff_json
+    from ..diff.files import diff_files, file_diff_json
 
     result = diff_files(a, b, rtol=rtol, atol=atol, bn_eps=bn_eps, allow_pickle=allow_pickle, entry=entry)
     if as_json:
@@ -71,19 +72,19 @@ def shorten_middle(text: str, width: int) -> str:
 
 
 def _number(value: float | None) -> str:
-    from ..diff import format_number
+    from ..diff.files import format_number
 
     return format_number(value)
 
 
 def _tensor_text(shape: tuple[int, ...], dtype: str) -> str:
-    from ..diff import shape_text, short_dtype
+    from ..diff.compare import shape_text, short_dtype
 
     return f"{shape_text(shape)} {short_dtype(dtype)}"
 
 
 def _side_line(label: str, side: CheckpointSide) -> Text:
-    from ..render import human_size
+    from ..render.text import human_size
 
     entry = f", entry {side.entry}" if side.entry else ""
     role = f", {side.role}" if side.role else ""
@@ -150,7 +151,7 @@ def entries_table(title: str, entries: tuple[KeyEntry, ...], width: int) -> Tabl
 def render(result: FileDiff, console: Console, notes: Console) -> None:
     """The terminal report on ``console``: the two files, the tables that have rows, the summary;
     what loading and the comparison noted goes to ``notes`` (stderr)."""
-    from ..diff import summary_line
+    from ..diff.files import summary_line
 
     width = console.width
     console.print(_side_line("A", result.a))

@@ -23,7 +23,7 @@ def inspect(
     """What is in a checkpoint: format, entry, dtypes, blocks by family, train or deploy form."""
     from ..io.read import load_checkpoint
     from ..inspection import summarize
-    from ..render import summary_json, summary_tree
+    from ..render.inspect import summary_json, summary_tree
 
     with Activity(quiet) as activity:
         reading(activity, path)
@@ -43,7 +43,7 @@ def families(
     debug: DebugOption = False,
 ) -> None:
     """List every supported block family with its train and deploy key patterns."""
-    from ..render import families_markdown, families_rows, families_table
+    from ..render.inspect import families_markdown, families_rows, families_table
 
     if as_json:
         print_json({"command": "families", "families": families_rows()})

@@ -65,7 +65,7 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 
 def first_names(names: list[str], shown: int = 5) -> str:
     """``a, b, c`` or ``a, b, c, d, e and 3 more``: a one-line list that never hides how many."""
-    from ..render import printable
+    from ..render.text import printable
 
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(printable(n) for n in names[:shown]) + more
@@ -120,7 +120,7 @@ class Activity:
         if self._progress is not None:
             from rich.markup import escape
 
-            from ..render import printable
+            from ..render.text import printable
 
             self._progress.reset(self._task, total=total, description=escape(printable(description)))
 
@@ -129,7 +129,7 @@ class Activity:
         if self._progress is not None:
             from rich.markup import escape
 
-            from ..render import printable
+            from ..render.text import printable
 
             if description is None:
                 self._progress.update(self._task, advance=1)
@@ -151,7 +151,7 @@ class Activity:
 
 def reading(activity: Activity, path: Path) -> None:
     """Name the checkpoint being read (and its size) as the current step."""
-    from ..render import human_size
+    from ..render.text import human_size
 
     try:
         size = f" ({human_size(path.stat().st_size)})"
@@ -163,7 +163,7 @@ def reading(activity: Activity, path: Path) -> None:
 def wrote_lines(paths: Iterable[Path], as_json: bool = False) -> None:
     """The command's last lines: ``wrote PATH (SIZE)`` for every file it wrote, on stdout (on
     stderr with ``--json``, where stdout holds only the document)."""
-    from ..render import human_size, printable
+    from ..render.text import human_size, printable
 
     console = stderr_console() if as_json else stdout_console()
     for path in paths:

@@ -25,8 +25,8 @@ from .options import (
 )
 
 if TYPE_CHECKING:
-    from ..bench import BenchResult, Speedup, Timing
-    from ..export import ExportResult
+    from ..bench.results import BenchResult, Speedup, Timing
+    from ..export.file import ExportResult
 
 def _ms(value: float) -> str:
     return f"{value:.3f}"
@@ -41,7 +41,7 @@ def _timing_json(t: Timing) -> dict[str, Any]:
 
 
 def _speedup_json(s: Speedup) -> dict[str, Any]:
-    from ..bench import INTERVAL
+    from ..bench.results import INTERVAL
 
     return {"ratio": _num(s.ratio), "low": _num(s.low), "high": _num(s.high), "interval": INTERVAL,
             "method": "bootstrap of the ratio of medians", "conclusive": s.conclusive}
@@ -49,7 +49,7 @@ def _speedup_json(s: Speedup) -> dict[str, Any]:
 
 def bench_json(result: BenchResult, source: str) -> dict[str, Any]:
     """The bench report as one JSON-ready document."""
-    from ..render import model_check_json
+    from ..render.verify import model_check_json
 
     timing = _timing_json
     conversion = result.conversion
@@ -111,7 +111,8 @@ def bench(
     debug: DebugOption = False,
 ) -> None:
     """Time the train-form and the deploy-form forward pass side by side (fused in place between)."""
-    from ..bench import DEFAULT_RESOLUTION, BenchOptions, bench_file
+    from ..bench.results import DEFAULT_RESOLUTION, BenchOptions
+    from ..bench.run import bench_file
     from ..verify import Tolerance
 
     shape = parse_shape(input_shape)
@@ -144,7 +145,7 @@ def _spread(t: Timing) -> str:
 
 
 def _speedup_line(what: str, s: Speedup) -> str:
-    from ..bench import INTERVAL
+    from ..bench.results import INTERVAL
 
     line = (f"{what}speedup {s.ratio:.2f}x (train median / deploy median; {INTERVAL:.0%} interval "
             f"{s.low:.2f}x-{s.high:.2f}x)")
@@ -161,7 +162,7 @@ def _inconclusive(what: str, s: Speedup) -> str | None:
 def _print_bench(result: BenchResult, source: str) -> None:
     from rich.table import Table
 
-    from ..render import printable
+    from ..render.text import printable
 
     console = stdout_console()
     title = (f"bench {printable(source)}: input {tuple(result.input_shape)} {result.dtype} on {result.device}, "
@@ -204,7 +205,7 @@ def _bench_warnings(result: BenchResult) -> None:
 
 def export_json(result: ExportResult) -> dict[str, Any]:
     """The export report as one JSON-ready document."""
-    from ..render import model_check_json
+    from ..render.verify import model_check_json
 
     conversion = result.conversion
     return {
@@ -276,7 +277,7 @@ def export(
     debug: DebugOption = False,
 ) -> None:
     """Export the deploy-form model to ONNX (fusing first if needed), checked with onnxruntime."""
-    from ..export import ExportOptions, export_file
+    from ..export.file import ExportOptions, export_file
 
     shape = parse_shape(input_shape)
     if shape is not None and len(shape) != 4:
@@ -286,7 +287,7 @@ def export(
     with Activity(quiet) as activity:
         result = export_file(source, output, options, allow_pickle=allow_pickle, entry=entry, model_spec=model,
                              force=force, steps=activity)
-    from ..render import printable
+    from ..render.text import printable
 
     for note in result.notes:
         stderr_console().print(printable(note), markup=False, highlight=False)
@@ -303,7 +304,7 @@ def export(
         raise typer.Exit(1)
 
 def _print_export(result: ExportResult) -> None:
-    from ..render import printable
+    from ..render.text import printable
 
     console = stdout_console()
     conversion = result.conversion

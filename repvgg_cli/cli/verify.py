@@ -57,7 +57,8 @@ def verify(
     """
     from ..api import verify_file
     from ..pipeline.options import ConvertOptions
-    from ..render import printable, verify_json, verify_table
+    from ..render.text import printable
+    from ..render.verify import verify_json, verify_table
     from ..verify import Tolerance
 
     with Activity(quiet) as activity:

@@ -10,8 +10,9 @@ from operator import attrgetter
 from torch import Tensor, nn
 
 from ..checks.tolerance import ModelCheck
-from ..diff import KeyComparison, KeyDiff, bit_identical, compare_tensors, dtype_name
-from ..diff import key_diff as diff_keys
+from ..diff.compare import KeyComparison, bit_identical, compare_tensors, dtype_name
+from ..diff.conversion import KeyDiff
+from ..diff.conversion import key_diff as diff_keys
 from ..families import unrecognised_blocks
 from ..families.base import join
 from ..io.metadata import tensor_sha256

@@ -1,260 +1,47 @@
-"""Latency of a model's train-form forward pass against its fused deploy form, side by side.
-
-The model is timed as it comes (train form, eval mode), then switched to its deploy form **in
-place** by :func:`repvgg_cli.api.reparameterize` (which also runs the whole-model check),
-then timed again on the same input. The benchmark itself never copies the model; the
-whole-model check casts a temporary float64 copy of it, one at a time, and drops it.
-
-Each form's passes are timed one by one; the report gives each form's median and spread
-(interquartile range, min-max) and the speedup with a 95% interval from a seeded bootstrap of the
-two forms' samples (resampled with replacement, the ratio of medians each time), and calls the
-comparison inconclusive when that interval includes 1. The two forms run one after the other (the
-model is fused in place between them), so their passes cannot be paired.
-
-With ``onnx=True`` the train form is also exported to ONNX before fusing, and the deploy form after,
-and both graphs are timed in onnxruntime with all its graph optimizations on
-(``ORT_ENABLE_ALL``, which folds conv+BN itself): what the conversion buys beyond the runtime's
-own folding.
-
-No printing here: :func:`bench_model` returns a frozen :class:`BenchResult`; the CLI renders it;
-progress goes through an optional :class:`Steps` object.
+"""Run a benchmark: load the model, time its train form, reparameterize it in place, time its
+deploy form (in torch, and with ``onnx`` both forms' graphs in onnxruntime). See
+:mod:`repvgg_cli.bench`.
 """
 
 from __future__ import annotations
 
-import random
-import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .io.read import LoadedCheckpoint, load_checkpoint
-from .api import ConversionResult, ConvertOptions, reparameterize
-from .pipeline.find import find_module_blocks
-from .pipeline.read import build_model
-from .errors import InputError
-from .verify import Tolerance, compare_outputs, flatten_outputs, infer_input_shape
-
-DEFAULT_RESOLUTION = 224
-BOOTSTRAP_ROUNDS = 2000
-INTERVAL = 0.95
-
-
-class Steps(Protocol):
-    """Where progress goes (the CLI's progress display); every method may do nothing."""
-
-    def step(self, description: str, total: int | None = None) -> None: ...
-
-    def advance(self, description: str | None = None) -> None: ...
-
-
-class _NoSteps:
-    def step(self, description: str, total: int | None = None) -> None:
-        return None
-
-    def advance(self, description: str | None = None) -> None:
-        return None
-
-
-NO_STEPS: Steps = _NoSteps()
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    """How to benchmark.
-
-    Attributes:
-        batch: batch size (used when ``input_shape`` is None).
-        resolution: input height and width (used when ``input_shape`` is None).
-        input_shape: the full input shape ``N,C,H,W``; None: ``batch, C, resolution, resolution``
-            with C the first conv's input channels.
-        threads: torch intra-op threads during the benchmark; None: leave torch's setting.
-        warmup: untimed forward passes before timing each form.
-        repeat: timed forward passes per form; the median is reported.
-        device: ``cpu`` or ``cuda`` / ``cuda:N``.
-        seed: seeds the timed input and the whole-model check.
-        tolerance: pass/fail tolerance of the whole-model check.
-    """
-
-    batch: int = 1
-    resolution: int = DEFAULT_RESOLUTION
-    input_shape: tuple[int, ...] | None = None
-    threads: int | None = None
-    warmup: int = 3
-    repeat: int = 10
-    device: str = "cpu"
-    seed: int = 0
-    tolerance: Tolerance = field(default_factory=Tolerance)
-    onnx: bool = False
-
-
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear interpolation between the closest ranks (numpy's default)."""
-    if len(sorted_values) == 1:
-        return float(sorted_values[0])
-    position = q * (len(sorted_values) - 1)
-    low = int(position)
-    high = min(low + 1, len(sorted_values) - 1)
-    return float(sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low))
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Per-pass wall-clock times of one form, in milliseconds."""
-
-    samples_ms: tuple[float, ...]
-
-    @property
-    def median_ms(self) -> float:
-        return float(statistics.median(self.samples_ms))
-
-    @property
-    def min_ms(self) -> float:
-        return float(min(self.samples_ms))
-
-    @property
-    def max_ms(self) -> float:
-        return float(max(self.samples_ms))
-
-    @property
-    def q1_ms(self) -> float:
-        return _quantile(sorted(self.samples_ms), 0.25)
-
-    @property
-    def q3_ms(self) -> float:
-        return _quantile(sorted(self.samples_ms), 0.75)
-
-    @property
-    def iqr_ms(self) -> float:
-        """Interquartile range: the spread of the middle half of the passes."""
-        return self.q3_ms - self.q1_ms
-
-
-@dataclass(frozen=True)
-class Speedup:
-    """``slow`` median over ``fast`` median, with a bootstrap interval.
-
-    Attributes:
-        ratio: the ratio of the two medians.
-        low, high: the central :data:`INTERVAL` of the ratio of medians over
-            :data:`BOOTSTRAP_ROUNDS` seeded resamples (with replacement) of each form's passes.
-    """
-
-    ratio: float
-    low: float
-    high: float
-
-    @property
-    def conclusive(self) -> bool:
-        """The interval does not include 1: one form is faster beyond the spread of the passes."""
-        return not (self.low <= 1.0 <= self.high)
-
-
-def speedup_of(slow: Timing, fast: Timing, seed: int = 0) -> Speedup:
-    """The speedup of ``fast`` over ``slow`` with a seeded bootstrap interval (see :class:`Speedup`)."""
-    ratio = slow.median_ms / fast.median_ms if fast.median_ms > 0 else float("inf")
-    rng = random.Random(seed)
-    a, b = list(slow.samples_ms), list(fast.samples_ms)
-    ratios = []
-    for _ in range(BOOTSTRAP_ROUNDS):
-        num = statistics.median(rng.choices(a, k=len(a)))
-        den = statistics.median(rng.choices(b, k=len(b)))
-        ratios.append(num / den if den > 0 else float("inf"))
-    ratios.sort()
-    tail = (1.0 - INTERVAL) / 2
-    return Speedup(ratio, _quantile(ratios, tail), _quantile(ratios, 1.0 - tail))
-
-
-@dataclass(frozen=True)
-class OnnxBench:
-    """Both forms as ONNX graphs, timed in onnxruntime with every graph optimization on.
-
-    Attributes:
-        train, deploy: the latencies of each graph.
-        speedup: train over deploy, with its interval.
-        version: onnxruntime's version; optimization: the graph optimization level used.
-        opset: the ONNX opset of both graphs.
-        max_abs_err, scale: the deploy graph's output against the train graph's, same input.
-    """
-
-    train: Timing
-    deploy: Timing
-    speedup: Speedup
-    version: str
-    optimization: str
-    opset: int
-    max_abs_err: float
-    scale: float
-
-    @property
-    def rel_err(self) -> float:
-        return self.max_abs_err / self.scale if self.scale > 0 else self.max_abs_err
-
-
-@dataclass(frozen=True)
-class BenchResult:
-    """The benchmark of one model: both forms' latencies, parameter counts and equivalence.
-
-    Attributes:
-        input_shape: the timed input's shape.
-        dtype: the model's (and input's) dtype.
-        device: where the forward passes ran.
-        threads: torch intra-op threads during the timing.
-        warmup, repeat: as run.
-        train, deploy: the latencies of each form.
-        params_train, params_deploy: parameter counts of the whole model in each form.
-        conversion: what reparameterize did (blocks, per-block checks, whole-model check).
-        timed_max_abs_err, timed_scale: train vs deploy output of the timed input, in the model's
-            own dtype on the timing device (informational; the whole-model check decides).
-        tf32_disabled: on CUDA, TF32 was off for both forms.
-    """
-
-    input_shape: tuple[int, ...]
-    dtype: str
-    device: str
-    threads: int
-    warmup: int
-    repeat: int
-    train: Timing
-    deploy: Timing
-    params_train: int
-    params_deploy: int
-    conversion: ConversionResult
-    timed_max_abs_err: float
-    timed_scale: float
-    tf32_disabled: bool = False
-    speedup_interval: Speedup | None = None
-    onnx: OnnxBench | None = None
-    seed: int = 0
-
-    @property
-    def speedup(self) -> float:
-        """Train-form median latency over deploy-form median latency."""
-        return self.train.median_ms / self.deploy.median_ms if self.deploy.median_ms > 0 else float("inf")
-
-    @property
-    def interval(self) -> Speedup:
-        """The speedup with its bootstrap interval."""
-        return self.speedup_interval or speedup_of(self.train, self.deploy, self.seed)
-
-    @property
-    def timed_rel_err(self) -> float:
-        return self.timed_max_abs_err / self.timed_scale if self.timed_scale > 0 else self.timed_max_abs_err
-
-    @property
-    def outputs_match(self) -> bool:
-        """Every fused block passed and the whole-model check passed."""
-        return self.conversion.ok
-
-    @property
-    def blocks(self) -> int:
-        return len(self.conversion.blocks)
+from ..api import ConvertOptions, reparameterize
+from ..checks.model import (
+    compare_outputs,
+    flatten_outputs,
+    infer_input_shape,
+    model_dtype,
+)
+from ..errors import InputError
+from ..export.graph import (
+    DEFAULT_OPSET,
+    INPUT_NAME,
+    first_line,
+    onnx_bytes,
+    require_onnx,
+)
+from ..inspection import summarize
+from ..io.read import LoadedCheckpoint, load_checkpoint
+from ..pipeline.find import find_module_blocks
+from ..pipeline.read import build_model
+from .results import (
+    NO_STEPS,
+    BenchOptions,
+    BenchResult,
+    OnnxBench,
+    Steps,
+    Timing,
+    speedup_of,
+)
 
 
 def check_device(device: str) -> torch.device:
@@ -312,8 +99,6 @@ def refuse_deploy_form(loaded: LoadedCheckpoint) -> None:
     Raises:
         InputError: the checkpoint is in deploy form.
     """
-    from .inspection import summarize
-
     try:
         summary = summarize(loaded)
     except Exception:  # noqa: BLE001 - only a better message is at stake: loading decides the rest
@@ -337,14 +122,6 @@ def resolve_input_shape(model: nn.Module, options: BenchOptions) -> tuple[int, .
     except ValueError as error:
         raise InputError(str(error)) from None
     return (options.batch, channels, options.resolution, options.resolution)
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's first floating-point parameter (float32 if none)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
 @contextmanager
@@ -413,8 +190,6 @@ def time_forward(model: nn.Module, x: Tensor, warmup: int, repeat: int, device: 
 
 
 def _onnx_session(data: bytes, threads: int) -> tuple[Any, Any]:
-    from .export import require_onnx
-
     _, onnxruntime = require_onnx()
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -426,8 +201,6 @@ def _onnx_session(data: bytes, threads: int) -> tuple[Any, Any]:
 def time_onnx(data: bytes, x: Tensor, warmup: int, repeat: int, threads: int, steps: Steps = NO_STEPS,
               label: str = "") -> tuple[Timing, list[Any]]:
     """Time an ONNX graph in onnxruntime (CPU, ``ORT_ENABLE_ALL``) as :func:`time_forward` times torch."""
-    from .export import INPUT_NAME
-
     _, session = _onnx_session(data, threads)
     feed = {INPUT_NAME: x.cpu().numpy()}
     samples: list[float] = []
@@ -445,8 +218,6 @@ def time_onnx(data: bytes, x: Tensor, warmup: int, repeat: int, threads: int, st
 
 
 def _export_for_bench(model: nn.Module, x: Tensor, outputs: int, steps: Steps, label: str) -> bytes:
-    from .export import DEFAULT_OPSET, onnx_bytes
-
     steps.step(f"exporting the {label} to ONNX")
     return onnx_bytes(model, x, DEFAULT_OPSET, False, outputs)
 
@@ -475,8 +246,6 @@ def bench_model(model: nn.Module, options: BenchOptions | None = None, steps: St
     if options.repeat < 1 or options.warmup < 0:
         raise InputError("--repeat must be at least 1 and --warmup at least 0")
     if options.onnx:
-        from .export import require_onnx
-
         require_onnx()
         if options.device != "cpu":
             raise InputError("--onnx times onnxruntime on the CPU: use it with --device cpu")
@@ -504,7 +273,7 @@ def bench_model(model: nn.Module, options: BenchOptions | None = None, steps: St
             train_timing, train_out = time_forward(model, x, options.warmup, options.repeat, device, steps,
                                                    "the train form")
         except RuntimeError as error:
-            raise InputError(f"the model cannot run on input {shape}: {_first_line(error)}",
+            raise InputError(f"the model cannot run on input {shape}: {first_line(error)}",
                              hint="pass --input-shape N,C,H,W or --resolution") from None
         train_out = [t.cpu() for t in train_out]
         model.to("cpu")  # the whole-model check builds its probe on the CPU
@@ -550,8 +319,6 @@ def bench_model(model: nn.Module, options: BenchOptions | None = None, steps: St
 
 def _bench_onnx(train_graph: bytes, deploy_graph: bytes, x: Tensor, options: BenchOptions, threads: int,
                 steps: Steps) -> OnnxBench:
-    from .export import DEFAULT_OPSET
-
     onnxruntime, _ = _onnx_session(deploy_graph, threads)
     train, train_out = time_onnx(train_graph, x, options.warmup, options.repeat, threads, steps,
                                  "the train form in onnxruntime")
@@ -561,11 +328,6 @@ def _bench_onnx(train_graph: bytes, deploy_graph: bytes, x: Tensor, options: Ben
     return OnnxBench(train=train, deploy=deploy, speedup=speedup_of(train, deploy, options.seed),
                      version=str(onnxruntime.__version__), optimization="ORT_ENABLE_ALL", opset=DEFAULT_OPSET,
                      max_abs_err=err, scale=scale)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
 
 
 def bench_file(

@@ -1,56 +1,42 @@
-"""ONNX export of the deploy-form model, checked against torch with onnxruntime before it is written.
-
-Where the model comes from (module tree only; an ONNX graph needs the model's forward):
-
-- a pickled model (``--allow-pickle``): train-form blocks are fused in place first (each block and
-  the whole model checked, as ``convert`` does); a model already in deploy form is exported as is;
-- a state dict and ``MODULE:CALLABLE`` building the **train-form** model: a train-form state dict
-  is loaded strictly and fused; a deploy state dict (e.g. written by ``repvgg convert``) is
-  loaded strictly into the factory's model after switching it to its deploy structure.
-
-The graph is made by ``torch.onnx.export(..., dynamo=False)`` (the TorchScript exporter: it needs
-no ``onnxscript``), kept in memory, checked with ``onnx.checker`` and run in onnxruntime on
-seeded random inputs against the torch deploy model; only a graph that passes is written, atomically.
-onnx and onnxruntime are an optional extra (``pip install -e ".[onnx]"`` from a clone).
-
-Options: ``half`` exports the deploy model in float16 (checked against the float32 model, so the
-reported error is the whole cost of the cast); ``dynamic`` makes the batch and both spatial axes
-symbolic (the second check then runs another batch size and resolution); ``slim`` passes the graph
-through onnxslim (an optional extra too) before it is checked, so the graph written is the graph
-checked.
+"""``repvgg export``'s library side: :func:`export_file` exports a checkpoint's deploy model to an
+ONNX graph (:mod:`.graph`), checks it in onnxruntime against torch and writes it only if it passes
+(see :mod:`repvgg_cli.export`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-import io
 import os
-import sys
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from . import __version__
-from .bench import model_dtype
-from .io.read import LoadedCheckpoint, load_checkpoint
-from .io.write import atomic_write
-from .api import ConversionResult, ConvertOptions, reparameterize
-from .pipeline.find import find_module_blocks
-from .pipeline.read import build_model, load_factory
-from .errors import InputError, OutputExistsError, UnsupportedError
-from .verify import Tolerance, compare, flatten_outputs, infer_input_shape
+from .. import __version__
+from ..api import ConversionResult, ConvertOptions
+from ..checks.model import flatten_outputs, infer_input_shape, model_dtype
+from ..checks.tolerance import Tolerance, compare
+from ..errors import InputError, OutputExistsError, UnsupportedError
+from ..io.read import load_checkpoint
+from ..io.write import atomic_write
+from .graph import (
+    DEFAULT_OPSET,
+    EXPORTER,
+    INPUT_NAME,
+    SLIM_HINT,
+    exporter_opsets,
+    first_line,
+    onnx_bytes,
+    require_onnx,
+    slim_graph,
+    validate_graph,
+    with_metadata,
+)
+from .model import deploy_model_from
 
-DEFAULT_OPSET = 17
-EXPORTER = "torch.onnx.export(dynamo=False) (TorchScript exporter)"
-INPUT_NAME = "input"
-ONNX_HINT = 'install the optional extra: pip install -e ".[onnx]" (from the clone)'
-SLIM_HINT = 'install the optional extra: pip install -e ".[slim]" (from the clone)'
 SPATIAL_STEP = 32
 """With ``dynamic``, the second check's height and width are this much larger (a multiple of 32 keeps
 every usual stride dividing the input)."""
@@ -165,20 +151,6 @@ class ExportResult:
         return all(c.ok for c in self.checks) and (self.conversion is None or self.conversion.ok)
 
 
-def require_onnx() -> tuple[Any, Any]:
-    """Import onnx and onnxruntime, or explain how to install them.
-
-    Raises:
-        InputError: either is missing (exit 2), with the pip hint.
-    """
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as error:
-        raise InputError(f"export needs onnx and onnxruntime: {error}", hint=ONNX_HINT) from None
-    return onnx, onnxruntime
-
-
 def check_onnx_output(output: Path, source: Path, force: bool) -> None:
     """Refuse the source, an existing output without ``force``, a missing folder, a non-.onnx name."""
     if output.suffix.lower() != ".onnx":
@@ -191,126 +163,6 @@ def check_onnx_output(output: Path, source: Path, force: bool) -> None:
         raise OutputExistsError(f"{output} exists", hint="pass --force to replace it")
     if not output.parent.is_dir():
         raise InputError(f"{output.parent} does not exist")
-
-
-def deploy_model_from(
-    loaded: LoadedCheckpoint,
-    model_spec: str | None,
-    options: ConvertOptions,
-) -> tuple[nn.Module, str, ConversionResult | None]:
-    """The deploy-form model of a loaded checkpoint (see the module docstring).
-
-    Returns:
-        ``(deploy model, source form, conversion or None)``.
-    """
-    if loaded.model is not None:
-        model = loaded.model.eval()
-        if not find_module_blocks(model):
-            return model, "pickled deploy model", None
-        result = reparameterize(model, options)
-        return result.model, "pickled train model", result
-    if model_spec is None:
-        raise InputError(
-            f"{loaded.path} holds a state dict, not a model: an ONNX export needs the model's code",
-            hint="pass --model MODULE:CALLABLE that builds the train-form model, or a pickled model with --allow-pickle",
-        )
-    factory_model = _call_factory(model_spec)
-    if set(loaded.state_dict) == set(factory_model.state_dict()):
-        model = build_model(model_spec, loaded.state_dict)
-        result = reparameterize(model, options)
-        return result.model, "train state dict", result
-    # A deploy state dict: switch a freshly built model to its deploy structure, then load strictly.
-    if not find_module_blocks(factory_model):
-        raise InputError(f"--model {model_spec}: the factory's model has no train-form block and the checkpoint "
-                         "does not load into it")
-    structure = reparameterize(factory_model.eval(), options, check_model=False).model
-    assert structure is not None
-    try:
-        structure.load_state_dict(loaded.state_dict, strict=True)
-    except RuntimeError as error:
-        lines = str(error).strip().splitlines()
-        detail = " ".join(line.strip() for line in lines[1:3]) if len(lines) > 1 else lines[0]
-        raise InputError(
-            f"{loaded.path} loads neither into --model {model_spec} (train form) nor into its deploy form: "
-            f"{detail[:300]}"
-        ) from None
-    return structure.eval(), "deploy state dict", None
-
-
-def _call_factory(spec: str) -> nn.Module:
-    factory = load_factory(spec)
-    try:
-        model = factory()
-    except Exception as error:  # noqa: BLE001 - the user's factory may raise anything
-        raise InputError(f"--model {spec!r}: calling it failed: {error}") from None
-    if not isinstance(model, nn.Module):
-        raise InputError(f"--model {spec!r} returned a {type(model).__name__}, not an nn.Module")
-    return model
-
-
-def exporter_opsets() -> tuple[int, int]:
-    """The opsets the installed torch's TorchScript exporter supports (it only warns beyond them)."""
-    try:
-        from torch.onnx import _constants
-
-        return int(_constants.ONNX_MIN_OPSET), int(_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
-    except (ImportError, AttributeError):
-        return 7, 20
-
-
-def _output_names(count: int) -> list[str]:
-    return ["output"] if count == 1 else [f"output{i}" for i in range(count)]
-
-
-def onnx_bytes(model: nn.Module, x: Tensor, opset: int, dynamic_batch: bool, outputs: int,
-               dynamic_spatial: bool = False) -> bytes:
-    """Export ``model`` traced on ``x`` with the TorchScript exporter, into memory.
-
-    Args:
-        dynamic_batch: the batch axis of the input and every output is symbolic.
-        dynamic_spatial: the input's height and width are symbolic too.
-
-    Raises:
-        UnsupportedError: the exporter refused the model or the opset.
-    """
-    names = _output_names(outputs)
-    dynamic_axes = None
-    if dynamic_batch or dynamic_spatial:
-        dynamic_axes = {name: {0: "batch"} for name in [INPUT_NAME, *names]}
-        if dynamic_spatial:
-            dynamic_axes[INPUT_NAME] = {0: "batch", 2: "height", 3: "width"}
-    buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter announces its own deprecation
-            torch.onnx.export(
-                model, (x,), buffer, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=names, dynamic_axes=dynamic_axes, do_constant_folding=True,
-            )
-    except Exception as error:  # noqa: BLE001 - the exporter raises many types for one cause
-        raise UnsupportedError(f"torch.onnx.export (opset {opset}) failed: {_first_line(error)}") from None
-    return buffer.getvalue()
-
-
-def validate_graph(onnx: Any, data: bytes) -> None:
-    """Run ``onnx.checker`` on the graph.
-
-    Raises:
-        UnsupportedError: the checker rejects it.
-    """
-    try:
-        onnx.checker.check_model(onnx.load_from_string(data))
-    except Exception as error:  # noqa: BLE001 - onnx raises ValidationError and friends
-        raise UnsupportedError(f"the exported ONNX graph is invalid: {_first_line(error)}") from None
-
-
-def with_metadata(onnx: Any, data: bytes, metadata: dict[str, str]) -> bytes:
-    """Add ``metadata_props`` (sorted, so equal inputs give equal bytes); the graph is unchanged."""
-    proto = onnx.load_from_string(data)
-    for key in sorted(metadata):
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, metadata[key]
-    return proto.SerializeToString()
 
 
 def check_with_onnxruntime(
@@ -339,7 +191,7 @@ def check_with_onnxruntime(
         session = onnxruntime.InferenceSession(data, session_options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types
         raise UnsupportedError(f"onnxruntime cannot load the exported graph (opset {options.opset}): "
-                               f"{_first_line(error)}") from None
+                               f"{first_line(error)}") from None
     rtol = options.rtol if options.rtol is not None else DEFAULT_ONNX_RTOL.get(graph_dtype, 1e-4)
     checks = []
     for i, shape in enumerate(shapes):
@@ -350,13 +202,13 @@ def check_with_onnxruntime(
             with torch.no_grad():
                 reference = [t.detach().cpu() for t in flatten_outputs(model(x))]
         except RuntimeError as error:
-            raise InputError(f"the deploy model cannot run on the check input {shape}: {_first_line(error)}",
+            raise InputError(f"the deploy model cannot run on the check input {shape}: {first_line(error)}",
                              hint="with --dynamic the second check is larger in batch and resolution; pass "
                                   "--input-shape N,C,H,W or export without --dynamic") from None
         try:
             produced = session.run(None, {INPUT_NAME: fed.numpy()})
         except Exception as error:  # noqa: BLE001
-            raise UnsupportedError(f"onnxruntime failed on input {shape}: {_first_line(error)}") from None
+            raise UnsupportedError(f"onnxruntime failed on input {shape}: {first_line(error)}") from None
         if len(produced) != len(reference):
             raise UnsupportedError(f"the graph returns {len(produced)} tensors, torch returns {len(reference)}")
         err, scale = 0.0, 0.0
@@ -365,49 +217,6 @@ def check_with_onnxruntime(
             err, scale = max(err, e), max(scale, s)
         checks.append(OnnxCheck(seed, tuple(shape), err, scale, rtol, options.atol, len(reference)))
     return tuple(checks)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
-
-
-def slim_graph(data: bytes) -> tuple[bytes, dict[str, Any]]:
-    """Pass the graph through onnxslim (constant folding, dead and redundant node removal).
-
-    Returns:
-        The slimmed graph and ``{"onnxslim": version, "nodes_before": n, "nodes_after": m}``.
-    Raises:
-        InputError: onnxslim is not installed; UnsupportedError: it failed on the graph.
-    """
-    try:
-        import onnx
-        import onnxslim
-    except ImportError as error:
-        raise InputError(f"--slim needs onnxslim: {error}", hint=SLIM_HINT) from None
-    proto = onnx.load_from_string(data)
-    before = len(proto.graph.node)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):  # it may print a summary
-            warnings.simplefilter("ignore")
-            slimmed = onnxslim.slim(proto)
-    except Exception as error:  # noqa: BLE001 - a third-party optimizer raises anything
-        raise UnsupportedError(f"onnxslim failed on the exported graph: {_first_line(error)}",
-                               hint="export without --slim") from None
-    if slimmed is None:
-        raise UnsupportedError("onnxslim returned no graph", hint="export without --slim")
-    version = getattr(onnxslim, "__version__", None) or _installed_version("onnxslim")
-    return slimmed.SerializeToString(), {"onnxslim": version, "nodes_before": before,
-                                         "nodes_after": len(slimmed.graph.node)}
-
-
-def _installed_version(name: str) -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class _NoSteps:
@@ -439,7 +248,7 @@ def export_file(
         model_spec: ``MODULE:CALLABLE`` building the train-form model.
         force: replace an existing output (atomically).
         steps: where progress goes (an object with ``step(description, total=None)`` and
-            ``advance()``, as :class:`repvgg_cli.bench.Steps`); None: nowhere.
+            ``advance()``, as :class:`repvgg_cli.bench.results.Steps`); None: nowhere.
     Returns:
         An :class:`ExportResult`; ``written`` is False when a check failed.
     Raises:
@@ -484,7 +293,7 @@ def export_file(
         with torch.no_grad():
             outputs = len(flatten_outputs(model(x)))
     except RuntimeError as error:
-        raise InputError(f"the deploy model cannot run on input {shape}: {_first_line(error)}",
+        raise InputError(f"the deploy model cannot run on input {shape}: {first_line(error)}",
                          hint="pass --input-shape N,C,H,W") from None
     if outputs == 0:
         raise UnsupportedError("the model returns no tensor to export")
