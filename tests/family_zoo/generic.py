@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repvgg_cli.families.generic.deploy import GenericDeploy, post_module
-from repvgg_cli.families.generic.read import read_block
+from repvgg_cli.families.generic.deploy import GenericDeploy
+from repvgg_cli.families.generic.read import post_module, read_block
 from tests.family_zoo.seeded import train_form
 
 EPS = 1e-5

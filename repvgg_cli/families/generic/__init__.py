@@ -46,6 +46,7 @@ Sources: pytorch/pytorch ``torch/fx/_symbolic_trace.py`` (``Tracer``: ``is_leaf_
 DingXiaoH/DiverseBranchBlock ``dbb_transforms.py``).
 
 The package, from the bottom up: :mod:`.trace` (torch.fx tracing and the cheap looks before
-it), :mod:`.deploy` (:class:`~.deploy.GenericDeploy`), :mod:`.read` (:func:`~.read.read_block`),
-:mod:`.family` (:class:`~.family.GenericBlock`, the expression and the labels).
+it), :mod:`.deploy` (:class:`~.deploy.GenericDeploy`), :mod:`.read` (:func:`~.read.read_block`,
+:func:`~.read.post_module`), :mod:`.family` (:class:`~.family.GenericBlock`, the expression and
+the labels).
 """

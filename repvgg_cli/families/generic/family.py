@@ -19,8 +19,8 @@ from ...errors import RepvggError, UnsupportedError
 from ...fusion.sum import fuse_branches
 from ...fusion.values import FusedConv
 from ..base import Block, Family, FamilyOptions, ModuleView, conv_from_fused, join
-from .deploy import GenericDeploy, post_module
-from .read import SUMMING, Reading, Step, fetch, read_block
+from .deploy import GenericDeploy
+from .read import SUMMING, Reading, Step, fetch, post_module, read_block
 
 # -- the expression and its labels ----------------------------------------------------------------
 

@@ -1,8 +1,9 @@
-"""Generic fusion, part 2: a traced forward read as ``post(sum of linear branches over the input)``.
+"""Generic fusion, part 3: a traced forward read as ``post(sum of linear branches over the input)``.
 
 :func:`read_block` returns the linear part (one :class:`Step` per node, up to the sum) and the
 part after it, or None when the module is not such a block (every condition is listed in
-:mod:`repvgg_cli.families.generic`).
+:mod:`repvgg_cli.families.generic`); :func:`post_module` makes that part a module of its own (a
+``torch.fx.GraphModule``, pickled as generated code, pytorch/pytorch ``torch/fx/graph_module.py``).
 
 Sources: pytorch/pytorch ``torch/fx/_symbolic_trace.py`` and ``torch/fx/node.py`` (the graph read
 here); the algebra follows DESIGN.md.
@@ -308,3 +309,24 @@ def _importable_function(target: object) -> bool:
     owner = getattr(target, "__module__", None) or ""
     return owner in POST_FUNCTION_MODULES or owner.startswith("torch.")
 
+
+def post_module(module: nn.Module, reading: Reading) -> nn.Module:
+    """The traced remainder after the sum as a module of its own (``nn.Identity`` when the forward
+    returns the sum itself): a GraphModule over the block's modules and constants it uses."""
+    output = reading.post[-1]
+    if len(reading.post) == 1 and output.args == (reading.head,) and not output.kwargs:
+        return nn.Identity()
+    needed: set[fx.Node] = set(reading.post)
+    stack = [i for n in reading.post for i in n.all_input_nodes if i not in reading.depends]
+    while stack:  # the constants the remainder reads (parameters and what is computed from them)
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(i for i in node.all_input_nodes if i not in reading.depends)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {reading.head: graph.placeholder("y")}
+    for node in reading.graph.nodes:
+        if node in needed:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.lint()
+    return fx.GraphModule(module, graph, class_name="GenericPost")
