@@ -55,8 +55,7 @@ def verify(
     On its own, from what convert recorded in it. With --against, from the train-form source,
     with the options given here (as for convert), nothing taken from the file under test.
     """
-    from ..api import verify_file
-    from ..pipeline.options import ConvertOptions
+    from ..api import ConvertOptions, verify_file
     from ..render.text import printable
     from ..render.verify import verify_json, verify_table
     from ..verify import Tolerance
