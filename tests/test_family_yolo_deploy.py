@@ -326,11 +326,6 @@ def test_yolov7_key_tree_never_folds_implicits(tmp_path):
 # -- ultralytics ----------------------------------------------------------------------------------
 
 
-def _dtype_flag_exists() -> bool:
-    return "--dtype" in invoke("convert", "--help").stdout
-
-
-@pytest.mark.xfail(not _dtype_flag_exists(), strict=True, reason="--dtype pending")
 def test_ultralytics_fp16_training_checkpoint_to_float32(tmp_path):
     """ultralytics' trainer saves ``{'model': None, 'ema': deepcopy(ema).half(), ...}``; with
     ``--dtype float32`` the deploy model comes out in float32, matching the fp16 weights upcast."""
