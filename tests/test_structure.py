@@ -1,4 +1,4 @@
-"""The shape of the package (issue 11): no import circle, no module over 500 lines.
+"""The shape of the package (issue 11): no import circle, no module over 500 lines, the layers.
 
 Every module of ``repvgg_cli`` is parsed (not imported) and each ``import`` / ``from ... import``
 it holds counts, wherever it stands: at the top, inside a function (a lazy import), under
@@ -18,6 +18,7 @@ Imports through ``importlib`` with a computed name (the lazy public names of
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,78 @@ def _write(root: Path, files: dict[str, str]) -> Path:
 ])
 def test_the_circle_finder_sees_lazy_and_package_imports(tmp_path: Path, files: dict, expected: list) -> None:
     assert import_cycles(import_graph(_write(tmp_path, files))) == expected
+
+
+# -- layers -------------------------------------------------------------------------------------
+
+FORBIDDEN: dict[str, tuple[str, ...]] = {
+    # the math: pure tensor math, below everything (DESIGN.md: no modules walked, no IO)
+    "fusion": ("algebra", "semantics", "families", "checks", "io", "pipeline", "api", "cli", "verify",
+               "inspection", "diff", "render", "batch", "bench", "export", "html_report"),
+    "algebra": ("semantics", "families", "checks", "io", "pipeline", "api", "cli", "verify", "inspection",
+                "diff", "render", "batch", "bench", "export", "html_report"),
+    "semantics": ("families", "checks", "io", "pipeline", "api", "cli", "verify", "inspection", "diff",
+                  "render", "batch", "bench", "export", "html_report"),
+    # reading and writing files knows nothing of what is in them
+    "io": ("fusion", "algebra", "semantics", "families", "checks", "pipeline", "api", "cli", "verify",
+           "inspection", "diff", "render", "batch", "bench", "export", "html_report"),
+    # the stages never call up into the faces over them
+    "pipeline": ("api", "cli", "render", "html_report", "batch", "bench", "export", "diff.files"),
+    # the CLI is a face over the API: no stage, no family, no math of its own
+    "cli": ("pipeline", "families", "fusion", "algebra", "semantics"),
+}
+"""Layer (a module or package under ``repvgg_cli``) -> what no module of it may import, wherever the
+import stands (module level, lazy, ``TYPE_CHECKING``): the math (fusion, algebra, semantics)
+imports only itself and ``errors``; ``io`` no content, stage, API or CLI; ``pipeline`` no face
+over it (API, CLI, renderers, batch/bench/export, ``diff.files`` which calls the API); the CLI
+goes through the API (no ``pipeline``, ``families`` or math module; it builds ``Tolerance``, a
+value of ``checks.tolerance``, from its flags)."""
+
+
+def _inside(module: str, layer: str, root: str) -> bool:
+    name = f"{root}.{layer}"
+    return module == name or module.startswith(name + ".")
+
+
+def layer_violations(graph: dict[str, dict[str, int]], forbidden: dict[str, tuple[str, ...]],
+                     root: str) -> list[str]:
+    """``module:line imports target`` for every import a layer must not make."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        for layer, banned in forbidden.items():
+            if not _inside(module, layer, root):
+                continue
+            for target, line in sorted(targets.items()):
+                if any(_inside(target, other, root) for other in banned):
+                    found.append(f"{module}:{line} imports {target} (layer {layer} must not import {', '.join(banned)})")
+    return found
+
+
+def test_layers() -> None:
+    graph = import_graph(PACKAGE)
+    for layer in FORBIDDEN:
+        assert any(_inside(m, layer, "repvgg_cli") for m in graph), f"no module of layer {layer}: update FORBIDDEN"
+    violations = layer_violations(graph, FORBIDDEN, "repvgg_cli")
+    assert not violations, "\n".join(violations)
+
+
+def test_a_layer_violation_is_reported(tmp_path: Path) -> None:
+    graph = import_graph(_write(tmp_path, {
+        "pkg/__init__.py": "", "pkg/io/__init__.py": "", "pkg/pipeline/__init__.py": "",
+        "pkg/io/read.py": "def f():\n    from ..pipeline import run\n",
+    }))
+    assert layer_violations(graph, {"io": ("pipeline",)}, "pkg") == [
+        "pkg.io.read:2 imports pkg.pipeline (layer io must not import pipeline)"]
+    assert layer_violations(graph, {"pipeline": ("io",)}, "pkg") == []
+
+
+def test_no_reference_networks_and_no_conversion_shim_in_the_package() -> None:
+    """The reference networks live in tests/zoo.py; the pipeline and the API replaced convert.py."""
+    assert not (PACKAGE / "zoo.py").exists() and not (PACKAGE / "convert.py").exists()
+    root = PACKAGE.parent
+    gone = [f"{PACKAGE.name}.{name}" for name in ("zoo", "convert")]  # built here, so this file does not match
+    files = [*root.glob("*.md"), *(p for d in ("repvgg_cli", "tests", "scripts", "benchmarks")
+                                   for p in (root / d).rglob("*.py"))]
+    mentions = [f"{path.relative_to(root)}: {name}" for path in files for name in gone
+                if re.search(rf"\b{re.escape(name)}\b(?!_)", path.read_text(encoding="utf-8"))]
+    assert not mentions, mentions
