@@ -206,14 +206,19 @@ def convert_state_dict(state: Mapping[str, Tensor], options: ConvertOptions | No
         be fused (3).
 
     Example:
+        >>> from torch import nn
         >>> from repvgg_cli import ConvertOptions, convert_state_dict
-        >>> from tests import zoo                     # the reference RepVGG of a clone's tests
-        >>> train = zoo.randomize_bn(zoo.repvgg("tiny"))
+        >>> def block():                              # the tutorial block's layers, by their names
+        ...     return nn.ModuleDict({"conv3x3": nn.Conv2d(4, 4, 3, padding=1, bias=False), "bn3x3": nn.BatchNorm2d(4),
+        ...                           "conv1x1": nn.Conv2d(4, 4, 1, bias=False), "bn1x1": nn.BatchNorm2d(4),
+        ...                           "identity": nn.BatchNorm2d(4)})
+        >>> train = nn.Sequential(block(), nn.ReLU(), block())
         >>> state = {"module." + k: v for k, v in train.state_dict().items()}   # saved from DDP
         >>> result = convert_state_dict(state, ConvertOptions(bn_eps=1e-5))
         >>> result.ok, len(result.blocks), result.notes[0]
-        (True, 7, "stripped key prefix 'module.'")
-        >>> zoo.repvgg("tiny", deploy=True).load_state_dict(result.state_dict, strict=True)
+        (True, 2, "stripped key prefix 'module.'")
+        >>> deploy = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+        >>> deploy.load_state_dict(result.state_dict, strict=True)       # each block became one conv
         <All keys matched successfully>
     """
     options = _checked_options(options)
@@ -249,16 +254,24 @@ def reparameterize(model: nn.Module, options: ConvertOptions | None = None, chec
 
     Example:
         >>> import torch
+        >>> from torch import nn
         >>> from repvgg_cli import reparameterize
-        >>> from tests import zoo
-        >>> model = zoo.randomize_bn(zoo.repvgg("tiny")).eval()
+        >>> class Block(nn.Module):     # the tutorial block: 3x3 conv+BN, 1x1 conv+BN, identity BN, summed
+        ...     def __init__(self, c: int) -> None:
+        ...         super().__init__()
+        ...         self.conv3x3, self.bn3x3 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        ...         self.conv1x1, self.bn1x1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        ...         self.identity = nn.BatchNorm2d(c)
+        ...     def forward(self, x):
+        ...         return self.bn3x3(self.conv3x3(x)) + self.bn1x1(self.conv1x1(x)) + self.identity(x)
+        >>> model = nn.Sequential(Block(4), nn.ReLU(), Block(4)).eval()
         >>> result = reparameterize(model)
         >>> result.ok, len(result.blocks), result.model_check.dtype
-        (True, 7, 'float64')
+        (True, 2, 'float64')
         >>> deploy = result.model                            # a converted copy
-        >>> hasattr(model.stage0, "rbr_dense"), hasattr(deploy.stage0, "rbr_dense")
-        (True, False)
-        >>> x = torch.randn(1, 3, 32, 32)
+        >>> type(model[0]).__name__, type(deploy[0]).__name__
+        ('Block', 'Conv2d')
+        >>> x = torch.randn(1, 4, 16, 16)
         >>> torch.allclose(deploy(x), model(x), rtol=1e-4, atol=1e-5)
         True
         >>> reparameterize(model, inplace=True).model is model  # no copy: the model itself
