@@ -20,8 +20,11 @@ from .checks.tolerance import (
     compare,
     decode_tensor,
 )
+from .errors import RepvggError
+from .families import find_blocks
+from .fusion.sum import fuse_branches
 from .fusion.values import FusedConv
-from .io.metadata import TENSOR_DIGESTS
+from .io.metadata import TENSOR_DIGESTS, tensor_sha256
 
 
 @dataclass(frozen=True)
@@ -85,10 +88,6 @@ def verify_deploy(state, metadata: dict, tolerance: Tolerance | None = None) -> 
     Returns:
         A :class:`VerifyReport`.
     """
-    from .errors import RepvggError
-    from .families import find_blocks
-    from .io.metadata import tensor_sha256
-
     tolerance = tolerance or Tolerance()
     problems: list[str] = []
     try:
@@ -150,9 +149,6 @@ def verify_against(deploy_state, plan, seed: int = 0) -> VerifyReport:
         plan: the find stage's plan of the train-form source (:func:`repvgg_cli.pipeline.find.find`).
         seed: seeds the probes.
     """
-    from .errors import RepvggError
-    from .fusion.sum import fuse_branches
-
     options = plan.options
     tolerance = options.tolerance
     state = plan.source.state

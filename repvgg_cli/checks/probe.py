@@ -15,8 +15,9 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ..fusion.values import Branches, FusedConv
 from ..fusion.sum import raise_non_finite
+from ..fusion.values import Branches, FusedConv
+from ..semantics import run
 from .forward import (
     as_float64_vector,
     branch_geometry,
@@ -256,8 +257,6 @@ def check_expression(name: str, branches: Branches, fused64: FusedConv | None, s
     """:func:`check_block` for a composite block: the expression it was declared as
     (``branches.ops``) is run with torch's own ops (:func:`repvgg_cli.semantics.run`), every output
     channel at every output position of the block's probe, against the shipped conv."""
-    from ..semantics import run
-
     x = branches_probe(branches, block_seed(seed, name))
     reference = run(branches.ops, x, stride1=True)
     output = fused_forward(shipped, x, stride=(1, 1))
