@@ -70,7 +70,7 @@ TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                 ROWS_TEST)),
     "verify": (("repvgg_cli/verify.py",), CHECK_TESTS),
     "checks": (("repvgg_cli/checks/*.py",), CHECK_TESTS),
-    "io/containers": (("repvgg_cli/io/containers.py",), ("tests/test_checkpoint.py", "tests/test_hostile.py")),
+    "io/containers": (("repvgg_cli/io/containers.py",), ("tests/test_mutation_io_containers.py", ROWS_TEST)),
     "io/read": (("repvgg_cli/io/read.py",), (*IO_READ_TESTS, "tests/test_io_source_changes.py",
                                                "tests/test_io_hostile_tensors.py")),
     "io/unpickle": (("repvgg_cli/io/unpickle.py",), ("tests/test_mutation_io_unpickle.py", ROWS_TEST)),
