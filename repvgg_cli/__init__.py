@@ -31,7 +31,7 @@ _API = {
     "VerifyReport": "verify",
     "verify_deploy": "verify",
     "verify_against": "verify",
-    "Tolerance": "verify",
+    "Tolerance": "checks.tolerance",
     "load_checkpoint": "io.read",
     "summarize": "inspection",
     "fuse_branches": "fusion.sum",

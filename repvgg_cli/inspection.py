@@ -10,7 +10,7 @@ from torch import Tensor
 from .io.read import LoadedCheckpoint
 from .errors import RepvggError
 from .families import FAMILIES, find_blocks, unrecognised_blocks
-from .families.base import join
+from .families.keys import join
 from .families.base import Block
 
 

@@ -873,7 +873,7 @@ def test_streamed_convert_gives_its_core_back(tmp_path: Path, monkeypatch) -> No
     after a failed check too."""
     from repvgg_cli.api import ConvertOptions
     from repvgg_cli.pipeline import fuse
-    from repvgg_cli.verify import Tolerance
+    from repvgg_cli.checks.tolerance import Tolerance
 
     seen: list[int] = []
     real = fuse.fuse_one

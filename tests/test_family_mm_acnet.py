@@ -18,7 +18,7 @@ from tests import zoo
 from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.errors import UnsupportedError
 from repvgg_cli.families import FamilyOptions, family_by_name, find_blocks
-from repvgg_cli.families.base import KeyView
+from repvgg_cli.families.keys import KeyView
 from repvgg_cli.fusion.bn import fold_batch_norm
 from repvgg_cli.fusion.kernels import center_kernel
 from repvgg_cli.fusion.sum import fuse_branches

@@ -25,7 +25,7 @@ from torch import nn
 from repvgg_cli.api import ConvertOptions, convert_state_dict, reparameterize
 from repvgg_cli.errors import UnsupportedError
 from repvgg_cli.families import FAMILIES, find_blocks
-from repvgg_cli.families.base import join
+from repvgg_cli.families.keys import join
 from repvgg_cli.pipeline.find import find_module_blocks
 from tests.family_zoo import timm_iformer, timm_repvit, timm_shvit
 from tests.family_zoo.seeded import train_form

@@ -24,7 +24,7 @@ def convert_options(fields: Any = None):
         The options.
     """
     from ..pipeline.options import ConvertOptions
-    from ..verify import Tolerance
+    from ..checks.tolerance import Tolerance
 
     if fields is None or isinstance(fields, ConvertOptions):
         return fields or ConvertOptions()

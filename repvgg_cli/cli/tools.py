@@ -113,7 +113,7 @@ def bench(
     """Time the train-form and the deploy-form forward pass side by side (fused in place between)."""
     from ..bench.results import DEFAULT_RESOLUTION, BenchOptions
     from ..bench.run import bench_file
-    from ..verify import Tolerance
+    from ..checks.tolerance import Tolerance
 
     shape = parse_shape(input_shape)
     if shape is not None and (batch is not None or resolution is not None):

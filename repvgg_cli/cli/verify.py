@@ -58,7 +58,7 @@ def verify(
     from ..api import ConvertOptions, verify_file
     from ..render.text import printable
     from ..render.verify import verify_json, verify_table
-    from ..verify import Tolerance
+    from ..checks.tolerance import Tolerance
 
     with Activity(quiet) as activity:
         activity.step(f"verifying {deploy}" + (f" against {against}" if against else "") + " (reading, checking)")

@@ -16,7 +16,7 @@ Three questions, three functions, each returning dataclasses (nothing here print
   added (shape, dtype), the keys outside blocks proven bit-identical by comparing their bytes,
   the training-only keys dropped, and bytes before → after (for the convert report).
 
-Tolerances follow the tool's rule (see :class:`repvgg_cli.verify.Tolerance`): a tensor pair
+Tolerances follow the tool's rule (see :class:`repvgg_cli.checks.tolerance.Tolerance`): a tensor pair
 agrees iff ``max|a - b| <= atol + rtol * scale`` with ``scale`` the largest finite ``|value|``
 of either tensor; with ``rtol == atol == 0`` agreement means bit identity. A different shape or
 dtype never agrees.

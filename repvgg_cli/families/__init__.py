@@ -9,7 +9,8 @@ from torch import Tensor
 
 from ..errors import UnsupportedError
 from .architectures import ARCHITECTURES, Architecture, detect_architecture
-from .base import Block, Family, FamilyOptions, KeyView, join
+from .base import Block, Family, FamilyOptions
+from .keys import KeyView, join
 from .unclaimed import unclaimed_branches
 from .official import OfficialRepVGG
 from .plain import PlainBlock

@@ -26,7 +26,8 @@ from torch import nn
 
 from ..algebra.maps import Map, plus, then
 from ..errors import UnsupportedError
-from .base import Block, Family, FamilyOptions, KeyView
+from .base import Block, Family, FamilyOptions
+from .keys import KeyView
 
 KEPT_CHILDREN = ("nonlinear",)
 """Children of a block that stay in the deploy form (DiverseBranchBlock's ACBlock)."""

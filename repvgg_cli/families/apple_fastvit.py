@@ -33,7 +33,8 @@ from ..algebra import maps
 from ..algebra.maps import Map, plus, then
 from ..errors import UnsupportedError
 from .apple_mobileone import AppleMobileOneBlock
-from .base import Family, join
+from .base import Family
+from .keys import join
 from .replknet import conv_bn_pair
 from .timm_mobileone import numbered
 

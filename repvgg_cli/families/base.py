@@ -21,26 +21,8 @@ from ..algebra.maps import Map
 from .architectures import Architecture
 from ..errors import UnsupportedError
 from ..fusion.values import Branches, FusedConv, IdentityBranch
-from .keys import (  # noqa: F401 - re-exported for the families
-    BN_KEYS,
-    BN_STAT_KEYS,
-    KeyView,
-    bn_from_keys,
-    channel_vector,
-    check_branches_agree,
-    conv_branch_from_keys,
-    conv_weight,
-    join,
-)
-from .modules import (  # noqa: F401 - re-exported for the families
-    ModuleView,
-    bn_from_module,
-    conv_branch_from_module,
-    conv_from_fused,
-    geometry_from_conv,
-    identity_from_module,
-    is_batch_norm,
-)
+from .keys import KeyView, bn_from_keys, check_branches_agree, conv_branch_from_keys, join
+from .modules import ModuleView, conv_from_fused
 
 
 @dataclass(frozen=True)

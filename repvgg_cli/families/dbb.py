@@ -38,7 +38,8 @@ from ..algebra import maps
 from ..algebra.maps import Map, plus, then
 from ..errors import InputError, UnsupportedError
 from ..fusion.values import FusedConv
-from .base import Family, conv_from_fused, is_batch_norm
+from .base import Family
+from .modules import conv_from_fused, is_batch_norm
 
 BRANCHES = ("dbb_origin", "dbb_avg", "dbb_1x1", "dbb_1x1_kxk")
 

@@ -18,7 +18,9 @@ from torch import nn
 
 from ..algebra.maps import Map, plus
 from ..errors import UnsupportedError
-from .base import Family, is_batch_norm, join
+from .base import Family
+from .keys import join
+from .modules import is_batch_norm
 
 
 def is_conv_bn(module: object) -> bool:

@@ -29,7 +29,8 @@ from ..algebra import maps
 from ..algebra.maps import Map, plus, then
 from ..errors import UnsupportedError
 from ..fusion.values import FusedConv
-from .base import Family, join
+from .base import Family
+from .keys import join
 from .fastvit_large_kernel import is_passive, linear_conv_norm
 
 NOTE = (

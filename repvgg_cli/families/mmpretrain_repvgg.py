@@ -21,7 +21,8 @@ from torch import nn
 
 from ..algebra.maps import Map, plus
 from ..errors import UnsupportedError
-from .base import Family, is_batch_norm
+from .base import Family
+from .modules import is_batch_norm
 
 SE_NOTE = (
     "se_layer kept after the fused conv; stock mmpretrain's deploy forward returns "

@@ -14,7 +14,9 @@ import re
 from torch import nn
 
 from ..algebra.maps import Map, plus
-from .base import Family, is_batch_norm, join
+from .base import Family
+from .keys import join
+from .modules import is_batch_norm
 
 AUX_COMPONENT = re.compile(r"(^|\.)[^.]*_aux[^.]*\.")
 

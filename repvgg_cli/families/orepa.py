@@ -48,7 +48,9 @@ from ..algebra import maps
 from ..algebra.maps import Map, pad, plus, then
 from ..errors import InputError, UnsupportedError
 from ..fusion.values import FusedConv
-from .base import Family, conv_from_fused, conv_weight, is_batch_norm, join
+from .base import Family
+from .keys import conv_weight, join
+from .modules import conv_from_fused, is_batch_norm
 
 KEPT = ("nonlinear",)
 """What an OREPA block keeps when switched (upstream deletes every other tensor and ``bn``)."""

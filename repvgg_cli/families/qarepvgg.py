@@ -41,7 +41,9 @@ from ..algebra import maps
 from ..algebra.maps import Map, plus, then
 from ..errors import InputError, UnsupportedError
 from ..fusion.values import FusedConv
-from .base import Block, Family, FamilyOptions, KeyView, is_batch_norm, join
+from .base import Block, Family, FamilyOptions
+from .keys import KeyView, join
+from .modules import is_batch_norm
 
 FOLD_HINT = "convert without --fold-post-bn (the bn is then kept)"
 

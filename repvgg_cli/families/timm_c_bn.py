@@ -32,7 +32,9 @@ from torch import Tensor, nn
 from ..algebra.maps import Map, then
 from ..errors import UnsupportedError
 from ..fusion.values import FusedConv
-from .base import Family, is_batch_norm, join
+from .base import Family
+from .keys import join
+from .modules import is_batch_norm
 
 REPVIT = "timm.models.repvit"
 SHVIT = "timm.models.shvit"

@@ -37,7 +37,9 @@ from ..algebra import maps
 from ..algebra.maps import Map, plus, then
 from ..errors import InputError, UnsupportedError
 from ..fusion.values import FusedConv
-from .base import Family, conv_from_fused, is_batch_norm, join
+from .base import Family
+from .keys import join
+from .modules import conv_from_fused, is_batch_norm
 from .timm_repvgg import _check_plain_conv
 from .timm_sites import SITES, ChildSite, borrowed
 

@@ -39,7 +39,9 @@ from torch import nn
 from ..algebra.maps import Map, plus
 from ..errors import UnsupportedError
 from ..fusion.values import FusedConv
-from .base import Family, conv_from_fused, is_batch_norm, join
+from .base import Family
+from .keys import join
+from .modules import conv_from_fused, is_batch_norm
 from .timm_mobileone import numbered
 from .timm_repvgg import _check_plain_conv
 from .timm_sites import ChildSite

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..algebra.maps import Map, plus
 from ..errors import UnsupportedError
-from .base import Family, join
+from .base import Family
+from .keys import join
 from .timm_mobileone import numbered
 from .timm_repvgg import conv_norm, is_conv_norm
 

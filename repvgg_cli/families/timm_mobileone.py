@@ -33,7 +33,9 @@ from ..algebra import maps
 from ..algebra.maps import Map, plus
 from ..errors import UnsupportedError
 from ..fusion.values import FusedConv
-from .base import Family, conv_from_fused, join
+from .base import Family
+from .keys import join
+from .modules import conv_from_fused
 from .timm_repvgg import conv_norm, has_no_deploy_conv, is_conv_norm
 
 

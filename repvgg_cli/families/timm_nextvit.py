@@ -29,7 +29,8 @@ from torch import nn
 from ..algebra.maps import Map, then
 from ..errors import UnsupportedError
 from ..fusion.values import FusedConv
-from .base import conv_from_fused, is_batch_norm, join
+from .keys import join
+from .modules import conv_from_fused, is_batch_norm
 from .timm_sites import SITES, ChildSite, borrowed, linear_from_fused
 
 ATTENTION = ("e_mhsa.q", "e_mhsa.k", "e_mhsa.v")

@@ -39,7 +39,8 @@ from torch import nn
 from ..algebra.maps import Map, then
 from ..errors import InputError
 from ..fusion.values import FusedConv
-from .base import Family, is_batch_norm
+from .base import Family
+from .modules import is_batch_norm
 
 LEVIT = "timm.models.levit"
 EFFICIENTVIT = "timm.models.efficientvit_msra"

@@ -21,7 +21,9 @@ from torch import nn
 
 from ..algebra.maps import Map, plus
 from ..errors import UnsupportedError
-from .base import Family, is_batch_norm, join
+from .base import Family
+from .keys import join
+from .modules import is_batch_norm
 
 BRANCHES = ("conv_kxk", "conv_1x1", "identity")
 DEPLOY_DELETES = ("conv_kxk", "conv_1x1", "identity", "drop_path")

@@ -38,7 +38,8 @@ from ..algebra import maps
 from ..algebra.maps import Map, plus, then
 from ..errors import UnsupportedError
 from ..fusion.values import FusedConv
-from .base import Family, is_batch_norm
+from .base import Family
+from .modules import is_batch_norm
 from .timm_c_bn import (
     IFORMER,
     REPVIT,

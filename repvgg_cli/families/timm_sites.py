@@ -30,7 +30,9 @@ from torch import Tensor, nn
 from ..algebra.maps import Map
 from ..errors import UnsupportedError
 from ..fusion.values import FusedConv
-from .base import Block, Family, FamilyOptions, KeyView, ModuleView, join
+from .base import Block, Family, FamilyOptions
+from .keys import KeyView, join
+from .modules import ModuleView
 
 
 class BlockSites:

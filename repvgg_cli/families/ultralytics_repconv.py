@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from ..algebra.maps import Map, plus
 from ..errors import UnsupportedError
 from ..fusion.values import FusedConv
-from .base import Family, is_batch_norm
+from .base import Family
+from .modules import is_batch_norm
 
 
 def is_ultralytics_conv(module: object) -> bool:

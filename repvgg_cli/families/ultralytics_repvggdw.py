@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from ..algebra.maps import Map, plus
 from ..errors import UnsupportedError
 from ..fusion.values import FusedConv
-from .base import Family, conv_from_fused
+from .base import Family
+from .modules import conv_from_fused
 from .ultralytics_repconv import four_dim, is_ultralytics_conv, switch_forward_to_fused
 
 

@@ -50,7 +50,9 @@ from ..algebra import maps
 from ..algebra.maps import Map, plus, then
 from ..errors import InputError, UnsupportedError
 from ..fusion.values import BatchNorm, FusedConv
-from .base import Block, Family, FamilyOptions, KeyView, ModuleView, conv_from_fused, is_batch_norm, join
+from .base import Block, Family, FamilyOptions
+from .keys import KeyView, join
+from .modules import ModuleView, conv_from_fused, is_batch_norm
 
 DILATED = re.compile(r"dil_conv_k(\d+)_(\d+)")
 SIGNATURE = ("pwconv1.1.weight", "pwconv2.0.weight", "act.1.gamma")

@@ -27,7 +27,8 @@ from torch import nn
 
 from ..algebra.maps import Map
 from ..fusion.values import FusedConv
-from .base import Family, conv_from_fused, is_batch_norm
+from .base import Family
+from .modules import conv_from_fused, is_batch_norm
 
 
 class Yolov6ConvModule(Family):

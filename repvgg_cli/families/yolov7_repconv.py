@@ -22,7 +22,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..algebra.maps import Map, plus
-from .base import Family, is_batch_norm
+from .base import Family
+from .modules import is_batch_norm
 
 
 def _is_indexed_conv_bn(module: nn.Module | None) -> bool:

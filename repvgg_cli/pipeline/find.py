@@ -14,7 +14,8 @@ from torch import nn
 
 from ..errors import InputError, UnsupportedError
 from ..families import FAMILIES, Block, Family, find_blocks, unrecognised_blocks
-from ..families.base import is_batch_norm, join
+from ..families.keys import join
+from ..families.modules import is_batch_norm
 from ..families.unclaimed import unclaimed_branches
 from .options import ConvertOptions
 from .read import Source

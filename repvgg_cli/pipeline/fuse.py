@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..checks.probe import CentreProbe
 from ..errors import RepvggError
 from ..families import Block
-from ..families.base import conv_from_fused
+from ..families.modules import conv_from_fused
 from ..families.modules import bn_from_module, conv_branch_from_module, geometry_from_conv
 from ..fusion.values import Branches, FusedConv
 from ..fusion.sum import fuse_branches, fused_weight_shape

@@ -14,7 +14,7 @@ from ..diff.compare import KeyComparison, bit_identical, compare_tensors, dtype_
 from ..diff.conversion import KeyDiff
 from ..diff.conversion import key_diff as diff_keys
 from ..families import unrecognised_blocks
-from ..families.base import join
+from ..families.keys import join
 from ..io.metadata import tensor_sha256
 from .check import BlockResult
 from .options import ConvertOptions

@@ -18,7 +18,9 @@ from ...algebra.maps import Map, plus, then
 from ...errors import RepvggError, UnsupportedError
 from ...fusion.sum import fuse_branches
 from ...fusion.values import FusedConv
-from ..base import Block, Family, FamilyOptions, ModuleView, conv_from_fused, join
+from ..base import Block, Family, FamilyOptions
+from ..keys import join
+from ..modules import ModuleView, conv_from_fused
 from .deploy import GenericDeploy
 from .read import SUMMING, Reading, Step, fetch, post_module, read_block
 
