@@ -30,7 +30,7 @@ from repvgg_cli.io.limits import (
     shared_storages,
     written_bytes,
 )
-from repvgg_cli.io.metadata import METADATA_KEY, metadata_json
+from repvgg_cli.io.metadata import METADATA_KEY
 from repvgg_cli.io.safetensors_file import write_safetensors
 
 
