@@ -262,3 +262,13 @@ def test_describe() -> None:
                               "shared": [["a", "b"]], "expanded": ["e"]}
     assert json.dumps(describe(size))  # JSON-ready: lists, not tuples
     assert isinstance(describe(size)["shared"][0], list) and isinstance(describe(size)["expanded"], list)
+
+
+def test_the_offsets_start_at_zero(tmp_path: Path) -> None:
+    """An end offset of 9 bytes is one digit, 10 is two: the header counts the real digits."""
+    state = OrderedDict([("k", torch.zeros(9, dtype=torch.uint8)), ("j", torch.zeros(90, dtype=torch.uint8))])
+    for extra in range(8):  # every padding remainder, so a one-byte difference shows
+        meta = {"format": "pt", "n": "x" * extra}
+        path = tmp_path / f"x{extra}.safetensors"
+        write_safetensors(path, state, meta)
+        assert safetensors_header_size(layout_of(state), meta, tensor_digests=False) == _header_length(path)
