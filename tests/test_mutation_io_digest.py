@@ -122,3 +122,37 @@ def test_file_digest_passes_an_input_error_on_with_its_message_and_hint(tmp_path
     with pytest.raises(InputError) as info:
         result.value()
     assert info.value.message == "the message" and info.value.hint == "the hint"
+
+
+def test_a_file_is_read_in_chunks(tmp_path: Path, monkeypatch) -> None:
+    """Hashing never holds more than one chunk of the file (a multi-GB checkpoint is not read whole)."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"0123456789")
+    sizes = []
+    real_open = open
+
+    class Reader:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            self.handle.close()
+
+        def fileno(self):
+            return self.handle.fileno()
+
+        def read(self, size=-1):
+            sizes.append(size)
+            return self.handle.read(size)
+
+    monkeypatch.setattr(digest_module, "open", lambda p, mode: Reader(real_open(p, mode)), raising=False)
+    monkeypatch.setattr(digest_module, "CHUNK", 4)
+    assert sha256_file(path) == hashlib.sha256(b"0123456789").hexdigest()
+    assert sizes == [4, 4, 4, 4]  # 4 + 4 + 2, then the empty read that ends the loop
+
+
+def test_the_chunk_is_4_mib() -> None:
+    assert digest_module.CHUNK == 4 * 1024 * 1024
