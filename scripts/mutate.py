@@ -68,7 +68,7 @@ TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                ("tests/test_fusion.py", "tests/test_exactness.py", "tests/test_bn_variants.py",
                 "tests/test_family_mm_acnet.py", "tests/test_family_dbb_orepa.py", "tests/test_family_contract.py",
                 ROWS_TEST)),
-    "verify": (("repvgg_cli/verify.py",), CHECK_TESTS),
+    "verify": (("repvgg_cli/verify.py",), ("tests/test_mutation_verify.py", ROWS_TEST)),
     "checks": (("repvgg_cli/checks/*.py",), ("tests/test_mutation_checks_tolerance.py", *CHECK_TESTS)),
     "io/containers": (("repvgg_cli/io/containers.py",), ("tests/test_mutation_io_containers.py", ROWS_TEST)),
     "io/read": (("repvgg_cli/io/read.py",), ("tests/test_mutation_io_read.py", ROWS_TEST)),
