@@ -82,7 +82,7 @@ TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "io/metadata": (("repvgg_cli/io/metadata.py",), ("tests/test_mutation_io_metadata.py", ROWS_TEST)),
     "io/digest": (("repvgg_cli/io/digest.py",), ("tests/test_mutation_io_digest.py", ROWS_TEST)),
     "io/write": (("repvgg_cli/io/write.py",), ("tests/test_mutation_io_write.py", ROWS_TEST)),
-    "io/atomic": (("repvgg_cli/io/atomic.py",), ("tests/test_mutation_io_atomic.py", ROWS_TEST)),
+    "io/atomic": (("repvgg_cli/io/atomic.py",), (STATS_ENV, "tests/test_mutation_io_atomic.py", ROWS_TEST)),
     "io/limits": (("repvgg_cli/io/limits.py",), ("tests/test_mutation_io_limits.py", "tests/test_io_limits.py", ROWS_TEST)),
     "io/safetensors_file": (("repvgg_cli/io/safetensors_file.py",), ("tests/test_mutation_io_safetensors_file.py", ROWS_TEST)),
     "pipeline": (("repvgg_cli/pipeline/*.py", "repvgg_cli/api.py"), PIPELINE_TESTS),

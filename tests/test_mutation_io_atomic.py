@@ -399,3 +399,56 @@ def test_renameat2_is_looked_up_once_from_libc(tmp_path: Path, monkeypatch) -> N
     with pytest.raises(FileExistsError):
         atomic._rename_no_replace(tmp_path / "a", tmp_path / "b")
     assert len(atomic._renameat2) == 1
+
+
+def test_write_text_does_not_fsync_unless_asked(tmp_path: Path, monkeypatch) -> None:
+    synced = []
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: synced.append(fd))
+    write_text(tmp_path / "t.txt", "z")
+    assert synced == [] and (tmp_path / "t.txt").read_text() == "z"
+
+
+def test_write_text_is_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    """Reports are UTF-8 even where the locale's encoding is ASCII (LC_ALL=C without UTF-8 mode)."""
+    import subprocess
+    import sys
+
+    write_text(tmp_path / "here.txt", "ü")  # in this process too
+    assert (tmp_path / "here.txt").read_bytes() == "ü".encode("utf-8")
+    out = tmp_path / "c.txt"
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    script = ("import sys, locale; from pathlib import Path; from repvgg_cli.io.atomic import write_text; "
+              "print(locale.getpreferredencoding(False)); write_text(Path(sys.argv[1]), '\\u00fc')")
+    done = subprocess.run([sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().lower() in ("ansi_x3.4-1968", "ascii", "us-ascii")  # the locale really is ASCII
+    assert out.read_bytes() == "ü".encode("utf-8")
+
+
+def test_without_linux_there_is_no_renameat2(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(atomic, "_renameat2", [])
+    monkeypatch.setattr(atomic.sys, "platform", "darwin")
+    assert atomic._rename_no_replace(tmp_path / "a", tmp_path / "b") is False
+    assert atomic._renameat2 == [None]
+
+
+def test_a_libc_without_renameat2(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(atomic, "_renameat2", [])
+    monkeypatch.setattr(atomic.ctypes, "CDLL", lambda *args, **kwargs: object())
+    assert atomic._rename_no_replace(tmp_path / "a", tmp_path / "b") is False
+    assert atomic._renameat2 == [None]
+
+
+def test_reserve_then_replace_keeps_the_first_error_when_the_reservation_is_gone(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "out"
+
+    def failing(a, b):
+        out.unlink()  # another process removed the reservation meanwhile
+        raise OSError(errno.EIO, "io error")
+
+    monkeypatch.setattr(atomic.os, "replace", failing)
+    with pytest.raises(OSError) as info:
+        atomic._reserve_then_replace(_tmp(tmp_path), out)
+    assert info.value.errno == errno.EIO and not out.exists()
