@@ -452,3 +452,13 @@ def test_reserve_then_replace_keeps_the_first_error_when_the_reservation_is_gone
     with pytest.raises(OSError) as info:
         atomic._reserve_then_replace(_tmp(tmp_path), out)
     assert info.value.errno == errno.EIO and not out.exists()
+
+
+def test_a_failed_write_that_removed_its_temporary_file_raises_its_own_error(tmp_path: Path) -> None:
+    def write(tmp: Path) -> None:
+        tmp.unlink()
+        raise ValueError("the writer's error")
+
+    with pytest.raises(ValueError, match="the writer's error"):
+        atomic_write(tmp_path / "out.bin", write)
+    assert os.listdir(tmp_path) == []
