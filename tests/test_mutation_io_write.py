@@ -161,3 +161,15 @@ def test_save_model_bare(tmp_path: Path) -> None:
         save_model(out, model, loaded, META)
         back = torch.load(out, weights_only=False)
         assert isinstance(back, nn.Linear) and back._repvgg_cli_metadata == metadata_json(META)
+
+
+def test_no_fsync_unless_asked(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: calls.append(fd))
+    save_state_dict(tmp_path / "a.pt", _state(), META)
+    save_state_dict(tmp_path / "a.safetensors", _state(), META)
+    save_torch(tmp_path / "b.pt", {"x": 1})
+    loaded = LoadedCheckpoint(path=tmp_path / "s.pt", format="torch-zip", raw=nn.Linear(1, 1), entry=None,
+                              state_dict=OrderedDict())
+    save_model(tmp_path / "c.pt", nn.Linear(1, 1), loaded, META)
+    assert calls == [] and len(os.listdir(tmp_path)) == 4
