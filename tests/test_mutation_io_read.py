@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from repvgg_cli.errors import InputError, PickleRefusedError
-from repvgg_cli.io import mapguard
 from repvgg_cli.io import read as rd
 from repvgg_cli.io.digest import FileDigest, FileIdentity, file_identity
 from repvgg_cli.io.metadata import METADATA_KEY, metadata_json
