@@ -418,3 +418,15 @@ def test_shift_default_chunk_is_16_mib(tmp_path: Path, monkeypatch) -> None:
     finally:
         os.close(fd)
     assert reads == [16 << 20, 5]
+
+
+def test_the_header_is_padded_to_8_bytes_for_every_length(tmp_path: Path) -> None:
+    state = {"w": torch.zeros(2)}
+    for extra in range(16):
+        path = tmp_path / f"x{extra}.safetensors"
+        write_safetensors(path, state, {"n": "x" * extra})
+        length, header, data = _header(path)
+        text = json.dumps({"__metadata__": {"n": "x" * extra}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+                          separators=(",", ":")).encode()
+        assert length == len(text) + (-len(text) % 8) and length % 8 == 0, extra
+        assert data[8:8 + length] == text + b" " * (length - len(text))
