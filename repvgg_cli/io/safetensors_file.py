@@ -26,7 +26,8 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
 }
 
 INLINE_BYTES = 1 << 16
-"""A whole tensor up to this size is written and hashed by :meth:`SafetensorsStream.put`'s caller:
+"""A whole tensor up to this size is written and hashed by :meth:`SafetensorsStream.put`'s caller
+when the writer thread has nothing queued:
 handing each of 100 k tiny tensors to the writer and hasher threads cost more than the writing
 (on a loaded 2-core machine 27 s of a 52 s conversion; benchmarks/bench_many_tensors.py)."""
 
@@ -124,9 +125,12 @@ class SafetensorsStream:
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise RuntimeError(f"{key} is {tensor.dtype} {tuple(tensor.shape)}; the layout says {dtype} {shape}")
         data = tensor_bytes(tensor)
-        if data.nbytes > INLINE_BYTES:
+        if data.nbytes > INLINE_BYTES or (self._futures and not self._futures[-1].done()):
             return self._queue(key, data, hashlib.sha256(), 0, True)
-        self._queued.add(key)  # small: written and hashed here (a thread hand-off costs more)
+        # small, and the writer thread is idle: written and hashed here (a hand-off costs more).
+        # Only when idle, so writes still happen in the order they were put (after a failed
+        # write, nothing later is tried) and never beside the writer thread's.
+        self._queued.add(key)
         future: Future = Future()
         try:
             self._write_now(key, data)
