@@ -206,3 +206,109 @@ def test_libc_signatures() -> None:
     assert libc.mmap.argtypes == [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                   ctypes.c_long]
     assert libc.sigaction.argtypes == [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+
+
+# -- the handler itself, called directly with a fake siginfo and a fake libc -------------------------------
+
+
+class _FakeLibc:
+    def __init__(self, mmap_result=None) -> None:
+        self.mmap_result, self.mmaps, self.sigactions = mmap_result, [], []
+
+    def mmap(self, address, length, prot, flags, fd, offset):
+        self.mmaps.append((address, length, prot, flags, fd, offset))
+        return address if self.mmap_result is None else self.mmap_result
+
+    def sigaction(self, signum, action, previous):
+        self.sigactions.append((signum, action, previous))
+        return 0
+
+
+def _siginfo(address: int):
+    info = ctypes.create_string_buffer(128)
+    ctypes.c_void_p.from_buffer(info, mg._SI_ADDR_OFFSET).value = address
+    return info, ctypes.addressof(info)
+
+
+def test_a_fault_in_a_watched_mapping_maps_zeros_over_the_rest(tmp_path: Path, monkeypatch) -> None:
+    path, handle, view = _mapped(tmp_path, 4 * mmap.PAGESIZE)
+    try:
+        status = os.stat(path)
+        mapping = mappings_of(status.st_dev, status.st_ino, path)[0]
+        libc = _FakeLibc()
+        monkeypatch.setattr(mg, "_LIBC", libc)
+        monkeypatch.setattr(mg, "_WATCHED", {status.st_ino: (status.st_dev, os.path.realpath(path))})
+        monkeypatch.setattr(mg, "_CUT", set())
+        monkeypatch.setattr(mg._Handler, "installed", True)
+        fault = mapping.start + mmap.PAGESIZE + 123  # inside the second page
+        info, pointer = _siginfo(fault)
+        import gc
+
+        assert gc.isenabled()
+        mg._on_sigbus(signal.SIGBUS, pointer, 0)
+        first = mapping.start + mmap.PAGESIZE
+        assert libc.mmaps == [(first, mapping.end - first, mmap.PROT_READ | mmap.PROT_WRITE,
+                               mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10, -1, 0)]
+        assert mg._CUT == {(status.st_dev, status.st_ino)} and was_cut(status.st_dev, status.st_ino)
+        assert libc.sigactions == [] and mg._Handler.installed is True and gc.isenabled()
+    finally:
+        view.close()
+        handle.close()
+
+
+def test_a_fault_the_zero_pages_cannot_cover_goes_to_the_previous_action(tmp_path: Path, monkeypatch) -> None:
+    path, handle, view = _mapped(tmp_path)
+    try:
+        status = os.stat(path)
+        mapping = mappings_of(status.st_dev, status.st_ino, path)[0]
+        libc = _FakeLibc(mmap_result=2**64 - 1)  # MAP_FAILED
+        previous = object()
+        monkeypatch.setattr(mg, "_LIBC", libc)
+        monkeypatch.setattr(mg, "_WATCHED", {status.st_ino: (status.st_dev, os.path.realpath(path))})
+        monkeypatch.setattr(mg, "_CUT", set())
+        monkeypatch.setattr(mg._Handler, "installed", True)
+        monkeypatch.setattr(mg._Handler, "previous", previous)
+        info, pointer = _siginfo(mapping.start)
+        mg._on_sigbus(signal.SIGBUS, pointer, 0)
+        assert len(libc.mmaps) == 1 and libc.mmaps[0][0] == mapping.start  # a page's first byte: itself
+        assert mg._CUT == set() and libc.sigactions == [(signal.SIGBUS, previous, None)]
+        assert mg._Handler.installed is False
+    finally:
+        view.close()
+        handle.close()
+
+
+def test_a_fault_elsewhere_goes_to_the_previous_action_with_gc_left_as_it_was(monkeypatch) -> None:
+    import gc
+
+    libc = _FakeLibc()
+    previous = object()
+    monkeypatch.setattr(mg, "_LIBC", libc)
+    monkeypatch.setattr(mg, "_WATCHED", {})
+    monkeypatch.setattr(mg._Handler, "installed", True)
+    monkeypatch.setattr(mg._Handler, "previous", previous)
+    info, pointer = _siginfo(8)  # no mapping there
+    gc.disable()
+    try:
+        mg._on_sigbus(signal.SIGBUS, pointer, 0)
+        assert not gc.isenabled()  # left disabled, as it was
+    finally:
+        gc.enable()
+    assert libc.mmaps == [] and libc.sigactions == [(signal.SIGBUS, previous, None)]
+    assert mg._Handler.installed is False
+    monkeypatch.setattr(mg._Handler, "installed", True)
+    info, pointer = _siginfo(0)  # a null address
+    mg._on_sigbus(signal.SIGBUS, pointer, 0)
+    assert gc.isenabled() and mg._Handler.installed is False
+
+
+def test_the_handler_disables_gc_while_it_runs(tmp_path: Path, monkeypatch) -> None:
+    import gc
+
+    seen = []
+    monkeypatch.setattr(mg, "_watched_mapping_at", lambda address: seen.append((address, gc.isenabled())))
+    monkeypatch.setattr(mg, "_LIBC", _FakeLibc())
+    monkeypatch.setattr(mg._Handler, "installed", True)
+    info, pointer = _siginfo(4096 * 7 + 5)
+    mg._on_sigbus(signal.SIGBUS, pointer, 0)
+    assert seen == [(4096 * 7 + 5, False)] and gc.isenabled()
