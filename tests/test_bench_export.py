@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import zoo
-from repvgg_cli.cli import app
 from repvgg_cli.api import reparameterize
+from repvgg_cli.cli import app
+from tests import zoo
 from tests.helpers import RUNNER, invoke
 from tests.helpers import error_lines as errors
-
 
 TINY_BLOCKS = 7
 PLAIN_BLOCKS = 4
@@ -264,6 +263,39 @@ def test_export_refuses_existing_output_without_force(files, ort, tmp_path):
     result = invoke("export", files["tiny"], out, "--allow-pickle", *SHAPE, "--force")
     assert result.exit_code == 0, result.stderr
     assert out.read_bytes() != b"keep me" and f"wrote {out}" in result.stdout
+
+
+def test_export_refuses_a_symbolic_link_at_the_output_even_with_force(files, ort, tmp_path):
+    """The output follows the rules of every path repvgg writes: never through or over a link."""
+    target = tmp_path / "elsewhere.onnx"
+    target.write_bytes(b"keep me")
+    link = tmp_path / "link.onnx"
+    link.symlink_to(target)
+    result = invoke("export", files["tiny"], link, "--allow-pickle", *SHAPE, "--force")
+    assert result.exit_code == 2
+    assert errors(result) == [f"Error: {link} is a symbolic link; files are never written through or over one"]
+    assert link.is_symlink() and target.read_bytes() == b"keep me"
+
+
+def test_export_without_force_never_replaces_an_output_that_appears_meanwhile(files, ort, tmp_path, monkeypatch):
+    """Two exports to one new path: the second to finish fails instead of replacing the first's."""
+    from repvgg_cli.export import file as export_file_module
+
+    out = tmp_path / "race.onnx"
+    real = export_file_module.check_with_onnxruntime
+
+    def check_then_someone_writes(*args, **kwargs):
+        checks = real(*args, **kwargs)
+        out.write_bytes(b"the other process's file")
+        return checks
+
+    monkeypatch.setattr(export_file_module, "check_with_onnxruntime", check_then_someone_writes)
+    result = invoke("export", files["tiny"], out, "--allow-pickle", *SHAPE)
+    assert result.exit_code == 2
+    assert errors(result) == [(f"Error: {out} appeared while this command ran (another process wrote it); "
+                               "it was left as it was")]
+    assert out.read_bytes() == b"the other process's file"
+    assert [p.name for p in tmp_path.iterdir()] == ["race.onnx"]  # no temporary file left
 
 
 def test_export_check_failure_writes_nothing(files, ort, tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,9 @@ from .. import __version__
 from ..api import ConversionResult, ConvertOptions
 from ..checks.model import flatten_outputs, infer_input_shape, model_dtype
 from ..checks.tolerance import Tolerance, compare
-from ..errors import InputError, OutputExistsError, UnsupportedError
+from ..errors import InputError, UnsupportedError
+from ..io.atomic import atomic_write, check_write_path
 from ..io.read import load_checkpoint
-from ..io.write import atomic_write
 from .graph import (
     DEFAULT_OPSET,
     EXPORTER,
@@ -152,17 +151,11 @@ class ExportResult:
 
 
 def check_onnx_output(output: Path, source: Path, force: bool) -> None:
-    """Refuse the source, an existing output without ``force``, a missing folder, a non-.onnx name."""
+    """Refuse a non-.onnx name, then what no command writes (:func:`~repvgg_cli.io.atomic.check_write_path`:
+    the source, a symbolic link, a folder, a missing folder, an existing file without ``force``)."""
     if output.suffix.lower() != ".onnx":
         raise InputError(f"{output}: the output must be an .onnx file")
-    if output.exists() and source.exists() and os.path.samefile(output, source):
-        raise OutputExistsError(f"{output} is the source checkpoint; it is never overwritten")
-    if output.exists() and output.is_dir():
-        raise InputError(f"{output} is a directory")
-    if output.exists() and not force:
-        raise OutputExistsError(f"{output} exists", hint="pass --force to replace it")
-    if not output.parent.is_dir():
-        raise InputError(f"{output.parent} does not exist")
+    check_write_path(output, [source], force)
 
 
 def check_with_onnxruntime(
@@ -335,5 +328,5 @@ def export_file(
     )
     if not result.ok:
         return result
-    atomic_write(output, lambda tmp: tmp.write_bytes(data))
+    atomic_write(output, lambda tmp: tmp.write_bytes(data), replace=force)  # without force: create, never replace
     return replace(result, written=True)
