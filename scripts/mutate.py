@@ -1,7 +1,8 @@
 """Mutation testing of the core (fusion, verify, the io layer, the pipeline), run by hand.
 
-mutmut 3 (``requirements-mutation.txt``) makes small changes to the code, one at a time, and runs
-the tests that call the changed function against each: a change no test notices ("survived")
+mutmut 3 (the ``mutation`` extra: ``pip install -e ".[test,mutation]"``) makes small changes to the
+code, one at a time, and runs the tests that call the changed function against each: a change no
+test notices ("survived")
 is a test missing, or an equivalent mutant (one no test could ever tell from the original),
 which is then documented once in ``scripts/mutation_equivalents.txt`` with its reason and left
 out of the score from then on.
@@ -436,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import mutmut  # noqa: F401
         except ImportError:
-            print("mutmut is not installed: pip install -r requirements-mutation.txt", file=sys.stderr)
+            print('mutmut is not installed: pip install -e ".[test,mutation]"', file=sys.stderr)
             return 2
     uncovered = uncovered_core_files()
     if uncovered:
