@@ -430,3 +430,71 @@ def test_the_header_is_padded_to_8_bytes_for_every_length(tmp_path: Path) -> Non
                           separators=(",", ":")).encode()
         assert length == len(text) + (-len(text) % 8) and length % 8 == 0, extra
         assert data[8:8 + length] == text + b" " * (length - len(text))
+
+
+def test_a_small_tensor_put_twice_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.safetensors"
+    path.touch()
+    with SafetensorsStream(path, {"a": (torch.float32, (2,)), "b": (torch.float32, (2,))}, 0) as stream:
+        stream.put("a", torch.zeros(2))
+        with pytest.raises(RuntimeError) as info:
+            stream.put("a", torch.ones(2))
+        assert str(info.value) == "a is not in the layout, or was written twice"
+        with pytest.raises(RuntimeError, match="written twice"):
+            stream.put_rows("a", torch.ones(2), 0)
+        stream.put("b", torch.zeros(2))
+        stream.finish({})
+
+
+def test_no_flushing_unless_asked(tmp_path: Path, monkeypatch) -> None:
+    synced = []
+    monkeypatch.setattr(sf.os, "fdatasync", lambda fd: synced.append(fd))
+    path = tmp_path / "s.safetensors"
+    path.touch()
+    big = INLINE_BYTES // 4 + 1
+    with SafetensorsStream(path, {"a": (torch.float32, (big,))}, 0) as stream:
+        stream.put("a", torch.ones(big))
+        stream.finish({})
+    assert synced == []
+
+
+@pytest.mark.parametrize("name_length", range(1, 9))
+def test_the_room_for_every_table_length(tmp_path: Path, name_length: int) -> None:
+    """The room is the table, the reserve (never below 0) and 64 bytes, rounded up to 8: checked for
+    eight table lengths, so that one of them lands on a multiple of 8."""
+    layout = {"k" * name_length: (torch.float32, (1,))}
+    path = tmp_path / "s.safetensors"
+    path.touch()
+    for reserve in (0, -3, 8):
+        with SafetensorsStream(path, layout, reserve) as stream:
+            table = len(json.dumps(stream._entries, separators=(",", ":")).encode())
+            expected = table + max(reserve, 0) + 64
+            assert stream._room == expected + (-expected % 8)
+
+
+def test_each_thread_pool_runs_one_task_at_a_time(tmp_path: Path) -> None:
+    """Rows of one tensor are hashed in order, and written and flushed one at a time."""
+    path = tmp_path / "s.safetensors"
+    path.touch()
+    with SafetensorsStream(path, {"a": (torch.float32, (1,))}, 0) as stream:
+        assert stream._writer._max_workers == 1 and stream._hasher._max_workers == 1
+        assert stream._flusher._max_workers == 1
+
+
+@pytest.mark.parametrize("pool", ["_writer", "_hasher", "_flusher"])
+def test_close_waits_for_every_thread(tmp_path: Path, pool: str) -> None:
+    path = tmp_path / "s.safetensors"
+    path.touch()
+    stream = SafetensorsStream(path, {"a": (torch.float32, (1,))}, 0)
+    go = threading.Event()
+    getattr(stream, pool).submit(go.wait)
+    closer = threading.Thread(target=stream.close)
+    closer.start()
+    closer.join(0.5)
+    try:
+        assert closer.is_alive()  # still waiting for the held task
+    finally:
+        go.set()
+        closer.join()
+    with pytest.raises(OSError):
+        os.fstat(stream._fd)
