@@ -24,8 +24,8 @@ from ..errors import RepvggError
 from ..families import Block
 from ..families.modules import conv_from_fused
 from ..families.modules import bn_from_module, conv_branch_from_module, geometry_from_conv
-from ..fusion.values import Branches, FusedConv
 from ..fusion.sum import fuse_branches, fused_weight_shape
+from ..fusion.values import Branches, FusedConv, as_meta, map_branch_tensors
 from .find import ConvBnPair, Plan, fused_forward
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -273,8 +273,6 @@ def planned_weight_shape(block: Block) -> tuple[int, int, int, int]:
 
 def lightened(fused: FusedBlock) -> FusedBlock:
     """The same record holding data-free stand-ins for the tensors (kept for the report only)."""
-    from ..fusion.values import as_meta, map_branch_tensors
-
     block = replace(fused.block, branches=map_branch_tensors(fused.block.branches, as_meta))
     shipped = replace(fused.shipped, weight=as_meta(fused.shipped.weight), bias=as_meta(fused.shipped.bias))
     return replace(fused, block=block, shipped=shipped, fused64=None, probe=None, slot=None)
