@@ -354,3 +354,16 @@ def test_a_record_without_a_name_says_no_block() -> None:
     assert _problem(complete=False, name=_DROP, out_channels=0) == (
         "blocks[0] out_channels is a int 0, not a positive integer")
     assert json.dumps(_record())  # the fixture is JSON
+
+
+def test_geometry_leaves_each_out_of_range_field_to_the_field_checks() -> None:
+    """Each pair must be in its own range (kernel, dilation, stride >= 1, padding >= 0) before the
+    geometry is measured: out of range, the field checks name it, the geometry says nothing."""
+    base = {"kernel": [3, 3], "dilation": [1, 1], "padding": [1, 1]}
+    assert md._geometry_problem(dict(base, kernel=[0, 5000]), "") is None
+    assert md._geometry_problem(dict(base, kernel=[1, 2049], dilation=[0, 2]), "") is None
+    assert md._geometry_problem(dict(base, kernel=[5000, 1], padding=[-1, 0]), "") is None
+    assert md._geometry_problem(dict(base, stride=[0, 5000]), "") is None
+    # in range, the same values are measured
+    assert md._geometry_problem(dict(base, kernel=[1, 5000], padding=[0, 0]), "") is not None
+    assert md._geometry_problem(dict(base, stride=[1, 5000]), "") == "stride [1, 5000] is over 4096"
