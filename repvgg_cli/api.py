@@ -17,9 +17,9 @@ import functools
 import math
 import re
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -27,7 +27,13 @@ from typing import ParamSpec, TypeVar
 import torch
 from torch import Tensor, nn
 
-from .checks.model import compare_outputs, copy_model, infer_input_shape, leave_a_core, model_outputs
+from .checks.model import (
+    compare_outputs,
+    copy_model,
+    infer_input_shape,
+    leave_a_core,
+    model_outputs,
+)
 from .checks.tolerance import ModelCheck, Tolerance
 from .errors import InputError, RepvggError
 from .io.digest import FileDigest
@@ -79,7 +85,7 @@ _ATOM = r"[^\s:;,()'\"]+(?::[^\s:;,()'\"]+)*"  # a value may hold colons (MODULE
 _VALUE = rf"'[^']*'|\"[^\"]*\"|{_ATOM}(?:,{_ATOM})*"
 _FLAG = re.compile(rf"(?<![\w-])(?P<flag>--[a-z][a-z0-9-]*)(?P<rest>[ =](?P<value>{_VALUE}))?")
 _LOOKS_LIKE = {
-    "number": re.compile(r"-?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-?nan|-?inf|[A-Z_]+|'.*'", re.I),
+    "number": re.compile(r"-?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-?nan|-?inf|[A-Z_]+|'.*'", re.IGNORECASE),
     "shape": re.compile(r"[A-Z\d]+(,[A-Z\d]+)*|'.*'"),
     "text": re.compile(r"(?!--).+"),
 }

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .io.read import LoadedCheckpoint
 from .errors import RepvggError
 from .families import FAMILIES, find_blocks, unrecognised_blocks
-from .families.keys import join
 from .families.base import Block
+from .families.keys import join
+from .io.read import LoadedCheckpoint
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ def convert_options(fields: Any = None):
     Returns:
         The options.
     """
-    from ..pipeline.options import ConvertOptions
     from ..checks.tolerance import Tolerance
+    from ..pipeline.options import ConvertOptions
 
     if fields is None or isinstance(fields, ConvertOptions):
         return fields or ConvertOptions()

@@ -7,6 +7,7 @@ from typing import Any
 
 from .run import BatchOutcome
 
+
 def _num(value: float | None) -> float | None:
     return value if value is not None and value == value and abs(value) != float("inf") else None
 

@@ -12,6 +12,7 @@ from .job import ConvertJob, ItemOutcome, convert_one
 from .plan import BatchItem, default_jobs
 from .workers import main_module_importable, run_in_pool
 
+
 @dataclass(frozen=True)
 class BatchOutcome:
     """Every source's outcome, in plan order."""

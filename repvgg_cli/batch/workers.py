@@ -24,6 +24,7 @@ from ..errors import one_line
 from ..io.atomic import add_commit_guard, temp_files
 from .job import INTERNAL_ERROR, ConvertJob, ItemOutcome, convert_one
 
+
 class ParentGone(KeyboardInterrupt):
     """The batch that started this worker has stopped: nothing more is written."""
 

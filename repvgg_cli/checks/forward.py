@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UnsupportedError
-from ..fusion.values import BatchNorm, Branches, ConvBranch, FusedConv
 from ..fusion.sum import chunk_rows
+from ..fusion.values import BatchNorm, Branches, ConvBranch, FusedConv
 from .tolerance import FLOAT64
-
 
 Rows = Sequence[int] | None
 """Output channels to compute (``None``: all of them)."""

@@ -12,9 +12,9 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, Callable, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 import typer.core
@@ -178,7 +178,9 @@ def handle_errors(command: Callable[..., None]) -> Callable[..., None]:
         except RepvggError as error:
             if debug:
                 traceback.print_exc()
-            from ..render.text import printable  # names and paths in messages: one line, no terminal escapes
+            from ..render.text import (
+                printable,  # names and paths in messages: one line, no terminal escapes
+            )
 
             console = stderr_console()
             console.print(f"Error: {printable(error.message)}", markup=False, highlight=False)

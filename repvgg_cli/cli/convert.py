@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -15,29 +15,30 @@ from ..io.atomic import check_write_path, write_text
 from ..io.digest import FileDigest
 from .app import app, handle_errors, print_json, stderr_console, stdout_console
 from .options import (
+    Activity,
     AtolOption,
     AvgBranchOption,
+    DebugOption,
     DtypeChoice,
     DtypeOption,
-    FoldPostBnOption,
-    NoIdentityOption,
-    PassthroughOption,
-    QaVariantOption,
-    DebugOption,
     EntryOption,
     EpsOption,
+    FoldPostBnOption,
     JsonOption,
+    NoIdentityOption,
     OutputFormat,
+    PassthroughOption,
     PickleOption,
+    QaVariantOption,
     QuietOption,
     RtolOption,
-    Activity,
     first_names,
     parse_shape,
     progress_shown,
     reading,
     wrote_lines,
 )
+
 
 def _split_sources(paths: list[str]) -> tuple[list[Path], Path, bool]:
     """``SOURCE... OUTPUT`` arrives as one list (click allows one variadic argument): the last is the output.
@@ -69,11 +70,11 @@ def convert(
     entry: EntryOption = None,
     allow_pickle: PickleOption = False,
     model: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--model", help="MODULE:CALLABLE building the train-form model; converts in the module tree."),
     ] = None,
     input_shape: Annotated[
-        Optional[str], typer.Option("--input-shape", help="Whole-model probe N,C,H,W (module tree). Default: from the first conv, 64x64.")
+        str | None, typer.Option("--input-shape", help="Whole-model probe N,C,H,W (module tree). Default: from the first conv, 64x64.")
     ] = None,
     fold_post_bn: FoldPostBnOption = False,
     no_identity: NoIdentityOption = None,
@@ -88,19 +89,19 @@ def convert(
         bool, typer.Option("--dry-run", help="Read, find, fuse and check; print the report; write nothing.")
     ] = False,
     max_output_bytes: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--max-output-bytes", min=1, help="Refuse, before any work, an output larger than this "
                                                        "(default: 4x the source's bytes).", show_default=False),
     ] = None,
     report: Annotated[
-        Optional[Path], typer.Option("--report", help="Also write the report to FILE.json, FILE.md or FILE.html.")
+        Path | None, typer.Option("--report", help="Also write the report to FILE.json, FILE.md or FILE.html.")
     ] = None,
     jobs: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--jobs", "-j", min=1, help="Batch: worker processes (default: min(4, CPU count)).", show_default=False),
     ] = None,
     out_format: Annotated[
-        Optional[OutputFormat],
+        OutputFormat | None,
         typer.Option("--format", help="Batch: output format (default: each source's own).", show_default=False),
     ] = None,
     show_diff: Annotated[
@@ -156,7 +157,12 @@ def convert(
     # Hash the source on a second core while torch is imported (a single-threaded couple of seconds).
     digest = FileDigest(source) if source.is_file() else None
     from ..api import convert_file
-    from ..render.conversion import conversion_json, conversion_markdown, conversion_table, conversion_totals
+    from ..render.conversion import (
+        conversion_json,
+        conversion_markdown,
+        conversion_table,
+        conversion_totals,
+    )
     from ..render.key_diff import key_diff_renderables
     from ..render.text import printable
 
@@ -225,11 +231,23 @@ def _convert_batch(sources: list[Path], output: Path, options: Any, *, jobs: int
                    allow_pickle: bool, entry: str | None, model_spec: str | None, force: bool,
                    report: Path | None, as_json: bool, debug: bool, quiet: bool = False) -> None:
     """Several sources (or folders) into one output folder: one progress bar, one summary, one exit code."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from rich.markup import escape
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
-    from ..batch import batch_json, batch_table, batch_totals, failed_sources, plan_batch, run_batch
+    from ..batch import (
+        batch_json,
+        batch_table,
+        batch_totals,
+        failed_sources,
+        plan_batch,
+        run_batch,
+    )
     from ..render.text import printable
 
     items = plan_batch(sources, output, out_format)
@@ -239,7 +257,7 @@ def _convert_batch(sources: list[Path], output: Path, options: Any, *, jobs: int
                   TextColumn("{task.description}"), console=stderr_console(), transient=True,
                   disable=not progress_shown(quiet)) as progress:
         task = progress.add_task("", total=len(items))
-        done = lambda item: progress.update(task, advance=1, description=escape(printable(Path(item.source).name)))  # noqa: E731
+        done = lambda item: progress.update(task, advance=1, description=escape(printable(Path(item.source).name)))
         try:
             outcome = run_batch(items, options, jobs=jobs, allow_pickle=allow_pickle, entry=entry,
                                 model_spec=model_spec, force=force, debug=debug, on_done=done)

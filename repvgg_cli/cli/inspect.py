@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 
 from .app import app, handle_errors, print_json, stdout_console
-from .options import Activity, DebugOption, EntryOption, JsonOption, PickleOption, QuietOption, reading
+from .options import (
+    Activity,
+    DebugOption,
+    EntryOption,
+    JsonOption,
+    PickleOption,
+    QuietOption,
+    reading,
+)
+
 
 @app.command()
 @handle_errors
@@ -21,8 +30,8 @@ def inspect(
     debug: DebugOption = False,
 ) -> None:
     """What is in a checkpoint: format, entry, dtypes, blocks by family, train or deploy form."""
-    from ..io.read import load_checkpoint
     from ..inspection import summarize
+    from ..io.read import load_checkpoint
     from ..render.inspect import summary_json, summary_tree
 
     with Activity(quiet) as activity:

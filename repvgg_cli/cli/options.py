@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Iterable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -29,17 +29,17 @@ PickleOption = Annotated[
 ]
 
 EntryOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--entry", help="Container entry holding the weights (default: EMA if present, else state_dict/model)."),
 ]
 
 EpsOption = Annotated[
-    Optional[float],
+    float | None,
     typer.Option("--bn-eps", help="BatchNorm eps for state dicts (not stored in them). Default: the family's (1e-5; YOLO 1e-3)."),
 ]
 
 RtolOption = Annotated[
-    Optional[float],
+    float | None,
     typer.Option("--rtol", help="Relative tolerance (to the output's max |value|). Default by dtype: fp64 1e-9, fp32 1e-5, fp16 4e-3, bf16 3e-2."),
 ]
 
@@ -47,7 +47,7 @@ AtolOption = Annotated[float, typer.Option("--atol", help="Absolute tolerance ad
 
 
 ModelOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--model", help="MODULE:CALLABLE building the train-form model the state dict loads into."),
 ]
 
@@ -101,7 +101,14 @@ class Activity:
 
     def __enter__(self) -> Activity:
         if self.shown:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
 
             self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                       MofNCompleteColumn(), TimeElapsedColumn(), console=stderr_console(),
@@ -203,22 +210,22 @@ FoldPostBnOption = Annotated[
                                               "sits between.")
 ]
 NoIdentityOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--no-identity", help="Glob of block names without a hidden (parameter-free) identity branch; "
                                        "repeatable."),
 ]
 AvgBranchOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--avg-branch", help="Glob of block names with a hidden avg-pool branch (QARepVGGBlockV2); "
                                       "repeatable."),
 ]
 QaVariantOption = Annotated[
-    Optional[QaVariant],
+    QaVariant | None,
     typer.Option("--qa-variant", help="QARepVGG blocks of a state dict are QARepVGGBlock (v1) or QARepVGGBlockV2 "
                                       "(v2, a hidden avg-pool branch): the weights cannot tell.", show_default=False),
 ]
 PassthroughOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--passthrough", help="Glob of keys or block names that look like branches but are meant to stay "
                                        "unfused (else refused); repeatable."),
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -89,12 +89,12 @@ def bench(
     allow_pickle: PickleOption = False,
     model: ModelOption = None,
     entry: EntryOption = None,
-    batch: Annotated[Optional[int], typer.Option("--batch", help="Batch size (default 1).")] = None,
-    resolution: Annotated[Optional[int], typer.Option("--resolution", help="Input height and width (default 224).")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", help="Batch size (default 1).")] = None,
+    resolution: Annotated[int | None, typer.Option("--resolution", help="Input height and width (default 224).")] = None,
     input_shape: Annotated[
-        Optional[str], typer.Option("--input-shape", help="Full input shape N,C,H,W (instead of --batch/--resolution).")
+        str | None, typer.Option("--input-shape", help="Full input shape N,C,H,W (instead of --batch/--resolution).")
     ] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="torch intra-op threads (default: torch's).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch intra-op threads (default: torch's).")] = None,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed forward passes before timing each form.")] = 3,
     repeat: Annotated[int, typer.Option("--repeat", help="Timed forward passes per form; the median is reported.")] = 10,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda (cuda:N); cuda only when available.")] = "cpu",
@@ -252,7 +252,7 @@ def export(
     entry: EntryOption = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset version.")] = 17,
     input_shape: Annotated[
-        Optional[str], typer.Option("--input-shape", help="Traced input N,C,H,W. Default: 1,C,224,224 (C from the first conv).")
+        str | None, typer.Option("--input-shape", help="Traced input N,C,H,W. Default: 1,C,224,224 (C from the first conv).")
     ] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension symbolic.")] = False,
     dynamic: Annotated[
@@ -266,7 +266,7 @@ def export(
         bool, typer.Option("--slim", help="Pass the graph through onnxslim before it is checked (extra: .[slim]).")
     ] = False,
     rtol: Annotated[
-        Optional[float],
+        float | None,
         typer.Option("--rtol", help="onnxruntime vs torch, relative to max |torch output|. Default: fp32 1e-4, fp16 1e-2, fp64 1e-9."),
     ] = None,
     atol: AtolOption = 0.0,

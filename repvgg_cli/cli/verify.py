@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,31 +15,32 @@ from .options import (
     DebugOption,
     DtypeChoice,
     DtypeOption,
-    FoldPostBnOption,
-    NoIdentityOption,
-    PassthroughOption,
-    QaVariantOption,
     EntryOption,
     EpsOption,
+    FoldPostBnOption,
     JsonOption,
+    NoIdentityOption,
+    PassthroughOption,
     PickleOption,
+    QaVariantOption,
     QuietOption,
     RtolOption,
     first_names,
     parse_shape,
 )
 
+
 @app.command()
 @handle_errors
 def verify(
     deploy: Annotated[Path, typer.Argument(help="Deploy checkpoint written by repvgg convert.")],
-    against: Annotated[Optional[Path], typer.Option("--against", help="Recompute from this train-form source.")] = None,
+    against: Annotated[Path | None, typer.Option("--against", help="Recompute from this train-form source.")] = None,
     bn_eps: EpsOption = None,
     rtol: RtolOption = None,
     atol: AtolOption = 0.0,
     entry: EntryOption = None,
     allow_pickle: PickleOption = False,
-    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Whole-model probe N,C,H,W (pickled models).")] = None,
+    input_shape: Annotated[str | None, typer.Option("--input-shape", help="Whole-model probe N,C,H,W (pickled models).")] = None,
     fold_post_bn: FoldPostBnOption = False,
     no_identity: NoIdentityOption = None,
     avg_branch: AvgBranchOption = None,
@@ -56,9 +57,9 @@ def verify(
     with the options given here (as for convert), nothing taken from the file under test.
     """
     from ..api import ConvertOptions, verify_file
+    from ..checks.tolerance import Tolerance
     from ..render.text import printable
     from ..render.verify import verify_json, verify_table
-    from ..checks.tolerance import Tolerance
 
     with Activity(quiet) as activity:
         activity.step(f"verifying {deploy}" + (f" against {against}" if against else "") + " (reading, checking)")

@@ -8,41 +8,51 @@ from dataclasses import replace
 from torch import Tensor
 
 from ..errors import UnsupportedError
+from .acnet import ACNetBlock
+from .apple_fastvit import AppleRepCPE, AppleRepMixer
+from .apple_mobileone import AppleMobileOneBlock
 from .architectures import ARCHITECTURES, Architecture, detect_architecture
 from .base import Block, Family, FamilyOptions
-from .keys import KeyView, join
-from .unclaimed import unclaimed_branches
-from .official import OfficialRepVGG
-from .plain import PlainBlock
-from .timm_repvgg import TimmRepVggBlock
-from .timm_mobileone import TimmMobileOneBlock
-from .apple_mobileone import AppleMobileOneBlock
-from .fastvit_large_kernel import FastVitLargeKernel
-from .fastvit_repmixer import FastVitRepMixer
-from .fastvit_repcpe import FastVitRepCPE
-from .yolov7_repconv import Yolov7RepConv
-from .ultralytics_repconv import UltralyticsRepConv
-from .ultralytics_repvggdw import UltralyticsRepVGGDW
-from .qarepvgg import QARepVGG
-from .yolov6_convmodule import Yolov6ConvModule
-from .mmpretrain_repvgg import MmpretrainRepVGG
-from .mmpretrain_mobileone import MmpretrainMobileOne
-from .replknet import RepLKNetLargeKernel
-from .unireplknet import UniRepLKNetDwconv, UniRepLKNetFfn
-from .apple_fastvit import AppleRepCPE, AppleRepMixer
-from .acnet import ACNetBlock
 from .dbb import DbbConvBN, DiverseBranchBlock
+from .fastvit_large_kernel import FastVitLargeKernel
+from .fastvit_repcpe import FastVitRepCPE
+from .fastvit_repmixer import FastVitRepMixer
+from .generic.family import GenericBlock  # registered last: only what no family claims
+from .keys import KeyView, join
+from .mmpretrain_mobileone import MmpretrainMobileOne
+from .mmpretrain_repvgg import MmpretrainRepVGG
+from .official import OfficialRepVGG
 from .orepa import Orepa, Orepa1x1, OrepaLargeConv, OrepaLargeConvBase, OrepaRepVGG
-from .timm_ghost import TimmGhostV3Cheap, TimmGhostV3Dw, TimmGhostV3Primary, TimmRepGhost
-from .timm_lcnetv2 import TimmLcnetV2RepDw
-from .timm_efficientvim import TimmEfficientVimConv, TimmEfficientVimDwconv
-from .timm_nextvit import TimmNextVitPreBn
-from .timm_pairs import TimmConvNorm, TimmLevitConvNorm, TimmLevitLinearNorm, TimmNormLinear
+from .plain import PlainBlock
+from .qarepvgg import QARepVGG
+from .replknet import RepLKNetLargeKernel
 from .timm_c_bn import TimmCBn
+from .timm_efficientvim import TimmEfficientVimConv, TimmEfficientVimDwconv
+from .timm_ghost import (
+    TimmGhostV3Cheap,
+    TimmGhostV3Dw,
+    TimmGhostV3Primary,
+    TimmRepGhost,
+)
 from .timm_iformer import TimmIformerRepCPE
+from .timm_lcnetv2 import TimmLcnetV2RepDw
+from .timm_mobileone import TimmMobileOneBlock
+from .timm_nextvit import TimmNextVitPreBn
+from .timm_pairs import (
+    TimmConvNorm,
+    TimmLevitConvNorm,
+    TimmLevitLinearNorm,
+    TimmNormLinear,
+)
+from .timm_repvgg import TimmRepVggBlock
 from .timm_repvit import TimmRepVggDw, TimmRepVitClassifier
 from .timm_shvit import TimmShvitNormLinear, TimmShvitResidual
-from .generic.family import GenericBlock  # registered last: only what no family claims
+from .ultralytics_repconv import UltralyticsRepConv
+from .ultralytics_repvggdw import UltralyticsRepVGGDW
+from .unclaimed import unclaimed_branches
+from .unireplknet import UniRepLKNetDwconv, UniRepLKNetFfn
+from .yolov6_convmodule import Yolov6ConvModule
+from .yolov7_repconv import Yolov7RepConv
 
 _DECLARED: tuple[Family, ...] = (
     # A family whose blocks enclose another family's (see Family.encloses) comes first.
@@ -160,8 +170,17 @@ def find_blocks(
     return blocks
 
 
-__all__ = ["ARCHITECTURES", "Architecture", "Block", "FAMILIES", "Family", "FamilyOptions", "detect_architecture",
-           "family_by_name", "find_blocks"]
+__all__ = [
+    "ARCHITECTURES",
+    "FAMILIES",
+    "Architecture",
+    "Block",
+    "Family",
+    "FamilyOptions",
+    "detect_architecture",
+    "family_by_name",
+    "find_blocks",
+]
 
 
 def unrecognised_blocks(state: Mapping[str, Tensor], claimed: set[str]) -> list[tuple[str, str]]:

@@ -18,10 +18,16 @@ import torch
 from torch import Tensor, nn
 
 from ..algebra.maps import Map
-from .architectures import Architecture
 from ..errors import UnsupportedError
 from ..fusion.values import Branches, FusedConv, IdentityBranch
-from .keys import KeyView, bn_from_keys, check_branches_agree, conv_branch_from_keys, join
+from .architectures import Architecture
+from .keys import (
+    KeyView,
+    bn_from_keys,
+    check_branches_agree,
+    conv_branch_from_keys,
+    join,
+)
 from .modules import ModuleView, conv_from_fused
 
 
@@ -44,7 +50,7 @@ class FamilyOptions:
     avg_branch: tuple[str, ...] = ()
     qa_variant: str | None = None
     """``"v1"``/``"v2"``: the QARepVGG block a state dict holds (None: the user has not said)."""
-    architecture: "Architecture | None" = None
+    architecture: Architecture | None = None
     """The whole-model architecture recognised from the key layout (see :mod:`.architectures`)."""
 
 
@@ -154,7 +160,7 @@ class Family:
 
     # -- the declaration ------------------------------------------------------------------------
 
-    def expression(self, v: "KeyView | ModuleView") -> Map | None:
+    def expression(self, v: KeyView | ModuleView) -> Map | None:
         """The block's branches over the algebra, or None when the keys/modules at ``v`` are not
         this family's (a look-alike)."""
         raise NotImplementedError  # pragma: no cover - every declarative family writes it

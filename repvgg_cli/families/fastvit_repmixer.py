@@ -30,8 +30,8 @@ from ..algebra.maps import Map, plus, then
 from ..errors import UnsupportedError
 from ..fusion.values import FusedConv
 from .base import Family
-from .keys import join
 from .fastvit_large_kernel import is_passive, linear_conv_norm
+from .keys import join
 
 NOTE = (
     "mixer/norm identity BNs are fused as 1x1 identity-kernel branches; "

@@ -11,6 +11,7 @@ from ..algebra.maps import Map
 from ..errors import InputError, UnsupportedError
 from ..fusion.values import BatchNorm, ConvBranch, FusedConv, IdentityBranch
 
+
 def is_batch_norm(module: object) -> bool:
     """BatchNorm1d/2d/3d, SyncBatchNorm and their subclasses (e.g. timm's BatchNormAct2d)."""
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
@@ -223,5 +224,5 @@ class ModuleView:
             raise InputError(f"{self.label(path)} is not {channels} floating-point per-channel values")
         return maps.scale(value)
 
-    def conv(self, path: str, bias: bool = True, **ignored) -> Map:  # noqa: D102 - geometry from the module
+    def conv(self, path: str, bias: bool = True, **ignored) -> Map:
         return self._conv(path, bias)

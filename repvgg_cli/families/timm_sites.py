@@ -40,8 +40,8 @@ class BlockSites:
     the paths already switched to their deploy form."""
 
     def __init__(self) -> None:
-        self._sites: "weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, str, str]]" = weakref.WeakKeyDictionary()
-        self._done: "weakref.WeakKeyDictionary[nn.Module, set[str]]" = weakref.WeakKeyDictionary()
+        self._sites: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, str, str]] = weakref.WeakKeyDictionary()
+        self._done: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
     def note(self, block: nn.Module, family: str, paths: tuple[str, ...]) -> None:
         for path in paths:

@@ -58,7 +58,7 @@ DILATED = re.compile(r"dil_conv_k(\d+)_(\d+)")
 SIGNATURE = ("pwconv1.1.weight", "pwconv2.0.weight", "act.1.gamma")
 """Keys every UniRepLKNetBlock has, in both forms."""
 
-_SITES: "weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, str]]" = weakref.WeakKeyDictionary()
+_SITES: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, str]] = weakref.WeakKeyDictionary()
 """Site child -> (its UniRepLKNetBlock, the child's name there), filled as blocks are met."""
 
 

@@ -154,7 +154,7 @@ class FusedConv:
     padding_mode: str = "zeros"
     extra: dict = field(default_factory=dict, compare=False)
 
-    def to(self, dtype: torch.dtype) -> "FusedConv":
+    def to(self, dtype: torch.dtype) -> FusedConv:
         """A copy with fresh, contiguous tensors of ``dtype`` (safetensors refuses shared storage)."""
         return FusedConv(
             weight=_fresh(self.weight, dtype),

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 
-
 EMA_ENTRIES = ("ema", "model_ema", "state_dict_ema")
 
 
@@ -84,7 +83,7 @@ def pick_entry(raw: Mapping, entry: str | None, path: Path) -> tuple[str, Any, t
     return chosen, raw[chosen], tuple(notes)
 
 
-def strip_prefixes(state: Mapping[str, Tensor]) -> tuple["OrderedDict[str, Tensor]", tuple[str, ...]]:
+def strip_prefixes(state: Mapping[str, Tensor]) -> tuple[OrderedDict[str, Tensor], tuple[str, ...]]:
     """Remove ``module.`` / ``_orig_mod.`` when every key starts with it (repeatedly, as prefixes only)."""
     keys = list(state.keys())
     stripped: list[str] = []

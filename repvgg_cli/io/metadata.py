@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from ..errors import InputError
 from .containers import type_name
 
-
 TENSOR_DIGESTS = "tensors"
 """The metadata field with ``{key: sha256}`` of every tensor as written (``verify`` checks them)."""
 

@@ -27,13 +27,31 @@ from torch import Tensor, nn
 
 from ..errors import InputError, one_line
 from . import mapguard
-from .containers import is_state_dict, pick_entry, prefix_notes, strip_prefixes, type_name, why_not_state_dict
+from .containers import (
+    is_state_dict,
+    pick_entry,
+    prefix_notes,
+    strip_prefixes,
+    type_name,
+    why_not_state_dict,
+)
 from .contents import Walk, check_nesting, check_tensors, walk
 from .digest import FileDigest, FileIdentity
-from .metadata import METADATA_KEY, check_metadata, metadata_from_module, metadata_from_state, parse_metadata
-from .unpickle import first_pickle, old_protocol_error, pickle_stream_protocol, torch_load, warnings_as_notes
+from .metadata import (
+    METADATA_KEY,
+    check_metadata,
+    metadata_from_module,
+    metadata_from_state,
+    parse_metadata,
+)
+from .unpickle import (
+    first_pickle,
+    old_protocol_error,
+    pickle_stream_protocol,
+    torch_load,
+    warnings_as_notes,
+)
 from .ziprecords import mapped_storage_problem, scan_zip
-
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 

@@ -17,7 +17,6 @@ from torch import Tensor
 from ..errors import InputError
 from .metadata import tensor_bytes
 
-
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -241,7 +240,7 @@ class SafetensorsStream:
         self._flusher.shutdown(wait=True)
         os.close(self._fd)
 
-    def __enter__(self) -> "SafetensorsStream":
+    def __enter__(self) -> SafetensorsStream:
         return self
 
     def __exit__(self, *exc: object) -> None:

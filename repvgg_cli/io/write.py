@@ -85,7 +85,7 @@ def save_torch(output: Path, payload: Any, fsync: bool = False) -> None:
     atomic_write(output, write, fsync=fsync)
 
 
-def save_model(output: Path, model: nn.Module, loaded: "LoadedCheckpoint", metadata: Mapping,
+def save_model(output: Path, model: nn.Module, loaded: LoadedCheckpoint, metadata: Mapping,
                fsync: bool = False) -> None:
     """Write a pickled deploy model in the layout the source had (bare module or container)."""
     text = metadata_json(metadata)

@@ -22,8 +22,12 @@ from torch import Tensor, nn
 from ..checks.probe import CentreProbe
 from ..errors import RepvggError
 from ..families import Block
-from ..families.modules import conv_from_fused
-from ..families.modules import bn_from_module, conv_branch_from_module, geometry_from_conv
+from ..families.modules import (
+    bn_from_module,
+    conv_branch_from_module,
+    conv_from_fused,
+    geometry_from_conv,
+)
 from ..fusion.sum import fuse_branches, fused_weight_shape
 from ..fusion.values import Branches, FusedConv, as_meta, map_branch_tensors
 from .find import ConvBnPair, Plan, fused_forward

@@ -29,7 +29,7 @@ class Source:
         notes: what reading it involved (entry used, prefixes stripped, ...).
     """
 
-    state: "OrderedDict[str, Tensor] | None" = None
+    state: OrderedDict[str, Tensor] | None = None
     model: nn.Module | None = None
     loaded: LoadedCheckpoint | None = None
     owned: bool = False

@@ -86,7 +86,7 @@ class ConversionResult:
     """
 
     mode: str
-    state_dict: "OrderedDict[str, Tensor]"
+    state_dict: OrderedDict[str, Tensor]
     blocks: tuple[BlockResult, ...]
     model: nn.Module | None = None
     dropped_keys: tuple[str, ...] = ()
@@ -221,7 +221,7 @@ class _Kept:
             self.cast.append(compare_tensors(key, source, expected))
 
 
-def _source_side(written: Written) -> "OrderedDict[str, Tensor]":
+def _source_side(written: Written) -> OrderedDict[str, Tensor]:
     """The source state dict as it was, in its own order: tensors where the source still holds
     them, the write stage's stand-ins where it freed them."""
     plan = written.plan

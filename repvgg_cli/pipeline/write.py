@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..checks.tolerance import ModelCheck
 from ..families import Block
 from ..fusion.values import FusedConv, as_meta, map_branch_tensors
 from ..io import write as io_write
-from ..io.metadata import METADATA_KEY, TENSOR_DIGESTS, metadata_json, tensor_digests
 from ..io.limits import check_output_size, check_safetensors_limits
+from ..io.metadata import METADATA_KEY, TENSOR_DIGESTS, metadata_json, tensor_digests
 from ..io.read import LoadedCheckpoint
 from ..io.safetensors_file import SafetensorsStream
-from ..checks.tolerance import ModelCheck
 from .check import BlockResult, Checked
 from .find import Plan
 from .fuse import RowSink, planned_weight_shape
@@ -74,13 +74,13 @@ class Written:
 
     plan: Plan
     results: tuple[BlockResult, ...]
-    state_dict: "OrderedDict[str, Tensor]"
+    state_dict: OrderedDict[str, Tensor]
     model: nn.Module | None = None
     model_check: ModelCheck | None = None
     written: bool = False
     passthrough: int = 0
     extra_notes: tuple[str, ...] = field(default_factory=tuple)
-    source_stand_ins: "OrderedDict[str, Tensor]" = field(default_factory=OrderedDict)
+    source_stand_ins: OrderedDict[str, Tensor] = field(default_factory=OrderedDict)
     """The source keys the report's key diff cannot read once blocks are fused (see :func:`source_stand_ins`)."""
     digests: dict[str, str] = field(default_factory=dict)
     """Streamed file: ``{key: sha256}`` of every tensor as the writer wrote it (the metadata's tensor digests)."""
@@ -108,7 +108,7 @@ def write(checked: Checked, target: Target, progress: Progress | None = None) ->
     return written
 
 
-def source_stand_ins(plan: Plan) -> "OrderedDict[str, Tensor]":
+def source_stand_ins(plan: Plan) -> OrderedDict[str, Tensor]:
     """What the report's key diff needs of the source tensors the conversion frees or replaces:
     key tree, a data-free stand-in (shape, dtype) of every block's source tensor (every other key
     stays in the source); module tree, the model's state dict before any block is switched (the
@@ -163,7 +163,7 @@ class _Nothing:
         return None
 
 
-def _assemble(plan: Plan, results: list[BlockResult], streamed: bool) -> tuple["OrderedDict[str, Tensor]", int]:
+def _assemble(plan: Plan, results: list[BlockResult], streamed: bool) -> tuple[OrderedDict[str, Tensor], int]:
     """The deploy state dict in the source's key order: each block's deploy keys where its first
     source key was, every passthrough key as the very same tensor (streamed: a stand-in)."""
     state = plan.source.state
@@ -230,7 +230,7 @@ def planned_deploy_state(block: Block, shape: tuple[int, ...]) -> tuple[dict[str
     return state, next((key for key, tensor in state.items() if tensor is planned.weight), None)
 
 
-def _layout(plan: Plan) -> tuple["OrderedDict[str, tuple[torch.dtype, tuple[int, ...]]]", dict[str, str | None]]:
+def _layout(plan: Plan) -> tuple[OrderedDict[str, tuple[torch.dtype, tuple[int, ...]]], dict[str, str | None]]:
     """Every tensor of the output, in file order, with its dtype and shape; and per block the
     key whose rows are streamed."""
     state = plan.source.state

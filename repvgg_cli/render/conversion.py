@@ -23,7 +23,7 @@ from .verify import model_check_json
 if TYPE_CHECKING:  # the core imports torch; keep `repvgg --help` fast
     from ..pipeline.report import ConversionResult
 
-def _blocks(result: "ConversionResult") -> list:
+def _blocks(result: ConversionResult) -> list:
     return natural_sorted(result.blocks, lambda r: r.block.name)
 
 
@@ -36,7 +36,7 @@ def _block_eps(r) -> list[float]:
     return sorted({float(bn.eps) for bn in bns if bn is not None and getattr(bn, "eps", None) is not None})
 
 
-def eps_summary(result: "ConversionResult") -> dict[str, Any]:
+def eps_summary(result: ConversionResult) -> dict[str, Any]:
     """The BN eps the blocks were fused with: the values, and where each came from."""
     values = sorted({e for r in result.blocks for e in _block_eps(r)})
     sources = sorted({r.block.eps_note for r in result.blocks if _block_eps(r)})
@@ -46,7 +46,7 @@ def eps_summary(result: "ConversionResult") -> dict[str, Any]:
     return {"values": values, "sources": sources, "source": kinds, "option": option, "sensitive": sensitive}
 
 
-def tolerance_summary(result: "ConversionResult") -> dict[str, Any]:
+def tolerance_summary(result: ConversionResult) -> dict[str, Any]:
     """The tolerance every check passed against: as asked (``rtol`` None: by dtype) and as used."""
     tolerance = result.options.tolerance
     used = sorted({r.check.rtol for r in result.blocks})
@@ -77,7 +77,7 @@ def _tolerance_text(tol: dict[str, Any]) -> str:
     return f"tolerance: rtol {used} ({asked}), atol {tol['atol']:g}"
 
 
-def conversion_json(result: "ConversionResult", source: str | None = None, output: str | None = None,
+def conversion_json(result: ConversionResult, source: str | None = None, output: str | None = None,
                     written: bool = False) -> dict[str, Any]:
     """The convert report as one JSON-ready document."""
     blocks = []
@@ -121,7 +121,7 @@ def _groups(fused, block) -> str:
     return str(fused.groups) if block.branches.groups_known else "?"
 
 
-def conversion_table(result: "ConversionResult", title: str = "Fused blocks") -> FittedTable:
+def conversion_table(result: ConversionResult, title: str = "Fused blocks") -> FittedTable:
     """Per-block table: block, family, branches, kernel, groups, params before→after, errors, status."""
     blocks = _blocks(result)
     unknown_groups = any(_groups(r.fused, r.block) == "?" for r in blocks)
@@ -144,7 +144,7 @@ def conversion_table(result: "ConversionResult", title: str = "Fused blocks") ->
     return FittedTable(columns, title=title, caption=caption)
 
 
-def conversion_totals(result: "ConversionResult") -> list[str]:
+def conversion_totals(result: ConversionResult) -> list[str]:
     """Lines under the table (plain text, never markup): totals, eps, tolerance, whole-model check,
     dropped keys, notes."""
     lines = [
@@ -185,7 +185,7 @@ def _md(text: object) -> str:
     return printable(text).replace("|", "\\|")
 
 
-def conversion_markdown(result: "ConversionResult", source: str | None = None, output: str | None = None) -> str:
+def conversion_markdown(result: ConversionResult, source: str | None = None, output: str | None = None) -> str:
     """The convert report as Markdown (for ``--report FILE.md``)."""
     lines = [
         "# repvgg convert report", "",

@@ -28,7 +28,7 @@ from .text import (
 if TYPE_CHECKING:  # the core imports torch; keep `repvgg --help` fast
     from ..inspection import CheckpointSummary
 
-def summary_json(summary: "CheckpointSummary") -> dict[str, Any]:
+def summary_json(summary: CheckpointSummary) -> dict[str, Any]:
     blocks = natural_sorted(summary.blocks, lambda b: b.name)
     return {
         "command": "inspect", "path": summary.path, "format": summary.format, "file_size": summary.file_size,
@@ -78,7 +78,7 @@ def plain_value(value: Any) -> str:
     return printable(value)
 
 
-def _entry_lines(summary: "CheckpointSummary") -> tuple[list[str], list[str]]:
+def _entry_lines(summary: CheckpointSummary) -> tuple[list[str], list[str]]:
     """The one line about the entry used (the loader's note when it says more), and the other notes."""
     if not summary.entry:
         return [], [printable(n) for n in summary.notes]
@@ -90,7 +90,7 @@ def _entry_lines(summary: "CheckpointSummary") -> tuple[list[str], list[str]]:
     return [f"entry used: {printable(summary.entry)}"], others
 
 
-def summary_tree(summary: "CheckpointSummary") -> Tree:
+def summary_tree(summary: CheckpointSummary) -> Tree:
     """The inspect report: file facts, blocks by family, keys outside blocks, metadata."""
     tree = Tree(Text(printable(summary.path), style="bold"))
     facts = tree.add("file")

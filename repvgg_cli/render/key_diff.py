@@ -30,7 +30,7 @@ KEY_STYLES = {"removed": "red", "added": "green", "unchanged": "dim", "cast": "y
               "unverified": "yellow", "dropped": "red"}
 
 
-def key_diff_json(result: "ConversionResult") -> dict[str, Any] | None:
+def key_diff_json(result: ConversionResult) -> dict[str, Any] | None:
     """The key diff of a conversion (``result.key_diff``) as a JSON-ready document, in full: per
     block every key removed and added, then outside blocks every key unchanged (proven), cast,
     changed, not compared, dropped and added, each with its shape and dtype; the totals."""
@@ -158,7 +158,7 @@ def _outside_lines(document: dict) -> list[Text]:
     return lines
 
 
-def key_diff_renderables(result: "ConversionResult", expanded: bool = False) -> list[Any]:
+def key_diff_renderables(result: ConversionResult, expanded: bool = False) -> list[Any]:
     """The key diff for the terminal: collapsed, the totals (and what changed outside blocks);
     expanded (``--diff``), a tree with every key by block, then the totals.
 

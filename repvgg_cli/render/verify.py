@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # the core imports torch; keep `repvgg --help` fast
     from ..checks.tolerance import BlockCheck, ModelCheck
     from ..verify import VerifyReport
 
-def model_check_json(check: "ModelCheck | None") -> dict | None:
+def model_check_json(check: ModelCheck | None) -> dict | None:
     if check is None:
         return None
     return {
@@ -29,12 +29,12 @@ def model_check_json(check: "ModelCheck | None") -> dict | None:
     }
 
 
-def _check_json(c: "BlockCheck") -> dict:
+def _check_json(c: BlockCheck) -> dict:
     return {"name": c.name, "max_abs_err": finite_or_none(c.max_abs_err), "rel_err": finite_or_none(c.rel_err), "rtol": c.rtol,
             "atol": c.atol, "ok": c.ok, "problem": c.problem}
 
 
-def verify_json(report: "VerifyReport", path: str, against: str | None) -> dict[str, Any]:
+def verify_json(report: VerifyReport, path: str, against: str | None) -> dict[str, Any]:
     blocks = natural_sorted(report.blocks, lambda c: c.name)
     return {
         "command": "verify", "ok": report.ok, "path": path, "against": against,
@@ -45,7 +45,7 @@ def verify_json(report: "VerifyReport", path: str, against: str | None) -> dict[
     }
 
 
-def verify_table(report: "VerifyReport", title: str | None = None) -> FittedTable:
+def verify_table(report: VerifyReport, title: str | None = None) -> FittedTable:
     blocks = natural_sorted(report.blocks, lambda c: c.name)
     ok = [c.ok for c in blocks]
     columns = [
