@@ -86,7 +86,8 @@ TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "io/atomic": (("repvgg_cli/io/atomic.py",), (STATS_ENV, "tests/test_mutation_io_atomic.py", ROWS_TEST)),
     "io/limits": (("repvgg_cli/io/limits.py",), ("tests/test_mutation_io_limits.py", "tests/test_io_limits.py", ROWS_TEST)),
     "io/safetensors_file": (("repvgg_cli/io/safetensors_file.py",), ("tests/test_mutation_io_safetensors_file.py", ROWS_TEST)),
-    "pipeline": (("repvgg_cli/pipeline/*.py", "repvgg_cli/api.py"), PIPELINE_TESTS),
+    "pipeline": (("repvgg_cli/pipeline/*.py", "repvgg_cli/api.py"), ("tests/test_mutation_pipeline_options.py",
+                                                                     *PIPELINE_TESTS)),
 }
 
 CORE = ("repvgg_cli/fusion/*.py", "repvgg_cli/algebra/*.py", "repvgg_cli/verify.py", "repvgg_cli/checks/*.py",
