@@ -367,3 +367,9 @@ def test_geometry_leaves_each_out_of_range_field_to_the_field_checks() -> None:
     # in range, the same values are measured
     assert md._geometry_problem(dict(base, kernel=[1, 5000], padding=[0, 0]), "") is not None
     assert md._geometry_problem(dict(base, stride=[1, 5000]), "") == "stride [1, 5000] is over 4096"
+
+
+def test_the_options_checks_come_in_addition_to_the_others() -> None:
+    assert metadata_problem({"blocks": 1, "options": {}}) == "blocks is a int 1, not a list"
+    assert metadata_problem({"source": {"entry": 5}, "options": {"bn_eps": None}}) == (
+        "source.entry is a int 5, not a string")
