@@ -543,3 +543,225 @@ def test_source_unchanged(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="changed while repvgg was reading it"):
         with source_unchanged(loaded):
             pass  # changed before: refused at the end
+
+
+# -- more of the same, to the letter ---------------------------------------------------------------------
+
+
+def test_sniff_a_two_byte_pickle_start_is_a_cut_pickle(tmp_path: Path) -> None:
+    path = tmp_path / "p.pkl"
+    path.write_bytes(b"\x80\x03")  # PROTO 3 and nothing after: the shortest cut pickle
+    with pytest.raises(InputError) as info:
+        sniff_format(path)
+    assert info.value.message == f"{path} is not a readable checkpoint: it ends inside its first pickle (truncated?)"
+
+
+def test_sniff_decides_on_the_first_64_kib_only(tmp_path: Path) -> None:
+    # a protocol 0 pickle (no 0x80 start) whose first opcode's text runs past 64 KiB: its first bytes are no
+    # whole pickle, so it is named by them alone; the rest of the file is never read
+    path = tmp_path / "p.pkl"
+    path.write_bytes(pickle.dumps("x" * 70000, protocol=0))
+    with pytest.raises(InputError) as info:
+        sniff_format(path)
+    assert info.value.message == f"{path} is not a checkpoint: neither a torch file (.pt/.pth) nor safetensors"
+    path.write_bytes(pickle.dumps("x" * 1000, protocol=0))  # the same, short enough: a plain pickle
+    with pytest.raises(InputError, match=r"plain Python pickle \(protocol 0\)"):
+        sniff_format(path)
+
+
+def test_legacy_protocol_of_a_protocol_2_start_is_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "l.pt"
+    path.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2))  # the magic number, nothing after it
+    assert rd._legacy_protocol(path) == 2
+    path.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1, protocol=0))
+    assert rd._legacy_protocol(path) == 2  # the next pickle's protocol matters only after a protocol 0/1 start
+    path.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=3))
+    assert rd._legacy_protocol(path) == 3
+
+
+def test_legacy_protocol_reads_the_first_64_kib_only(tmp_path: Path) -> None:
+    path = tmp_path / "l.pt"
+    path.write_bytes(pickle.dumps("x" * 70000, protocol=0))  # no whole pickle in the first 64 KiB: left to torch
+    assert rd._legacy_protocol(path) == 2
+    path.write_bytes(pickle.dumps("x" * 1000, protocol=0))  # a whole protocol 0 pickle, nothing after it
+    assert rd._legacy_protocol(path) == 0
+
+
+def test_safetensors_are_opened_for_torch_on_the_cpu(tmp_path: Path, monkeypatch) -> None:
+    import safetensors
+
+    path = tmp_path / "a.safetensors"
+    save_file(_state(), str(path))
+    real = safetensors.safe_open
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", spy)
+    loaded = load_checkpoint(path)
+    assert calls == [((str(path),), {"framework": "pt", "device": "cpu"})]
+    assert all(v.device.type == "cpu" and torch.equal(v, _state()[k]) for k, v in loaded.state_dict.items())
+
+
+def test_an_unreadable_safetensors_file_names_the_reason(tmp_path: Path, monkeypatch) -> None:
+    import safetensors
+
+    path = tmp_path / "a.safetensors"
+    save_file(_state(), str(path))
+
+    def broken(*args, **kwargs):
+        raise ValueError("header too large\nsecond line")
+
+    monkeypatch.setattr(safetensors, "safe_open", broken)
+    with pytest.raises(InputError) as info:
+        load_checkpoint(path)
+    assert info.value.message == f"{path} is not a readable safetensors file: header too large"
+
+
+def test_warnings_while_reading_safetensors_are_notes(tmp_path: Path, monkeypatch) -> None:
+    import warnings
+
+    path = tmp_path / "a.safetensors"
+    save_file(_state(), str(path))
+    real = rd._load_safetensors
+
+    def warning_load(p):
+        warnings.warn("odd header", UserWarning)
+        return real(p)
+
+    monkeypatch.setattr(rd, "_load_safetensors", warning_load)
+    assert load_checkpoint(path).notes == ("while loading: UserWarning: odd header",)
+
+
+def test_safetensors_refusals_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "a.safetensors"
+    save_file({"c": torch.zeros(1, dtype=torch.float8_e4m3fn)}, str(path))
+    with pytest.raises(InputError) as info:
+        load_checkpoint(path)
+    assert info.value.message.startswith(f"{path}: key c holds a float8_e4m3fn tensor")
+    save_file(_state(), str(path), metadata={METADATA_KEY: '{"blocks": 1}'})
+    with pytest.raises(InputError) as info:
+        load_checkpoint(path)
+    assert info.value.message.startswith(f"{path}: its repvgg_cli metadata is malformed: blocks is a int 1")
+
+
+def test_torch_metadata_is_checked_and_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.pt"
+    torch.save({"state_dict": _state(), METADATA_KEY: '{"blocks": 1}'}, path)
+    with pytest.raises(InputError) as info:
+        load_checkpoint(path)
+    assert info.value.message.startswith(f"{path}: its repvgg_cli metadata is malformed: blocks is a int 1")
+    assert info.value.hint == "the file was changed after repvgg convert wrote it; convert the train-form source again"
+
+
+def test_a_zip_of_protocol_1_in_words_and_read_when_allowed(tmp_path: Path) -> None:
+    path = tmp_path / "z.pt"
+    torch.save(_state(), path, pickle_protocol=1)
+    with pytest.raises(PickleRefusedError) as info:
+        load_checkpoint(path)
+    assert info.value.message == (f"{path} was written with pickle protocol 1 (torch.save(..., pickle_protocol=1)); "
+                                  "torch's safe loader reads protocol 2 and later only")
+    loaded = load_checkpoint(path, allow_pickle=True)
+    assert loaded.pickled is True and loaded.format == "torch-zip"
+    assert all(torch.equal(loaded.state_dict[k], v) for k, v in _state().items())
+
+
+def test_a_legacy_file_of_protocol_1_in_words(tmp_path: Path) -> None:
+    path = tmp_path / "l.pt"
+    torch.save(_state(), path, _use_new_zipfile_serialization=False, pickle_protocol=1)
+    with pytest.raises(PickleRefusedError) as info:
+        load_checkpoint(path)
+    assert info.value.message == (f"{path} was written with pickle protocol 1 (torch.save(..., pickle_protocol=1)); "
+                                  "torch's safe loader reads protocol 2 and later only")
+
+
+def test_the_mapped_storage_check_is_asked_about_this_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "z.pt"
+    torch.save(_state(), path)
+    real = rd.mapped_storage_problem
+    calls = []
+
+    def spy(tensors, layout, p, device, inode):
+        calls.append((p, device, inode))
+        return real(tensors, layout, p, device, inode)
+
+    monkeypatch.setattr(rd, "mapped_storage_problem", spy)
+    loaded = load_checkpoint(path)
+    status = os.stat(path)
+    assert calls == [(path, status.st_dev, status.st_ino)] and loaded.mapped is True
+
+
+def _pointers_in_mappings_of(path: Path, loaded: LoadedCheckpoint) -> list[bool]:
+    mappings = rd.mapguard.mappings_of(loaded.identity.device, loaded.identity.inode, path)
+    return [any(m.start <= v.untyped_storage().data_ptr() < m.end for m in mappings) for v in loaded.state_dict.values()]
+
+
+def test_a_read_again_after_a_storage_problem_is_not_mapped(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "z.pt"
+    torch.save(_state(), path)
+    loaded = load_checkpoint(path)
+    assert _pointers_in_mappings_of(path, loaded) == [True, True]  # mapped: the tensors are the file's pages
+    del loaded
+    monkeypatch.setattr(rd, "mapped_storage_problem", lambda *args: "it does not line up")
+    loaded = load_checkpoint(path)
+    assert _pointers_in_mappings_of(path, loaded) == [False, False]  # read again: copies
+
+
+def _deep(levels: int) -> object:
+    value: object = torch.zeros(1)
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_nesting_is_checked_after_a_read_again_and_in_legacy_files(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "deep.pt"
+    torch.save({"w": torch.zeros(1), "deep": _deep(101)}, path)
+    with pytest.raises(InputError) as info:
+        load_checkpoint(path)
+    assert info.value.message == (f"{path}: entry 'deep' holds containers nested 102 deep, more than the 100 "
+                                  "repvgg reads")
+    legacy = tmp_path / "deep_legacy.pt"
+    torch.save({"w": torch.zeros(1), "deep": _deep(101)}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(InputError, match="entry 'deep' holds containers nested 102 deep"):
+        load_checkpoint(legacy)
+    monkeypatch.setattr(rd, "mapped_storage_problem", lambda *args: "it does not line up")
+    with pytest.raises(InputError, match="entry 'deep' holds containers nested 102 deep"):
+        load_checkpoint(path)
+
+
+def test_the_full_unpickling_note_comes_first(tmp_path: Path, monkeypatch) -> None:
+    import warnings
+
+    path = tmp_path / "m.pt"
+    torch.save(nn.Linear(2, 1), path)
+    real = rd.torch_load
+
+    def warning_load(*args, **kwargs):
+        warnings.warn("careful", UserWarning)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rd, "torch_load", warning_load)
+    assert load_checkpoint(path, allow_pickle=True).notes == ("loaded with full unpickling (--allow-pickle)",
+                                                              "while loading: UserWarning: careful")
+
+
+def test_a_missing_entry_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.pt"
+    torch.save({"state_dict": _state(), "epoch": 1}, path)
+    with pytest.raises(InputError) as info:
+        load_checkpoint(path, entry="ema")
+    assert info.value.message == f"{path} has no entry 'ema'; it has: state_dict, epoch"
+
+
+def test_raw_is_the_top_level_object(tmp_path: Path) -> None:
+    path = tmp_path / "c.pt"
+    torch.save({"state_dict": _state(), "epoch": 7}, path)
+    loaded = load_checkpoint(path)
+    assert list(loaded.raw) == ["state_dict", "epoch"] and loaded.raw["epoch"] == 7
+    assert torch.equal(loaded.raw["state_dict"]["conv.bias"], _state()["conv.bias"])
+    legacy = tmp_path / "l.pt"
+    torch.save(_state(), legacy, _use_new_zipfile_serialization=False)
+    assert list(load_checkpoint(legacy).raw) == ["conv.weight", "conv.bias"]

@@ -347,3 +347,65 @@ def test_a_failed_allowed_unpickle_in_words(tmp_path: Path, monkeypatch) -> None
         torch_load(path, allow_pickle=True)
     assert type(info.value) is InputError and info.value.message == f"{path}: unpickling failed: boom"
     assert info.value.__suppress_context__
+
+
+# -- more of the same, to the letter ---------------------------------------------------------------------
+
+
+def test_the_magic_number_in_a_long4_is_torchs() -> None:
+    # LONG4 (a 4-byte length) holds any long; pickle writes the magic number with LONG1, a crafted file may not
+    data = b"\x80\x02\x8b\x0a\x00\x00\x00" + TORCH_MAGIC.to_bytes(10, "little") + b"."
+    assert first_pickle(data) == PickleStart(2, True, len(data))
+
+
+def test_a_stream_without_proto_counts_a_protocol_2_opcode_as_1() -> None:
+    assert pickle_stream_protocol(b"\x88.") == 1  # NEWTRUE (protocol 2) without PROTO: "binary", i.e. 1
+    assert pickle_stream_protocol(b"N\x89.") == 1  # NEWFALSE after NONE
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    # the name is the word right after the first marker, whatever follows it
+    ("Unsupported global: GLOBAL Unsupported global: GLOBAL x.y", "a pickled object of type Unsupported"),
+    ("GLOBAL GLOBAL x.y", "a pickled object of type GLOBAL"),
+    ("Unsupported global: GLOBAL a.b was not allowed; Unsupported global: GLOBAL c.d",
+     "a pickled object of type a.b"),
+    # only dots and commas are trimmed from the name
+    ("Unsupported global: GLOBAL mod.BOX.", "a pickled object of type mod.BOX"),
+    ("Unsupported global: GLOBAL mod.X, more", "a pickled object of type mod.X"),
+    # the reason is what follows the first "WeightsUnpickler error:"
+    ("Weights only load failed.\nWeightsUnpickler error: first WeightsUnpickler error: second",
+     "pickled data the safe loader refuses (first WeightsUnpickler error: second)"),
+])
+def test_describe_unpickling_failure_takes_the_first_marker(text: str, said: str) -> None:
+    assert up._describe_unpickling_failure(pickle.UnpicklingError(text)) == said
+
+
+def test_unsupported_opcode_is_the_word_after_the_first_marker() -> None:
+    assert up._unsupported_opcode(pickle.UnpicklingError("Unsupported operand Unsupported operand 73")) is None
+    assert up._unsupported_opcode(pickle.UnpicklingError("Unsupported operand 73 and Unsupported operand 149")).name == "INT"
+    assert up._unsupported_opcode(pickle.UnpicklingError("Unsupported operand 73X")) is None  # not a number
+    assert up._unsupported_opcode(pickle.UnpicklingError("Unsupported operand 149.,")).name == "FRAME"
+
+
+def test_a_list_that_cannot_be_emptied_names_the_file_in_torch_load(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "x.pt"
+    torch.save({"w": torch.zeros(1)}, path)
+    monkeypatch.setattr(torch.serialization, "clear_safe_globals", lambda: None)
+    monkeypatch.setattr(torch.serialization, "get_safe_globals", lambda: [_Allowed])
+    monkeypatch.setattr(torch.serialization, "add_safe_globals", lambda values: None)
+    with pytest.raises(InputError) as info:
+        torch_load(path, allow_pickle=False)
+    assert info.value.message == (f"{path} was not read: torch's safe_globals allow-list could not be emptied for a "
+                                  "safe load")
+
+
+def test_an_unreadable_torch_file_names_the_reason(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "bad.pt"
+
+    def broken(p, weights_only, mmap):
+        raise RuntimeError("PytorchStreamReader failed\nsecond line")
+
+    monkeypatch.setattr(up, "_load_torch_file", broken)
+    with pytest.raises(InputError) as info:
+        torch_load(path, allow_pickle=False)
+    assert info.value.message == f"{path} is not a readable torch checkpoint: PytorchStreamReader failed"
