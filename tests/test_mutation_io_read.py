@@ -765,3 +765,24 @@ def test_raw_is_the_top_level_object(tmp_path: Path) -> None:
     legacy = tmp_path / "l.pt"
     torch.save(_state(), legacy, _use_new_zipfile_serialization=False)
     assert list(load_checkpoint(legacy).raw) == ["conv.weight", "conv.bias"]
+
+
+def test_an_entry_named_with_the_empty_string_is_named_in_errors(tmp_path: Path) -> None:
+    """``--entry ''`` picks an entry like any other name: errors about it say ``entry ''``, not "the
+    file" (the entry's name is falsy, not absent)."""
+    cases = [
+        ({"": {"a": torch.zeros(1), "b": 2}, "x": 1},
+         "{path}: entry '' is not a state dict: key b holds a int, not a tensor"),
+        ({"": {}, "x": 1}, "{path}: entry '' is a dict, not a state dict of tensors"),
+    ]
+    for index, (container, expected) in enumerate(cases):
+        path = tmp_path / f"c{index}.pt"
+        torch.save(container, path)
+        with pytest.raises(InputError) as info:
+            load_checkpoint(path, entry="")
+        assert info.value.message == expected.format(path=path)
+    path = tmp_path / "complex.pt"
+    torch.save({"": {"a": torch.zeros(2, dtype=torch.complex64)}}, path)
+    with pytest.raises(InputError) as info:
+        load_checkpoint(path, entry="")
+    assert info.value.message.startswith(f"{path}: entry '', key a holds a complex64 tensor")

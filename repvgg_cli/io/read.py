@@ -390,12 +390,12 @@ def load_checkpoint(
         value = value.state_dict()
         metadata = metadata or metadata_from_module(model)
     elif not is_state_dict(value):
-        where = f"entry {used!r}" if used else "the file"
+        where = f"entry {used!r}" if used is not None else "the file"
         why = why_not_state_dict(value)
         if why is not None:
             raise InputError(f"{path}: {where} is not a state dict: {why}")
         raise InputError(f"{path}: {where} is {type_name(value)}, not a state dict of tensors")
-    check_tensors(path, value, f"entry {used!r}, " if used else "")
+    check_tensors(path, value, f"entry {used!r}, " if used is not None else "")
     metadata = metadata or metadata_from_state(value)
     check_metadata(path, metadata)
     state, stripped = strip_prefixes(value)
