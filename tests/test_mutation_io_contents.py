@@ -153,3 +153,11 @@ def test_a_deep_top_level_list_is_the_file(tmp_path: Path) -> None:
     with pytest.raises(InputError) as info:
         check_nesting(tmp_path / "x.pt", found)
     assert info.value.message.startswith(f"{tmp_path / 'x.pt'}: the file holds containers nested 101 deep")
+
+
+def test_of_entries_equally_deep_the_one_walked_first_is_named() -> None:
+    # the walk is a stack: the last key is walked first, and a later entry as deep does not replace it
+    found = walk({"a": [[1]], "b": [[2]]})
+    assert found.depth == 3 and found.deepest_entry == "b"
+    found = walk({"b": [[1]], "a": [[2]], "c": [3]})
+    assert found.depth == 3 and found.deepest_entry == "a"

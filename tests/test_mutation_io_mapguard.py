@@ -8,6 +8,7 @@ installation and the reasons it is left off, and which faults are the guard's.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import signal
@@ -312,3 +313,116 @@ def test_the_handler_disables_gc_while_it_runs(tmp_path: Path, monkeypatch) -> N
     info, pointer = _siginfo(4096 * 7 + 5)
     mg._on_sigbus(signal.SIGBUS, pointer, 0)
     assert seen == [(4096 * 7 + 5, False)] and gc.isenabled()
+
+
+# -- details the tests above leave open -------------------------------------------------------------------
+
+
+def test_maps_lines_are_kept_by_their_inode_field_and_paths_need_not_be_utf8(monkeypatch) -> None:
+    # an anonymous named mapping ([heap]: inode 0) is no file; a file whose name is "0" is one;
+    # a non-UTF-8 file name is read as os.fsdecode gives it (surrogate escapes), not an error
+    text = (b"7f0000000000-7f0000001000 rw-p 00000000 00:00 0 [heap]\n"
+            b"7f0000001000-7f0000002000 r--p 00000000 08:11 42 0\n"
+            b"7f0000002000-7f0000003000 r--p 00001000 08:11 43 /m/\xff\xfe.pt\n")
+
+    class Maps:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            return False
+
+        def read(self):
+            return text
+
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: Maps() if p == "/proc/self/maps" else real_open(p, *a, **k))
+    assert file_mappings() == [
+        FileMapping(0x7f0000001000, 0x7f0000002000, 0, os.makedev(8, 0x11), 42, "0"),
+        FileMapping(0x7f0000002000, 0x7f0000003000, 0x1000, os.makedev(8, 0x11), 43, os.fsdecode(b"/m/\xff\xfe.pt")),
+    ]
+
+
+def test_a_mapped_file_with_a_non_utf8_name_is_found_by_path(tmp_path: Path) -> None:
+    path = tmp_path / os.fsdecode(b"w\xff.bin")
+    try:
+        path.write_bytes(b"\2" * 2 * mmap.PAGESIZE)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses non-UTF-8 names")
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ) as view:
+        status = os.stat(path)
+        found = mappings_of(status.st_dev + 12345, status.st_ino, path)  # another device: by path
+        assert len(found) == 1 and found[0].path == os.path.realpath(path) and found[0].end - found[0].start == len(view)
+
+
+def test_a_watched_file_is_known_by_its_device_whatever_its_path_or_by_its_deleted_path(tmp_path: Path,
+                                                                                       monkeypatch) -> None:
+    path, handle, view = _mapped(tmp_path)
+    try:
+        status = os.stat(path)
+        mapping = mappings_of(status.st_dev, status.st_ino, path)[0]
+        # the same device and inode under another name (a hard link, a bind mount): watched
+        monkeypatch.setattr(mg, "_WATCHED", {status.st_ino: (status.st_dev, "/elsewhere")})
+        assert mg._watched_mapping_at(mapping.start + 1) == mapping
+        # deleted after it was watched, and maps shows another device (an overlay): by "<path> (deleted)"
+        real = os.path.realpath(path)
+        os.unlink(path)
+        deleted = [m for m in file_mappings() if m.inode == status.st_ino]
+        assert [m.path for m in deleted] == [real + " (deleted)"]
+        monkeypatch.setattr(mg, "_WATCHED", {status.st_ino: (status.st_dev + 1, real)})
+        assert mg._watched_mapping_at(mapping.start) == deleted[0]
+        monkeypatch.setattr(mg, "_WATCHED", {status.st_ino: (status.st_dev + 1, real + "x")})
+        assert mg._watched_mapping_at(mapping.start) is None
+    finally:
+        view.close()
+        handle.close()
+
+
+def test_a_null_fault_address_is_looked_up_as_address_0(monkeypatch) -> None:
+    seen = []
+    monkeypatch.setattr(mg, "_watched_mapping_at", lambda address: seen.append(address))
+    monkeypatch.setattr(mg, "_LIBC", _FakeLibc())
+    monkeypatch.setattr(mg._Handler, "installed", True)
+    info, pointer = _siginfo(0)
+    assert ctypes.c_void_p.from_address(pointer + mg._SI_ADDR_OFFSET).value is None  # how ctypes reads NULL
+    mg._on_sigbus(signal.SIGBUS, pointer, 0)
+    assert seen == [0] and type(seen[0]) is int and mg._Handler.installed is False
+
+
+def test_64_bit_means_maxsize_above_2_to_the_32(monkeypatch) -> None:
+    _fresh_install(monkeypatch)
+    monkeypatch.setattr(mg.sys, "platform", "linux")
+    monkeypatch.setattr(mg.platform, "machine", lambda: "sparc64")  # stops right after the 64-bit test
+    for maxsize in (2**32 + 1, 2**33, 2**40):
+        monkeypatch.setattr(mg.sys, "maxsize", maxsize)
+        assert mg._install() == "not on sparc64", maxsize
+    monkeypatch.setattr(mg.sys, "maxsize", 2**32)
+    assert mg._install() == "only on 64-bit Linux"
+
+
+def test_a_failed_sigaction_is_named_by_libc_errno(monkeypatch) -> None:
+    # the real libc (loaded afresh, so its errno is ctypes'), asked for an invalid signal number
+    _fresh_install(monkeypatch)
+    monkeypatch.setattr(mg, "_LIBC", None)
+    monkeypatch.setattr(mg.signal, "SIGBUS", -1)
+    ctypes.set_errno(0)
+    assert mg._install() == f"sigaction failed: {os.strerror(errno.EINVAL)}"
+    assert mg._Handler.installed is False and mg._LIBC is not None
+
+
+def test_an_action_laid_out_otherwise_puts_the_previous_sigbus_action_back(monkeypatch) -> None:
+    _fresh_install(monkeypatch)
+    calls = []
+
+    class Libc:
+        def sigaction(self, signum, action, previous):
+            calls.append((signum, action, previous))
+            if action is None:  # the read back: a null handler, no flags
+                ctypes.memset(previous, 0, mg._SIGACTION_BUFFER)
+            return 0
+
+    monkeypatch.setattr(mg, "_LIBC", Libc())
+    assert mg._install() == "struct sigaction is not laid out as expected"
+    assert [c[0] for c in calls] == [signal.SIGBUS] * 3
+    installed_previous = calls[0][2]
+    assert calls[2] == (signal.SIGBUS, installed_previous, None)  # what the install replaced

@@ -323,3 +323,46 @@ def test_mapped_storage_problem_reads_the_mappings_of_this_file(tmp_path: Path, 
     # only tensor data records count: a storage lined up with another record is a problem
     other = ZipLayout((_record(name="a/data.pkl", offset=64, size=8),), 8, None, b"")
     assert mapped_storage_problem([t], other, tmp_path / "x", 7, 9) is not None
+
+
+# -- details the tests above leave open -------------------------------------------------------------------
+
+
+def test_a_refused_record_from_scan_zip_names_the_file(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "bz.pt", [("a/data/0", b"y" * 10, zipfile.ZIP_BZIP2)])
+    with pytest.raises(InputError) as info:
+        scan_zip(path, path.stat().st_size)
+    assert info.value.message == (f"{path}: zip record a/data/0 is compressed with bzip2; "
+                                  "torch reads stored and deflate records only")
+
+
+def test_a_one_byte_storage_counts() -> None:
+    t = torch.ones(1, dtype=torch.uint8)
+    assert zr._storages([t]) == {t.untyped_storage().data_ptr(): 1}
+    b = torch.ones(1, dtype=torch.bool)
+    assert zr._storages([b, t]) == {b.untyped_storage().data_ptr(): 1, t.untyped_storage().data_ptr(): 1}
+
+
+def test_a_tensor_without_a_storage_does_not_hide_the_ones_after_it() -> None:
+    sparse = torch.zeros(2, 2).to_sparse()
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        sparse.untyped_storage()
+    a, b = torch.zeros(3, dtype=torch.float64), torch.zeros(2, dtype=torch.float32)
+    assert zr._storages([sparse, a, sparse, b]) == {a.untyped_storage().data_ptr(): 24,
+                                                     b.untyped_storage().data_ptr(): 8}
+
+
+def test_a_storage_outside_the_files_mappings_does_not_end_the_check(tmp_path: Path, monkeypatch) -> None:
+    # the first storage is in no mapping of the file (made in memory); the second is in one,
+    # at an offset that is no tensor record's data: that is still found
+    outside, inside = torch.zeros(4, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    pointer = inside.untyped_storage().data_ptr()
+    mapping = FileMapping(pointer, pointer + 16, 100, 7, 9, str(tmp_path / "x"))  # file offset 100 at `pointer`
+    monkeypatch.setattr(zr, "mappings_of", lambda device, inode, p: [mapping])
+    layout = ZipLayout((_record(offset=64, size=16),), 16, None, b"")
+    assert mapped_storage_problem([outside, inside], layout, tmp_path / "x", 7, 9) == (
+        "a tensor's bytes start at offset 100, which is no tensor record's data")
+    # lined up with the record (offset 64, 16 bytes): no problem, the outside storage unchecked
+    mapping = FileMapping(pointer, pointer + 16, 64, 7, 9, str(tmp_path / "x"))
+    monkeypatch.setattr(zr, "mappings_of", lambda device, inode, p: [mapping])
+    assert mapped_storage_problem([outside, inside], layout, tmp_path / "x", 7, 9) is None
