@@ -21,6 +21,7 @@ Usage::
     python scripts/mutate.py io verify               # every io/* target, and verify
     python scripts/mutate.py                         # the whole core
     python scripts/mutate.py --report                # the last run's results again, no run
+    python scripts/mutate.py --sample 200 fusion     # a seeded sample of 200 mutants: an estimate
 
 Tool: mutmut (github.com/boxed/mutmut), configured through a ``setup.cfg`` this script writes
 into each snapshot (its ``[mutmut]`` section; the repository's own files are not touched).
@@ -189,6 +190,7 @@ class TargetResult:
     diffs: dict[str, str] = field(default_factory=dict)
     tool_summary: dict[str, int] = field(default_factory=dict)
     seconds: float | None = None
+    sample: dict | None = None
 
 
 def write_config(directory: Path, files: list[str], tests: list[str]) -> None:
@@ -247,13 +249,13 @@ def mutmut_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "mutmut", *args]
 
 
-def run_mutmut(directory: Path, jobs: int, heartbeat: float = 60.0) -> int:
+def run_mutmut(directory: Path, jobs: int, heartbeat: float = 60.0, names: list[str] | None = None) -> int:
     """``mutmut run`` in the snapshot, its output kept in ``mutmut.log``; its progress line is
     echoed every ``heartbeat`` seconds."""
     log_path = directory / "mutmut.log"
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(mutmut_command("run", "--max-children", str(jobs)), cwd=directory,
+        process = subprocess.Popen(mutmut_command("run", "--max-children", str(jobs), *(names or ())), cwd=directory,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         assert process.stdout is not None
         last_echo, progress, echoed = time.monotonic(), b"", b""
@@ -270,6 +272,62 @@ def run_mutmut(directory: Path, jobs: int, heartbeat: float = 60.0) -> int:
                 print(f"    ... {progress.decode('utf-8', 'replace').strip()}", flush=True)
                 last_echo, echoed = time.monotonic(), progress
         return process.wait()
+
+
+GENERATE_HELPER = """
+import os, sys
+from mutmut import __main__ as m
+# The first phase of ``mutmut run`` only (mutmut 3.8): copy the sources, write every mutant and its
+# .meta file (every name, not yet tested). Run in the snapshot.
+m.set_mutant_under_test("mutant_generation")
+os.makedirs("mutants", exist_ok=True)
+m.copy_src_dir()
+m.copy_also_copy_files()
+m.setup_source_paths()
+m.store_lines_covered_by_tests()
+m.create_mutants(int(sys.argv[1]))
+"""
+
+
+def mutant_names(directory: Path) -> list[str]:
+    """Every mutant's name in a snapshot whose mutants are generated (from mutmut's ``.meta`` files)."""
+    names: list[str] = []
+    for meta in sorted((directory / "mutants").rglob("*.py.meta")):
+        names.extend(json.loads(meta.read_text(encoding="utf-8")).get("exit_code_by_key", {}))
+    return sorted(names)
+
+
+def draw_sample(names: list[str], size: int, seed: int) -> list[str]:
+    """``size`` names drawn without replacement, the same ones for the same names and seed."""
+    import random
+
+    return sorted(random.Random(seed).sample(sorted(names), min(size, len(names))))
+
+
+def run_sample(directory: Path, jobs: int, size: int, seed: int) -> int:
+    """Generate every mutant, then test a seeded random sample of ``size`` of them (the rest stay
+    "not checked", which the score leaves out); the draw is kept in ``sample.json``."""
+    generated = subprocess.run([sys.executable, "-c", GENERATE_HELPER, str(jobs)], cwd=directory,
+                               capture_output=True, text=True, check=False)
+    names = mutant_names(directory)
+    if generated.returncode != 0 or not names:
+        print(f"   generating the mutants failed (mutmut's internals changed?): {generated.stderr[-400:]}")
+        return 2
+    chosen = draw_sample(names, size, seed)
+    (directory / "sample.json").write_text(json.dumps({"seed": seed, "size": len(chosen), "of": len(names)}) + "\n")
+    print(f"   sample: {len(chosen)} of {len(names)} mutants (seed {seed})", flush=True)
+    return run_mutmut(directory, jobs, names=chosen)
+
+
+def wilson_interval(killed: int, scored: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion, in percent: what a sampled score says about the
+    score of every mutant."""
+    if not scored:
+        return 0.0, 100.0
+    p = killed / scored
+    centre = (p + z * z / (2 * scored)) / (1 + z * z / scored)
+    half = z * ((p * (1 - p) / scored + z * z / (4 * scored * scored)) ** 0.5) / (1 + z * z / scored)
+    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
 
 
 def read_log(directory: Path) -> str:
@@ -354,6 +412,7 @@ def summary_line(counts: dict[str, int]) -> str:
 def report(results: list[TargetResult], equivalents: dict[str, Equivalent]) -> Score:
     all_statuses: dict[str, str] = {}
     all_equivalent: set[str] = set()
+    estimated_killed = estimated_scored = 0.0  # sampled targets scaled up to all their mutants
     matched: set[str] = set()
     mutated_modules: set[str] = set()
     for result in results:
@@ -381,6 +440,10 @@ def report(results: list[TargetResult], equivalents: dict[str, Equivalent]) -> S
         print(f"   {summary_line(s.counts)}")
         print(f"   score: {s.killed}/{s.scored} = {s.percent:.1f}% "
               f"({s.equivalent} documented equivalent(s) left out)")
+        if result.sample:
+            low, high = wilson_interval(s.killed, s.scored)
+            print(f"   sampled: {result.sample['size']} of {result.sample['of']} mutants (seed {result.sample['seed']}); "
+                  f"the whole target's score is {low:.1f}-{high:.1f}% (95% Wilson interval)")
         for name, status, fp in open_mutants:
             print(f"   {status:<10} {fp}  {name}")
             for line in result.diffs.get(name, "").splitlines():
@@ -388,12 +451,19 @@ def report(results: list[TargetResult], equivalents: dict[str, Equivalent]) -> S
                     print(f"                 {line}")
         all_statuses.update(result.statuses)
         all_equivalent |= equivalent_names
+        scale = result.sample["of"] / result.sample["size"] if result.sample else 1.0
+        estimated_killed += s.killed * scale
+        estimated_scored += s.scored * scale
     total = score(all_statuses, all_equivalent)
     print(f"\n== total over {len(results)} target(s): {summary_line(total.counts)}")
     print(f"   score: {total.killed}/{total.scored} = {total.percent:.1f}% "
           f"({total.equivalent} documented equivalent(s) left out)")
+    if any(r.sample for r in results) and estimated_scored:
+        print(f"   with each sampled target weighted by its size: about {100 * estimated_killed / estimated_scored:.1f}% "
+              f"of about {estimated_scored:.0f} scored mutants (an estimate: see each sample's interval)")
     stale = [e for fp, e in equivalents.items() if fp not in matched
-             and e.mutant.partition("__mutmut_")[0].rpartition(".")[0] in mutated_modules]
+             and e.mutant.partition("__mutmut_")[0].rpartition(".")[0] in mutated_modules
+             and all_statuses.get(e.mutant) not in NOT_SCORED]  # a sample may have left it untested
     for entry in stale:
         print(f"   note: {EQUIVALENTS.name}:{entry.line} ({entry.fingerprint} {entry.mutant}) matched no surviving "
               "mutant: the code changed, or a test kills it now; remove the line")
@@ -425,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rev", help="mutate this commit (git archive) instead of the working tree")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run in its snapshot (mutants already tested keep their result)")
+    parser.add_argument("--sample", type=int, metavar="N",
+                        help="test a seeded random sample of N mutants per target instead of all (an estimate "
+                             "with its interval, for targets whose full run takes hours)")
+    parser.add_argument("--seed", type=int, default=0, help="the sample's seed")
     parser.add_argument("--fail-under", type=float, default=95.0, help="exit 1 below this score (percent)")
     parser.add_argument("--workdir", type=Path, default=WORKDIR, help="where the snapshots go")
     parser.add_argument("--equivalents", type=Path, default=EQUIVALENTS, help="the documented equivalents")
@@ -468,7 +542,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.report:
             print(f"-- {target}: mutmut run in {directory} (log: {directory / 'mutmut.log'})", flush=True)
             begin = time.monotonic()
-            code = run_mutmut(directory, args.jobs)
+            if args.sample:
+                code = run_sample(directory, args.jobs, args.sample, args.seed)
+            else:
+                (directory / "sample.json").unlink(missing_ok=True)
+                code = run_mutmut(directory, args.jobs)
             result.seconds = time.monotonic() - begin
             (directory / "seconds").write_text(f"{result.seconds:.1f}\n")
             if code != 0:
@@ -478,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"(cd {directory} && python -m pytest -x {' '.join(present)})")
         elif (directory / "seconds").exists():
             result.seconds = float((directory / "seconds").read_text())
+        if (directory / "sample.json").exists():
+            result.sample = json.loads((directory / "sample.json").read_text())
         if not (directory / "mutants").exists():
             print(f"-- {target}: no results in {directory}")
             continue
@@ -489,12 +569,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         print(f"   wall time: {(time.monotonic() - started) / 60:.1f} min with --jobs {args.jobs}")
     summary = {r.target: {"files": r.files, "tests": r.tests, "counts": score(r.statuses, set()).counts,
-                          "mutmut": r.tool_summary, "seconds": r.seconds} for r in results}
+                          "mutmut": r.tool_summary, "seconds": r.seconds, "sample": r.sample} for r in results}
     args.workdir.mkdir(parents=True, exist_ok=True)
     (args.workdir / "summary.json").write_text(json.dumps(
         {"targets": summary, "score_percent": total.percent, "killed": total.killed, "scored": total.scored,
          "equivalents_left_out": total.equivalent}, indent=2) + "\n")
-    incomplete = total.counts.get("not checked", 0) + total.counts.get("interrupted", 0)
+    sampled = {r.target for r in results if r.sample}
+    incomplete = sum(1 for r in results if r.target not in sampled
+                     for status in r.statuses.values() if status in ("not checked", "interrupted"))
     if incomplete:
         print(f"   {incomplete} mutant(s) not checked: the run is incomplete (--resume continues it)")
     return 0 if total.percent >= args.fail_under and not incomplete else 1

@@ -374,3 +374,33 @@ def test_a_mutant_fingerprint_follows_the_changed_lines_not_the_mutant_number(tm
     bad.write_text(f"{fp}  repvgg_cli.io.containers.x_strip_prefixes__mutmut_7\n")  # no reason
     with pytest.raises(SystemExit, match="expected 'FINGERPRINT MUTANT -- reason'"):
         script.read_equivalents(bad)
+
+
+def test_a_sample_is_seeded_and_its_interval_is_wilsons(capsys) -> None:
+    script = _mutate_script()
+    names = [f"repvgg_cli.m.x_f__mutmut_{i}" for i in range(1, 101)]
+    chosen = script.draw_sample(list(reversed(names)), 10, seed=4)
+    assert chosen == script.draw_sample(names, 10, seed=4) == sorted(chosen)  # the order given does not matter
+    assert len(set(chosen)) == 10 and set(chosen) <= set(names)
+    assert chosen != script.draw_sample(names, 10, seed=5)
+    assert script.draw_sample(names[:3], 10, seed=4) == sorted(names[:3])
+    # Wilson's 95% interval (z = 1.96): 95 of 100 -> 88.8-97.8%; all of 50 -> 92.9-100%
+    low, high = script.wilson_interval(95, 100)
+    assert round(low, 1) == 88.8 and round(high, 1) == 97.8
+    low, high = script.wilson_interval(50, 50)
+    assert round(low, 1) == 92.9 and high == pytest.approx(100.0)
+    assert script.wilson_interval(0, 0) == (0.0, 100.0)
+    # a sampled target is reported with its interval and scaled up in the total
+    result = script.TargetResult("t", ["f.py"], ["tests/t.py"], sample={"seed": 4, "size": 4, "of": 40})
+    result.statuses = {names[0]: "killed", names[1]: "killed", names[2]: "killed", names[3]: "timeout",
+                       **{n: "not checked" for n in names[4:40]}}
+    full = script.TargetResult("u", ["g.py"], ["tests/u.py"])
+    full.statuses = {f"repvgg_cli.g.x_h__mutmut_{i}": "killed" for i in range(1, 11)}
+    full.statuses["repvgg_cli.g.x_h__mutmut_11"] = "survived"
+    full.diffs = {"repvgg_cli.g.x_h__mutmut_11": "-a\n+b\n"}
+    total = script.report([result, full], {})
+    out = capsys.readouterr().out
+    assert "sampled: 4 of 40 mutants (seed 4); the whole target's score is 51.0-100.0% (95% Wilson interval)" in out
+    assert (total.killed, total.scored) == (14, 15)
+    # 40 * 4/4 killed + 10 of 11 -> 50/51
+    assert "about 98.0% of about 51 scored mutants" in out
