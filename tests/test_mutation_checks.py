@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import zlib
+from collections import OrderedDict
 from dataclasses import replace
 
 import pytest
@@ -922,16 +923,24 @@ def test_cast() -> None:
 
 
 class Tied(nn.Module):
+    """Plain modules (copied the short way), a tied weight, a frozen one, an int buffer, a hook,
+    an empty and a full list, a None child."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.a = nn.Conv2d(2, 2, 1)
-        self.b = nn.Conv2d(2, 2, 1)
+        self.a = nn.Linear(2, 2)
+        self.b = nn.Linear(2, 2)
         self.b.weight = self.a.weight
+        self.frozen = nn.Parameter(torch.ones(2), requires_grad=False)
         self.register_buffer("steps", torch.tensor(3))
         self.register_buffer("stat", torch.ones(2))
+        self.register_module("gap", None)
         self.hooked = 0
-        self.register_forward_hook(lambda *_: setattr(self, "hooked", self.hooked + 1))
+        self.register_forward_hook(lambda *_: None)
         self.missing = None
+        self.empty: list = []
+        self.names = ["a", "b"]
+        self.table = {"k": [1]}
 
     def forward(self, x):
         return self.b(self.a(x))
@@ -940,13 +949,19 @@ class Tied(nn.Module):
 def test_copy_model() -> None:
     m = Tied()
     c = copy_model(m, F64)
-    assert c is not m and type(c) is Tied
+    assert c is not m and type(c) is Tied and type(c.a) is nn.Linear
     assert c.a.weight is c.b.weight and c.a.weight is not m.a.weight
-    assert c.a.weight.dtype == F64 and c.stat.dtype == F64 and c.steps.dtype == torch.int64
-    assert torch.equal(c.a.weight, m.a.weight.to(F64)) and m.a.weight.dtype == torch.float32
-    assert c.a.weight.requires_grad and c.missing is None
+    assert type(c.a.weight) is nn.Parameter and c.a.weight.requires_grad and not c.frozen.requires_grad
+    assert c.a.weight.dtype == F64 and c.a.bias.dtype == F64 and c.frozen.dtype == F64 and c.stat.dtype == F64
+    assert c.steps.dtype == torch.int64 and int(c.steps) == 3
+    assert torch.equal(c.a.weight, m.a.weight.detach().to(F64)) and m.a.weight.dtype == torch.float32
+    assert c.missing is None and c.gap is None and "gap" in c._modules
+    assert list(c._modules) == ["a", "b", "gap"]
     assert c._forward_hooks is not m._forward_hooks and len(c._forward_hooks) == 1
-    assert c._forward_pre_hooks is not m._forward_pre_hooks
+    assert c._forward_pre_hooks is not m._forward_pre_hooks and type(c._forward_pre_hooks) is OrderedDict
+    assert c.empty == [] and c.empty is not m.empty
+    assert c.names == ["a", "b"] and c.names is not m.names and c.table == {"k": [1]}
+    assert c.table["k"] is not m.table["k"]
     c.b.weight.data.fill_(0)
     assert float(m.a.weight.detach().abs().sum()) > 0
     same = copy_model(m)
@@ -954,7 +969,38 @@ def test_copy_model() -> None:
     assert same.a.weight is not m.a.weight and torch.equal(same.a.weight, m.a.weight)
     half = copy_model(m, torch.float16)
     assert {p.dtype for p in half.parameters()} == {torch.float16} and half.steps.dtype == torch.int64
-    assert "_compiled_call_impl" not in vars(c) or vars(c)["_compiled_call_impl"] is None
+    x = torch.randn(1, 2, generator=gen(3), dtype=F64)
+    with torch.no_grad():
+        assert torch.equal(c(x), F.linear(F.linear(x, c.a.weight, c.a.bias), c.a.weight, c.b.bias))
+
+
+def test_copy_model_takes_the_short_way_for_plain_modules(monkeypatch) -> None:
+    """Plain modules are never handed to copy.deepcopy (their tensors come from the cast memo)."""
+    seen: list = []
+    real = copy.deepcopy
+
+    def spy(value, memo=None, *rest):
+        seen.append(type(value))
+        return real(value, memo, *rest)
+
+    monkeypatch.setattr(model.copy, "deepcopy", spy)
+    m = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm2d(2), nn.Sequential(nn.ReLU()))
+    c = copy_model(m, F64)
+    assert not any(issubclass(t, (nn.Module, torch.Tensor)) for t in seen), seen
+    assert {p.dtype for p in c.parameters()} == {F64}
+    seen.clear()
+    copy_model(nn.Sequential(nn.Conv2d(1, 1, 1)), F64)  # Conv2d has its own __setstate__: deepcopy's way
+    assert nn.Conv2d in seen and nn.Sequential not in seen
+
+
+def test_copy_model_leaves_a_compiled_forward_behind() -> None:
+    m = nn.Linear(2, 2)
+    m._compiled_call_impl = lambda *args, **kwargs: "compiled"
+    c = copy_model(m, F64)
+    assert "_compiled_call_impl" not in vars(c)
+    x = torch.ones(1, 2, dtype=F64)
+    with torch.no_grad():
+        assert torch.equal(c(x), F.linear(x, c.weight, c.bias))
 
 
 def test_copy_model_with_own_copying_and_subclassed_tensors() -> None:
