@@ -176,6 +176,9 @@ def test_as_float64_vector() -> None:
     assert torch.equal(as_float64_vector(t, (2, 0)), torch.tensor([3.5, 1.5], dtype=F64))
     g = torch.ones(2, requires_grad=True) * 3
     assert not as_float64_vector(g, None).requires_grad
+    assert as_float64_vector(t, None).device.type == "cpu"
+    with pytest.raises(NotImplementedError):  # always brought to the CPU: a meta tensor has no data to bring
+        as_float64_vector(torch.empty(3, device="meta"), None)
 
 
 def test_pad_input_zeros_modes_and_crops() -> None:
@@ -253,6 +256,8 @@ def test_conv64_full_rows_and_centre(groups: int, mode: str) -> None:
     assert close(conv64(x, w, b, rows=(1, 2), centre=True, **kw), centre(want)[:, [1, 2]])
     strided = conv64(x, w, b, rows=None, centre=False, **{**kw, "stride": (2, 3)})
     assert close(strided, want[:, :, ::2, ::3])
+    assert close(conv64(x, w, b, rows=[4, 1], centre=False, **{**kw, "stride": (2, 3)}), want[:, [4, 1], ::2, ::3])
+    assert close(conv64(x, w, b, rows=[2], centre=False, **{**kw, "stride": (3, 2)}), want[:, [2], ::3, ::2])
     with pytest.raises(UnsupportedError):
         conv64(x[:, :1], w, b, rows=None, centre=False, **kw)
 
@@ -382,6 +387,8 @@ def test_branches_probe_without_identity_bn_is_the_block_probe() -> None:
     x = branches_probe(b, 9)
     assert torch.equal(x, block_probe(4, (3, 5), (1, 2), 9, padding=(1, 5), padding_mode="reflect"))
     assert x.shape == (1, 4, 3, 9)
+    wide = Branches(convs=(ConvBranch(rand(4, 4, 3, 3, seed=1)),), padding=(3, 4))  # zeros: any padding
+    assert torch.equal(branches_probe(wide, 9), block_probe(4, (3, 3), (1, 1), 9))
     plain_identity = Branches(convs=(ConvBranch(rand(4, 4, 3, 3, seed=1)),), identity=IdentityBranch())
     assert torch.equal(branches_probe(plain_identity, 5), block_probe(4, (3, 3), (1, 1), 5))
 
@@ -431,6 +438,8 @@ def test_geometry_channels() -> None:
     assert geometry_channels(100, count=3) == [0, 50, 99]
     assert geometry_channels(3, count=3) == [0, 1, 2]
     assert geometry_channels(4, count=2) == [0, 3]
+    assert geometry_channels(1, count=1) == [0]
+    assert geometry_channels(0) == []
 
 
 # -- probe.py: CentreProbe ------------------------------------------------------------------------
@@ -495,6 +504,23 @@ def test_centre_probe_fp16_rows_are_upcast_into_scratch() -> None:
     shipped = fuse_branches(b, torch.float16, observer=p, check_finite=False)
     _, out = p.outputs(shipped)
     assert close(out, fused_forward(shipped, p.x, stride=(1, 1), centre=True))
+
+
+def test_centre_probe_products_use_each_branch_geometry() -> None:
+    """Each conv branch's products use its own dilation (as the reference does), the fused conv's
+    the block's; even where fusion would refuse the mix."""
+    c = 3
+    b = Branches(convs=(ConvBranch(rand(c, c, 3, 3, seed=1), bias=rand(c, seed=2), dilation=(1, 1)),
+                        ConvBranch(rand(c, c, 3, 3, seed=3), dilation=(2, 2), bn=make_bn(c, 4))),
+                 dilation=(2, 2))
+    p = CentreProbe("b", b, 7)
+    for i, conv in enumerate(b.convs):
+        p.source(i, 0, c, conv.weight)
+    fused_w = rand(c, c, 3, 3, seed=5)
+    p.fused(0, c, fused_w, torch.empty_like(fused_w))
+    assert close(p.reference_for(b), reference_forward(b, p.x, centre=True))
+    shipped = FusedConv(fused_w, torch.zeros(c, dtype=F64), padding=(2, 2), dilation=(2, 2))
+    assert close(p.outputs(shipped)[1], fused_forward(shipped, p.x, centre=True))
 
 
 def test_centre_probe_needs_every_row() -> None:
@@ -592,9 +618,11 @@ def test_check_block_scale_from_the_border() -> None:
     assert check.max_abs_err == 0.0
 
 
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
 @pytest.mark.parametrize("use_probe", [False, True])
-def test_check_block_cast_error(use_probe: bool) -> None:
-    b = rich_block(c=4, groups=2)
+def test_check_block_cast_error(use_probe: bool, stride) -> None:
+    b = rich_block(c=4, groups=2, stride=stride)
+    b = b if stride == (1, 1) else replace(b, identity=None)
     p = CentreProbe("b", b, 2) if use_probe else None
     fused64 = fuse_branches(b)
     shipped = fuse_branches(b, torch.float16, observer=p, check_finite=False)
@@ -654,6 +682,18 @@ def test_check_expression_numbers() -> None:
     assert not check.ok
     # check_block hands composite blocks to check_expression
     assert check_block("c", b, None, shipped, 3, Tolerance(atol=0.01)) == check
+
+
+def test_check_expression_records_the_centre_pixel() -> None:
+    w = rand(2, 2, 5, 5, seed=91)
+    b = Branches(convs=(ConvBranch(w),), composite=True,
+                 ops=ThenOp(ConvOp(w, None, (1, 1), None, (1, 1), 1, "zeros"), AffineOp(make_bn(2, 92), None)))
+    fused = fuse_branches(replace(b, composite=False, ops=None, convs=(ConvBranch(w, bn=b.ops.second.bn),)))
+    check = check_expression("e", b, None, fused, 0, Tolerance())
+    x = branches_probe(b, block_seed(0, "e"))
+    ref = bn_hand(F.conv2d(x, w, padding=2), b.ops.second.bn)
+    assert ref.shape == (1, 2, 5, 5) and close(check.reference, ref[:1, :, 2, 2])
+    assert check.ok and check.max_abs_err <= 1e-12 * check.scale
 
 
 def test_check_expression_cast_error() -> None:
@@ -993,6 +1033,49 @@ def test_copy_model_takes_the_short_way_for_plain_modules(monkeypatch) -> None:
     assert nn.Conv2d in seen and nn.Sequential not in seen
 
 
+@pytest.fixture
+def copies(monkeypatch):
+    """Counts tensors deep-copied and ``Module.to`` calls during copy_model."""
+    counts = {"tensor": 0, "to": 0}
+    for cls in (torch.Tensor, nn.Parameter):
+        real = cls.__deepcopy__
+
+        def counted(self, memo, real=real):
+            counts["tensor"] += 1
+            return real(self, memo)
+
+        monkeypatch.setattr(cls, "__deepcopy__", counted)
+    real_to = nn.Module.to
+
+    def to(self, *args, **kwargs):
+        counts["to"] += 1
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "to", to)
+    return counts
+
+
+def test_copy_model_casts_in_one_pass(copies, monkeypatch) -> None:
+    """Parameters and buffers are cast once, from the memo: never deep-copied first, no second
+    pass with Module.to (only for tensors a module's own copying left uncast)."""
+    m = Tied()
+    c = copy_model(m, F64)
+    assert copies == {"tensor": 0, "to": 0}
+    assert c.a.weight.dtype == F64 and c.steps.dtype == torch.int64
+    copy_model(nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)), F64)  # deepcopy's way, same memo
+    assert copies == {"tensor": 0, "to": 0}
+    copy_model(m)  # no dtype: a plain deep copy, tensors and all
+    assert copies == {"tensor": 6, "to": 0}
+    copies["tensor"] = 0
+
+    def refuse(module, memo):
+        raise TypeError("cannot")
+
+    monkeypatch.setattr(model, "_copy_module", refuse)
+    c = copy_model(m, F64)
+    assert copies == {"tensor": 0, "to": 0} and c.a.weight.dtype == F64
+
+
 def test_copy_model_leaves_a_compiled_forward_behind() -> None:
     m = nn.Linear(2, 2)
     m._compiled_call_impl = lambda *args, **kwargs: "compiled"
@@ -1003,10 +1086,11 @@ def test_copy_model_leaves_a_compiled_forward_behind() -> None:
         assert torch.equal(c(x), F.linear(x, c.weight, c.bias))
 
 
-def test_copy_model_with_own_copying_and_subclassed_tensors() -> None:
+def test_copy_model_with_own_copying(copies) -> None:
     m = nn.Sequential(WithDeepcopy(), nn.Conv2d(2, 2, 1))
     c = copy_model(m, F64)
     assert c[0].copies == 1 and m[0].copies == 0
+    assert copies["to"] == 0  # its own copying used the memo: nothing left to cast
     assert {p.dtype for p in c.parameters()} == {F64}
     assert c[0].conv.weight is not m[0].conv.weight
 
@@ -1023,9 +1107,11 @@ def test_copy_model_with_own_copying_and_subclassed_tensors() -> None:
 
     n = nn.Sequential(Forgetful(), nn.BatchNorm2d(2))
     cn = copy_model(n, F64)
+    assert copies["to"] == 1  # one pass of Module.to for what came uncast
     assert {t.dtype for t in [*cn.parameters(), *cn.buffers()] if t.is_floating_point()} == {F64}
     assert cn[0].count.dtype == torch.int64 and n[0].lin.weight.dtype == torch.float32
-    assert copy_model(n)[0].lin.weight.dtype == torch.float32
+    assert copy_model(n)[0].lin.weight.dtype == torch.float32 and copies["to"] == 1
+    assert {t.dtype for t in copy_model(n, torch.float32).parameters()} == {torch.float32} and copies["to"] == 1
 
 
 def test_copy_model_falls_back_to_deepcopy(monkeypatch) -> None:
