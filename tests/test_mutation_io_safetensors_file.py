@@ -498,3 +498,32 @@ def test_close_waits_for_every_thread(tmp_path: Path, pool: str) -> None:
         closer.join()
     with pytest.raises(OSError):
         os.fstat(stream._fd)
+
+
+def test_a_small_tensor_waits_behind_a_queued_write_and_is_written_here_once_the_queue_is_idle(
+        tmp_path: Path) -> None:
+    """Writes keep the order they were put in: while a queued write is pending, a small tensor is
+    queued behind it (not written beside it on the caller's thread); once the queue is idle, the
+    next small tensor is written on the caller's thread again."""
+    g = torch.Generator().manual_seed(5)
+    state = OrderedDict([("over", torch.randint(0, 255, (INLINE_BYTES + 1,), generator=g, dtype=torch.uint8)),
+                         ("small", torch.randint(0, 255, (16,), generator=g, dtype=torch.uint8)),
+                         ("later", torch.randint(0, 255, (16,), generator=g, dtype=torch.uint8))])
+    path = tmp_path / "s.safetensors"
+    path.touch()
+    with SafetensorsStream(path, _layout(state), 0) as stream:
+        go = _blocked(stream)
+        try:
+            queued = stream.put("over", state["over"])
+            behind = stream.put("small", state["small"])
+            pending = (queued.done(), behind.done(), dict(stream.digests))
+        finally:
+            go.set()  # whatever happened, the writer thread is let go (or closing the stream would wait forever)
+        assert pending == (False, False, {})
+        stream.wait()
+        assert behind.done() and set(stream.digests) == {"over", "small"}
+        now = stream.put("later", state["later"])
+        assert now.done() and "later" in stream.digests
+        stream.finish({})
+    with safe_open(str(path), framework="pt") as handle:
+        assert all(torch.equal(handle.get_tensor(k), v) for k, v in state.items())

@@ -390,7 +390,7 @@ def load_checkpoint(
         value = value.state_dict()
         metadata = metadata or metadata_from_module(model)
     elif not is_state_dict(value):
-        where = f"entry {used!r}" if used is not None else "the file"
+        where = f"entry {used!r}"  # a bare state dict or a model never gets here: the value is an entry
         why = why_not_state_dict(value)
         if why is not None:
             raise InputError(f"{path}: {where} is not a state dict: {why}")
