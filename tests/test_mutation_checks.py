@@ -262,11 +262,23 @@ def test_conv64_full_rows_and_centre(groups: int, mode: str) -> None:
         conv64(x[:, :1], w, b, rows=None, centre=False, **kw)
 
 
+def test_conv64_brings_weights_to_the_cpu() -> None:
+    """Weights on another device are read onto the CPU, row by row or chunk by chunk: a meta
+    tensor (no data) stands for one and fails at that copy."""
+    x = rand(1, 4, 3, 3, seed=1)
+    w = torch.empty(4, 2, 3, 3, device="meta")
+    for groups, rows, inputs in ((1, [1, 3], x[:, :2]), (2, [1], x), (1, None, x[:, :2]), (2, None, x)):
+        with pytest.raises(NotImplementedError, match="meta"):
+            conv64(inputs, w, None, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=groups,
+                   padding_mode="zeros", rows=rows, centre=False)
+
+
 def test_conv64_in_chunks(monkeypatch) -> None:
     """The chunked path (a reused buffer, whole groups or a slice of one) gives the same numbers."""
     x = rand(1, 4, 5, 5, seed=4)
-    for groups, step in ((1, 2), (2, 1), (2, 3), (4, 2), (4, 3)):
-        w = rand(6 if groups != 4 else 8, 4 // groups, 3, 3, seed=5 + groups)
+    for groups, step, out in ((1, 2, 6), (2, 1, 6), (2, 3, 6), (4, 2, 8), (4, 3, 8), (1, 2, 5), (1, 3, 8),
+                              (2, 2, 6), (4, 3, 4)):
+        w = rand(out, 4 // groups, 3, 3, seed=5 + groups)
         b = rand(int(w.shape[0]), seed=6)
         monkeypatch.setattr(forward, "chunk_rows", lambda n, s=step: s)
         got = conv64(x, w, b, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=groups, padding_mode="zeros",
@@ -387,6 +399,12 @@ def test_branches_probe_without_identity_bn_is_the_block_probe() -> None:
     x = branches_probe(b, 9)
     assert torch.equal(x, block_probe(4, (3, 5), (1, 2), 9, padding=(1, 5), padding_mode="reflect"))
     assert x.shape == (1, 4, 3, 9)
+    reflect = Branches(convs=(ConvBranch(rand(4, 4, 3, 3, seed=1)),), padding=(3, 1), padding_mode="reflect")
+    assert torch.equal(branches_probe(reflect, 9), block_probe(4, (3, 3), (1, 1), 9, padding=(3, 1),
+                                                               padding_mode="reflect"))
+    assert branches_probe(reflect, 9).shape == (1, 4, 4, 3)
+    circular = replace(reflect, padding=(1, 5), padding_mode="circular")
+    assert branches_probe(circular, 9).shape == (1, 4, 3, 6)
     wide = Branches(convs=(ConvBranch(rand(4, 4, 3, 3, seed=1)),), padding=(3, 4))  # zeros: any padding
     assert torch.equal(branches_probe(wide, 9), block_probe(4, (3, 3), (1, 1), 9))
     plain_identity = Branches(convs=(ConvBranch(rand(4, 4, 3, 3, seed=1)),), identity=IdentityBranch())
@@ -408,6 +426,9 @@ def test_branches_probe_second_sample_from_identity_statistics() -> None:
     assert torch.equal(x[1, 2], torch.full((3, 3), float(bn.running_mean[2]), dtype=F64))
     top = branches_probe(b, 2**63 - 1)  # the second seed wraps to 0
     assert torch.equal(top[1:], bn.running_mean.reshape(1, -1, 1, 1) + std * block_probe(4, (3, 3), (1, 1), 0))
+    widest = branches_probe(b, 2**64 - 1)  # the largest seed torch takes: the second one wraps into range
+    assert torch.equal(widest[:1], block_probe(4, (3, 3), (1, 1), 2**64 - 1))
+    assert torch.equal(widest[1:], bn.running_mean.reshape(1, -1, 1, 1) + std * block_probe(4, (3, 3), (1, 1), 0))
     # an identity BN of another width than the input (in_channels given): one sample
     other = Branches(convs=(ConvBranch(rand(4, 4, 3, 3, seed=1)),), identity=IdentityBranch(bn=bn), in_channels=3)
     assert branches_probe(other, 21).shape == (1, 3, 3, 3)
@@ -421,12 +442,16 @@ def test_reference_and_fused_probe() -> None:
     fused = fuse_branches(replace(b, stride=(1, 1)))
     f = fused_probe(replace(fused, stride=(2, 2)), 13)
     assert f.shape == (1, 4) and close(f, want, rel=1e-12)
-    reflect = FusedConv(rand(2, 3, 3, 3, seed=1), rand(2, seed=2), padding=(2, 1), padding_mode="reflect",
+    reflect = FusedConv(rand(2, 3, 3, 3, seed=1), rand(2, seed=2), padding=(3, 1), padding_mode="reflect",
                         stride=(3, 3))
-    x = block_probe(3, (3, 3), (1, 1), 4, padding=(2, 1), padding_mode="reflect")
-    assert x.shape == (1, 3, 3, 3)
-    full = F.conv2d(F.pad(x, (1, 1, 2, 2), mode="reflect"), reflect.weight, reflect.bias)
+    x = block_probe(3, (3, 3), (1, 1), 4, padding=(3, 1), padding_mode="reflect")
+    assert x.shape == (1, 3, 4, 3)
+    full = F.conv2d(F.pad(x, (1, 1, 3, 3), mode="reflect"), reflect.weight, reflect.bias)
     assert close(fused_probe(reflect, 4), centre(full)[:, :, 0, 0])
+    zeros = replace(reflect, padding=(4, 5), padding_mode="zeros")  # zero padding needs no larger probe
+    x = block_probe(3, (3, 3), (1, 1), 4)
+    full = F.conv2d(x, zeros.weight, zeros.bias, padding=(4, 5))
+    assert close(fused_probe(zeros, 4), centre(full)[:, :, 0, 0])
 
 
 def test_geometry_channels() -> None:
@@ -1021,6 +1046,8 @@ def test_copy_model_takes_the_short_way_for_plain_modules(monkeypatch) -> None:
 
     def spy(value, memo=None, *rest):
         seen.append(type(value))
+        if type(value) in (dict, OrderedDict, set, list):
+            assert value, "an empty container went through deepcopy"
         return real(value, memo, *rest)
 
     monkeypatch.setattr(model.copy, "deepcopy", spy)
@@ -1076,11 +1103,44 @@ def test_copy_model_casts_in_one_pass(copies, monkeypatch) -> None:
     assert copies == {"tensor": 0, "to": 0} and c.a.weight.dtype == F64
 
 
+def test_copy_model_keeps_shared_modules_shared() -> None:
+    shared = nn.Linear(2, 2)
+    m = nn.Sequential(shared, nn.ReLU(), shared, nn.Sequential(shared))
+    c = copy_model(m, F64)
+    assert c[0] is c[2] is c[3][0] and c[0] is not shared
+    assert [type(x) for x in c] == [nn.Linear, nn.ReLU, nn.Linear, nn.Sequential]
+    assert len(list(c.parameters())) == 2 and c[0].weight.dtype == F64
+    same = copy_model(m)
+    assert same[0] is same[2] is same[3][0] and same[0] is not shared
+
+
+def test_copy_model_copies_falsy_attributes_as_they_are() -> None:
+    m = nn.Linear(2, 2)
+    m.zero = torch.tensor(0.0)  # a plain attribute (no buffer): falsy, not a container
+    m.nothing = None
+    m.count = 0
+    m.empty_table: dict = {}
+    c = copy_model(m, F64)
+    assert c.zero.shape == () and float(c.zero) == 0.0 and c.zero is not m.zero
+    assert c.nothing is None and c.count == 0 and c.empty_table == {} and c.empty_table is not m.empty_table
+
+
+def test_copies_as_a_module_is_decided_once_per_class() -> None:
+    cls = type("Decided", (nn.Module,), {})
+    assert model._copies_as_a_module(cls) and model._PLAIN_COPY[cls] is True
+    cls.__deepcopy__ = lambda self, memo: self  # added after the first copy: the class was decided
+    assert model._copies_as_a_module(cls)
+    other = type("Later", (nn.Module,), {})
+    other.__deepcopy__ = lambda self, memo: self
+    assert not model._copies_as_a_module(other) and model._PLAIN_COPY[other] is False
+
+
 def test_copy_model_leaves_a_compiled_forward_behind() -> None:
     m = nn.Linear(2, 2)
     m._compiled_call_impl = lambda *args, **kwargs: "compiled"
+    m.after = "kept"  # what comes after it in the instance dictionary is copied
     c = copy_model(m, F64)
-    assert "_compiled_call_impl" not in vars(c)
+    assert "_compiled_call_impl" not in vars(c) and c.after == "kept"
     x = torch.ones(1, 2, dtype=F64)
     with torch.no_grad():
         assert torch.equal(c(x), F.linear(x, c.weight, c.bias))
@@ -1127,6 +1187,10 @@ def test_copy_model_falls_back_to_deepcopy(monkeypatch) -> None:
     assert m.a.weight.dtype == torch.float32
     plain = copy_model(m)
     assert plain.a.weight.dtype == torch.float32 and plain.a.weight is not m.a.weight
+    assert plain.a.weight.data_ptr() != m.a.weight.data_ptr() and plain.stat.data_ptr() != m.stat.data_ptr()
+    with torch.no_grad():
+        plain.a.weight.fill_(7.0)
+    assert not torch.equal(m.a.weight, plain.a.weight)  # the original's tensors are not shared
 
 
 class Recorder(nn.Module):
