@@ -67,7 +67,7 @@ PIPELINE_TESTS = ("tests/test_checkpoint.py", "tests/test_patterns.py", "tests/t
 
 TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "fusion": (("repvgg_cli/fusion/*.py", "repvgg_cli/algebra/*.py"),
-               ("tests/test_fusion.py", "tests/test_exactness.py", "tests/test_bn_variants.py",
+               ("tests/test_mutation_fusion.py", "tests/test_algebra.py", "tests/test_fusion.py", "tests/test_exactness.py", "tests/test_bn_variants.py",
                 "tests/test_family_mm_acnet.py", "tests/test_family_dbb_orepa.py", "tests/test_family_contract.py",
                 ROWS_TEST)),
     "verify": (("repvgg_cli/verify.py",), ("tests/test_mutation_verify.py", ROWS_TEST)),
@@ -254,7 +254,8 @@ def run_mutmut(directory: Path, jobs: int, heartbeat: float = 60.0, names: list[
     """``mutmut run`` in the snapshot, its output kept in ``mutmut.log``; its progress line is
     echoed every ``heartbeat`` seconds."""
     log_path = directory / "mutmut.log"
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    # the algebra's laws (tests/test_algebra.py) with 60 random expressions each instead of 1000
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", REPVGG_ALGEBRA_EXAMPLES="60")
     with open(log_path, "wb") as log:
         process = subprocess.Popen(mutmut_command("run", "--max-children", str(jobs), *(names or ())), cwd=directory,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)

@@ -11,6 +11,8 @@ identity is neutral for ``then``.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,7 +30,8 @@ from repvgg_cli.fusion.values import BatchNorm, FusedConv
 from repvgg_cli.fusion.sum import fuse_branches
 
 F64 = torch.float64
-EXAMPLES = 1000
+# scripts/mutate.py runs these laws against every fusion mutant with fewer examples (the variable)
+EXAMPLES = int(os.environ.get("REPVGG_ALGEBRA_EXAMPLES", "1000"))
 
 REFUSALS = (
     "is not one conv",
