@@ -89,6 +89,8 @@ TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "io/limits": (("repvgg_cli/io/limits.py",), ("tests/test_mutation_io_limits.py", "tests/test_io_limits.py", ROWS_TEST)),
     "io/safetensors_file": (("repvgg_cli/io/safetensors_file.py",), ("tests/test_mutation_io_safetensors_file.py", ROWS_TEST)),
     "pipeline": (("repvgg_cli/pipeline/*.py", "repvgg_cli/api.py"), ("tests/test_mutation_pipeline_options.py",
+                                                                     "tests/test_mutation_pipeline.py", "tests/test_api.py",
+                                                                     "tests/test_trust.py", "tests/test_dry_run.py",
                                                                      *PIPELINE_TESTS)),
 }
 
