@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repvgg_cli.algebra.expression import AffineOp, ConvOp, PlusOp, ThenOp
+from repvgg_cli.algebra.expression import AffineOp, ConvOp, IdentityOp, PlusOp, ThenOp
 from repvgg_cli.checks import forward, model
 from repvgg_cli.checks.forward import (
     as_float64_vector,
@@ -166,6 +166,14 @@ def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-12) -> bool:
 
 
 # -- forward.py -----------------------------------------------------------------------------------
+
+def test_encode_tensor_of_every_float_dtype() -> None:
+    from repvgg_cli.checks.tolerance import decode_tensor, encode_tensor
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        t = torch.tensor([[0.5, -3.25]], dtype=dtype)
+        assert torch.equal(decode_tensor(encode_tensor(t), (1, 2)), torch.tensor([[0.5, -3.25]], dtype=F64))
+
 
 def test_as_float64_vector() -> None:
     assert as_float64_vector(None, None) is None
@@ -515,6 +523,8 @@ def test_centre_probe_shipped_with_another_geometry_runs_the_conv() -> None:
     _, out = p.outputs(wrong)
     assert close(out, fused_forward(wrong, p.x, stride=(1, 1), centre=True))
     assert not close(out, same, rel=1e-3)
+    strided = replace(wrong, stride=(2, 2))  # run at stride 1 whatever the conv's stride
+    assert close(p.outputs(strided)[1], out)
     for changed in ({"padding": (0, 0)}, {"dilation": (1, 2)}, {"groups": 1, "weight": torch.cat([fused.weight] * 2, 1)},
                     {"weight": fused.weight[:, :, :1, :1], "padding": (0, 0)}):
         shipped = replace(fused, **changed)
@@ -546,6 +556,19 @@ def test_centre_probe_products_use_each_branch_geometry() -> None:
     assert close(p.reference_for(b), reference_forward(b, p.x, centre=True))
     shipped = FusedConv(fused_w, torch.zeros(c, dtype=F64), padding=(2, 2), dilation=(2, 2))
     assert close(p.outputs(shipped)[1], fused_forward(shipped, p.x, centre=True))
+
+
+def test_centre_probe_reference_is_from_the_rows_fusion_showed() -> None:
+    """The conv products come from the rows shown during fusion, not from the branches' tensors
+    again (BN, scales and identity are the branches' own)."""
+    b = rich_block(c=4, groups=2)
+    p = CentreProbe("b", b, 1)
+    for i, conv in enumerate(b.convs):
+        p.source(i, 0, 4, conv.weight * 2)
+    p.fused(0, 4, torch.zeros(4, 2, 3, 3, dtype=F64), torch.empty(4, 2, 3, 3, dtype=F64))
+    doubled = replace(b, convs=tuple(replace(c, weight=c.weight * 2) for c in b.convs))
+    assert close(p.reference_for(b), reference_forward(doubled, p.x, centre=True))
+    assert not close(p.reference_for(b), reference_forward(b, p.x, centre=True), rel=1e-3)
 
 
 def test_centre_probe_needs_every_row() -> None:
@@ -630,6 +653,24 @@ def test_check_block_sees_the_border(use_probe: bool) -> None:
     assert good.ok and good.max_abs_err < 1e-12 * good.scale
 
 
+def test_check_block_border_sees_the_geometry_channels_only() -> None:
+    """Padding errors are the same for every channel, so only the geometry channels are run at
+    every position: an error on another channel's border only is not looked for."""
+    c = 10
+    w = torch.zeros(c, c, 3, 3, dtype=F64)
+    for i in range(c):
+        w[i, i, 1, 1] = 1.0 + i  # a centre tap reads no padding
+    w[7, 7, 0, 0] = 0.5  # channel 7 (not a geometry channel of 10) reads the border
+    b = Branches(convs=(ConvBranch(w),))
+    assert 7 not in geometry_channels(c)
+    shipped = replace(fuse_branches(b), padding_mode="circular")
+    check = check_block("b", b, None, shipped, 0, Tolerance())
+    x = branches_probe(b, block_seed(0, "b"))
+    full_err = float((reference_forward(b, x) - fused_forward(shipped, x)).abs().max())
+    assert full_err > 0.01 and check.max_abs_err == 0.0 and check.ok
+    assert check.scale == float(reference_forward(b, x, channels=geometry_channels(c)).abs().max())
+
+
 def test_check_block_scale_from_the_border() -> None:
     """The scale is the largest reference value at the centre or on the geometry channels' map."""
     w = torch.zeros(2, 1, 3, 3, dtype=F64)
@@ -646,14 +687,14 @@ def test_check_block_scale_from_the_border() -> None:
 @pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
 @pytest.mark.parametrize("use_probe", [False, True])
 def test_check_block_cast_error(use_probe: bool, stride) -> None:
-    b = rich_block(c=4, groups=2, stride=stride)
+    b = rich_block(c=10, groups=2, stride=stride)
     b = b if stride == (1, 1) else replace(b, identity=None)
     p = CentreProbe("b", b, 2) if use_probe else None
     fused64 = fuse_branches(b)
     shipped = fuse_branches(b, torch.float16, observer=p, check_finite=False)
     check = check_block("b", b, fused64, shipped, 2, Tolerance(), probe=p)
     x = branches_probe(b, block_seed(2, "b"))
-    rows = geometry_channels(4)
+    rows = geometry_channels(10)
     out16 = fused_forward(shipped, x, stride=(1, 1))
     out64 = fused_forward(fused64, x, stride=(1, 1))
     cast = max(float((centre(out16) - centre(out64)).abs().max()), float((out16[:, rows] - out64[:, rows]).abs().max()))
@@ -707,18 +748,37 @@ def test_check_expression_numbers() -> None:
     assert not check.ok
     # check_block hands composite blocks to check_expression
     assert check_block("c", b, None, shipped, 3, Tolerance(atol=0.01)) == check
+    # with the float64 fusion: the cast error is measured apart, as check_expression does
+    half = fused64.to(torch.float16)
+    via_block = check_block("c", b, fused64, half, 3, Tolerance())
+    assert via_block == check_expression("c", b, fused64, half, 3, Tolerance())
+    assert via_block.cast_abs_err != via_block.max_abs_err
 
 
 def test_check_expression_records_the_centre_pixel() -> None:
-    w = rand(2, 2, 5, 5, seed=91)
+    """The first sample's centre output (row, column) on a 5x7 map; a block with an identity BN
+    has a second sample, which is checked but not recorded."""
+    w = rand(2, 2, 5, 7, seed=91)
+    bn, id_bn = make_bn(2, 92), replace(make_bn(2, 93), running_mean=torch.tensor([30.0, -30.0], dtype=F64))
     b = Branches(convs=(ConvBranch(w),), composite=True,
-                 ops=ThenOp(ConvOp(w, None, (1, 1), None, (1, 1), 1, "zeros"), AffineOp(make_bn(2, 92), None)))
-    fused = fuse_branches(replace(b, composite=False, ops=None, convs=(ConvBranch(w, bn=b.ops.second.bn),)))
+                 ops=ThenOp(ConvOp(w, None, (1, 1), None, (1, 1), 1, "zeros"), AffineOp(bn, None)))
+    fused = fuse_branches(replace(b, composite=False, ops=None, convs=(ConvBranch(w, bn=bn),)))
     check = check_expression("e", b, None, fused, 0, Tolerance())
     x = branches_probe(b, block_seed(0, "e"))
-    ref = bn_hand(F.conv2d(x, w, padding=2), b.ops.second.bn)
-    assert ref.shape == (1, 2, 5, 5) and close(check.reference, ref[:1, :, 2, 2])
+    ref = bn_hand(F.conv2d(x, w, padding=(2, 3)), bn)
+    assert ref.shape == (1, 2, 5, 7) and close(check.reference, ref[:1, :, 2, 3])
     assert check.ok and check.max_abs_err <= 1e-12 * check.scale
+    with_id = Branches(convs=(ConvBranch(w),), identity=IdentityBranch(bn=id_bn), composite=True,
+                       ops=PlusOp((ThenOp(ConvOp(w, None, (1, 1), None, (1, 1), 1, "zeros"), AffineOp(bn, None)),
+                                   ThenOp(IdentityOp(), AffineOp(id_bn, None)))))
+    fused = fuse_branches(replace(with_id, composite=False, ops=None, convs=(ConvBranch(w, bn=bn),)))
+    check = check_expression("e", with_id, None, fused, 0, Tolerance())
+    x = branches_probe(with_id, block_seed(0, "e"))
+    assert x.shape[0] == 2
+    ref = bn_hand(F.conv2d(x, w, padding=(2, 3)), bn) + bn_hand(x, id_bn)
+    assert check.reference.shape == (1, 2) and close(check.reference, ref[:1, :, 2, 3])
+    assert check.scale == pytest.approx(float(ref.abs().max()), rel=1e-12)  # both samples checked
+    assert float(ref[1:].abs().max()) > float(ref[:1].abs().max())
 
 
 def test_check_expression_cast_error() -> None:
