@@ -1,0 +1,364 @@
+"""The pipeline's stages and the public API over them, to the letter (issue 15: mutation score of
+the pipeline row): the API's flag -> argument rewording, the recorded-vs-given options note,
+conv->BN pairs and module blocks found, planned shapes, the metadata a deploy file records and the
+room reserved for it, the output-size budget, what the in-memory write keeps and passes through,
+what is handed to the savers, and the report's notes.
+
+Fast: tiny float64 models and state dicts, stage functions called directly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from repvgg_cli import api
+from repvgg_cli.api import api_words, convert_state_dict, reparameterize
+from repvgg_cli.checks.tolerance import Tolerance
+from repvgg_cli.errors import InputError, UnsupportedError
+from repvgg_cli.pipeline import write as write_stage
+from repvgg_cli.pipeline.check import Checked, check
+from repvgg_cli.pipeline.find import find, find_conv_bn_pairs, find_module_blocks
+from repvgg_cli.pipeline.fuse import fuse, planned_weight_shape
+from repvgg_cli.pipeline.metadata import block_record, build_metadata, metadata_reserve
+from repvgg_cli.pipeline.options import ConvertOptions
+from repvgg_cli.pipeline.read import read_state
+from repvgg_cli.pipeline.report import block_notes
+from repvgg_cli.pipeline.write import File, planned_deploy_state
+from tests.zoo import PlainNet, randomize_bn
+
+
+def plain_state() -> OrderedDict:
+    """features.0: 3->4 (no identity: groups not known from keys), features.2: 4->4 with identity."""
+    torch.manual_seed(0)
+    model = randomize_bn(PlainNet((3, 4, 4), (1, 1), num_classes=2)).double()
+    return OrderedDict(model.state_dict())
+
+
+# -- the API's words ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("pass --force to replace it", "pass force=True to replace it"),
+    ("pass --force now", "pass force=True now"),  # a flag without value keeps the next word as it is
+    ("pass --fsync", "pass fsync=True"),
+    ("pass --input-shape N,C,H,W", "pass input_shape=(N, C, H, W)"),
+    ("with --input-shape 1,3,8,8.", "with input_shape=(1, 3, 8, 8)."),
+    ("with --input-shape 8", "with input_shape=8"),
+    ("pass --entry ema", "pass entry='ema'"),
+    ("pass --entry NAME", "pass entry=NAME"),
+    ('pass --model "pkg:make"', 'pass model_spec="pkg:make"'),
+    ("pass --model 'pkg:make'", "pass model_spec='pkg:make'"),
+    ("pass --no-identity stage1", "pass no_identity=('stage1',)"),
+    ("--bn-eps -1.0: bad", "bn_eps=-1.0: bad"),
+    ("pass --bn-eps with a value", "pass bn_eps=... with a value"),
+    ("pass --rtol 1e-3.", "pass Tolerance(rtol=1e-3)."),
+    ("pass --unknown-flag 3", "pass --unknown-flag 3"),
+])
+def test_api_words(text: str, words: str) -> None:
+    assert api_words(text) == words
+
+
+def test_api_errors_name_arguments() -> None:
+    with pytest.raises(InputError) as caught:
+        convert_state_dict(plain_state(), ConvertOptions(bn_eps=-1.0))
+    assert caught.value.message == "bn_eps=-1.0: BatchNorm eps must be a finite number >= 0"
+
+
+# -- recorded options vs the ones given --------------------------------------------------------------
+
+def _loaded(entry=None):
+    return SimpleNamespace(entry=entry)
+
+
+NOTE_TAIL = ("; this check took its options from the command line (nothing from the file under test): "
+             "pass them if you trust the file's word")
+
+
+def test_recorded_same_as_given_says_nothing() -> None:
+    meta = {"options": {"bn_eps": None, "fold_post_bn": False, "no_identity": [], "avg_branch": [],
+                        "qa_variant": None, "dtype": None}, "source": {"entry": None}}
+    assert api._recorded_differs(meta, ConvertOptions(), _loaded()) == ()
+    assert api._recorded_differs(None, ConvertOptions(), _loaded()) == ()
+    assert api._recorded_differs({"options": [1]}, ConvertOptions(), _loaded()) == ()
+
+
+def test_recorded_differences_named_by_flag() -> None:
+    meta = {"options": {"bn_eps": 0.001, "fold_post_bn": True, "no_identity": ["a"], "dtype": "float16"},
+            "source": {"entry": "ema"}}
+    notes = api._recorded_differs(meta, ConvertOptions(), _loaded("model"))
+    assert notes == ("the file says it was converted with --bn-eps 0.001, --fold-post-bn True, --no-identity ['a'], "
+                     "--dtype float16, --entry ema" + NOTE_TAIL,)
+    # only the entry differs
+    assert api._recorded_differs({"source": {"entry": "ema"}}, ConvertOptions(), _loaded(None)) == (
+        "the file says it was converted with --entry ema" + NOTE_TAIL,)
+    assert api._recorded_differs({"source": {"entry": "ema"}}, ConvertOptions(), _loaded("ema")) == ()
+    assert api._recorded_differs({"source": None, "options": {"bn_eps": 0.1}}, ConvertOptions(bn_eps=0.1),
+                                 _loaded("x")) == ()
+
+
+# -- whole-model comparisons ----------------------------------------------------------------------
+
+def test_api_compare_models() -> None:
+    torch.manual_seed(1)
+    train = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1)).double()
+    deploy = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1)).double()
+    deploy.load_state_dict(train.state_dict())
+    check64 = api._compare_models(train, deploy, (1, 2, 5, 5), Tolerance())
+    assert (check64.input_shape, check64.dtype, check64.max_abs_err, check64.outputs, check64.problem) == (
+        (1, 2, 5, 5), "float64", 0.0, 1, None)
+    assert check64.rtol == Tolerance().rtol_for(torch.float64) != Tolerance().rtol_for(torch.float32)
+    assert api._compare_models(train.float(), deploy.float(), (1, 2, 5, 5), Tolerance()).rtol == \
+        Tolerance().rtol_for(torch.float32)
+    assert api._compare_models(train, deploy, (1, 2, 5, 5), Tolerance(rtol=0.5, atol=0.25)).atol == 0.25
+    with pytest.raises(InputError) as caught:
+        api._compare_models(train, deploy, (1, 5, 5, 5), Tolerance())
+    assert caught.value.message.startswith("the models cannot run on input (1, 5, 5, 5): ")
+    assert caught.value.hint == "pass --input-shape N,C,H,W"
+
+
+def test_checked_compare_models_and_train_outputs() -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1)).double()
+    options = ConvertOptions(input_shape=(1, 2, 4, 4), seed=3)
+    x, shape, reference = Checked._train_outputs(model, options)
+    assert shape == (1, 2, 4, 4) and x.dtype == torch.float64
+    assert torch.equal(x, torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    result = Checked._compare_models(model, (x, shape, reference), options)
+    assert (result.input_shape, result.dtype, result.max_abs_err, result.outputs, result.problem) == (
+        (1, 2, 4, 4), "float64", 0.0, 1, None)
+    assert result.atol == options.tolerance.atol and result.rtol == options.tolerance.rtol_for(torch.float64)
+    with pytest.raises(InputError) as caught:
+        Checked._train_outputs(model, replace(options, input_shape=(1, 7, 4, 4)))
+    assert caught.value.message.startswith("the train-form model cannot run on input (1, 7, 4, 4): ")
+    assert caught.value.hint == "pass --input-shape N,C,H,W"
+
+
+# -- find ----------------------------------------------------------------------------------------------
+
+class _ConvBn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)
+
+    def forward_fuse(self, x):
+        return self.conv(x)
+
+
+def test_conv_bn_pairs() -> None:
+    model = nn.Sequential(OrderedDict(
+        body=nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1),
+                           nn.ReLU(), nn.BatchNorm2d(2)),
+        head=_ConvBn(), skipped=nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))))
+    pairs = find_conv_bn_pairs(model, ["skipped"])
+    assert [(p.name, p.conv_attr, p.bn_attr, p.switch_forward) for p in pairs] == [
+        ("body.0", "0", "1", False), ("head.conv", "conv", "bn", True)]
+    assert pairs[0].owner is model.body and pairs[1].owner is model.head
+
+
+class _Family:
+    def __init__(self, name: str, kind: type) -> None:
+        self.name, self.kind = name, kind
+
+    def matches_module(self, module) -> bool:
+        return isinstance(module, self.kind)
+
+
+def test_module_blocks_claimed_by_two_or_more_families() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU())
+    one = (_Family("a", nn.Conv2d),)
+    assert [(n, f.name) for n, _, f in find_module_blocks(model, one)] == [("0", "a")]
+    for families in [(_Family("a", nn.Conv2d), _Family("b", nn.Conv2d)),
+                     (_Family("a", nn.Conv2d), _Family("b", nn.Conv2d), _Family("c", nn.Conv2d))]:
+        with pytest.raises(UnsupportedError) as caught:
+            find_module_blocks(model, families)
+        assert caught.value.message == "module 0 is claimed by two families: a and b"
+    with pytest.raises(UnsupportedError) as caught:
+        find_module_blocks(model, (_Family("a", nn.Sequential), _Family("b", nn.Module)))
+    assert caught.value.message == "module <root> is claimed by two families: a and b"
+
+
+# -- fuse: planned shapes --------------------------------------------------------------------------
+
+def _plan(state=None, **options):
+    return find(read_state(state if state is not None else plain_state()), ConvertOptions(bn_eps=1e-5, **options))
+
+
+def test_planned_weight_shape_and_its_error() -> None:
+    plan = _plan()
+    assert [planned_weight_shape(b) for b in plan.blocks] == [(4, 3, 3, 3), (4, 4, 3, 3)]
+    block = plan.blocks[1]
+    conv = block.branches.convs[1]
+    odd = replace(conv, weight=torch.zeros(4, 2, 1, 1, dtype=torch.float64))
+    bad = replace(block, branches=replace(block.branches, convs=(block.branches.convs[0], odd)))
+    with pytest.raises(UnsupportedError) as caught:
+        planned_weight_shape(bad)
+    assert caught.value.message == "block features.2: branches disagree on input channels per group: [2, 4]"
+
+
+def test_planned_deploy_state_is_data_free() -> None:
+    block = _plan().blocks[1]
+    state, weight_key = planned_deploy_state(block, (4, 4, 3, 3))
+    assert weight_key == "features.2.weight"
+    assert {k: (tuple(t.shape), t.dtype, t.is_meta) for k, t in state.items()} == {
+        "features.2.weight": ((4, 4, 3, 3), torch.float64, True),
+        "features.2.bias": ((4,), torch.float64, True)}
+
+
+def test_streamed_blocks_hold_their_buffer() -> None:
+    fused = fuse(_plan())
+    items = list(fused.blocks(reuse_buffers=True))
+    assert [i.slot is not None for i in items] == [True, True]
+    assert items[0].slot is not items[1].slot  # two buffers, alternating
+
+
+def test_module_tree_upcast_before_fusing() -> None:
+    torch.manual_seed(4)
+    model = randomize_bn(PlainNet((3, 4, 4), (1, 1), num_classes=2)).eval()
+    result = reparameterize(model, ConvertOptions(dtype="float64", input_shape=(1, 3, 6, 6)))
+    assert {p.dtype for p in result.model.parameters()} == {torch.float64}
+    assert [r.fused.weight.dtype for r in result.blocks] == [torch.float64, torch.float64]
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the caller's model is untouched
+
+
+# -- metadata ----------------------------------------------------------------------------------------
+
+def test_block_records() -> None:
+    result = convert_state_dict(plain_state(), ConvertOptions(bn_eps=1e-5, seed=7))
+    first, second = (block_record(r, 7) for r in result.blocks)
+    # features.0 has no identity: its groups (and so in_channels) are not known from a state dict
+    assert (first["in_channels"], first["groups"], first["in_per_group"], first["out_channels"]) == (None, None, 3, 4)
+    assert (second["in_channels"], second["groups"], second["in_per_group"]) == (4, 1, 4)
+    assert {k: v for k, v in second.items() if k not in ("probe", "max_abs_err", "rel_err", "cast_abs_err")} == {
+        "name": "features.2", "family": "plain", "deploy_prefix": "features.2",
+        "branches": ["3x3+bn", "1x1+bn", "id+bn"], "in_channels": 4, "in_per_group": 4, "out_channels": 4,
+        "kernel": [3, 3], "groups": 1, "stride": None, "padding": [1, 1], "dilation": [1, 1],
+        "padding_mode": "zeros", "dtype": "float64", "eps": [1e-05], "eps_from": "--bn-eps", "eps_source": "flag",
+        "params_before": 184, "params_after": 148}
+
+
+def test_build_metadata_exact() -> None:
+    options = ConvertOptions(bn_eps=1e-3, fold_post_bn=True, no_identity=("x*",), avg_branch=("y*",),
+                             fuse_conv_bn=True, tolerance=Tolerance(rtol=1e-4, atol=1e-6), seed=5)
+    check = SimpleNamespace(input_shape=(1, 3, 8, 8), dtype="float64", max_abs_err=0.5, rel_err=0.25)
+    meta = build_metadata(mode="key tree", options=options, blocks=[], dropped=["aux.w"], model_check=check,
+                          source_name="a.pt", source_sha256="ab", entry="ema", stripped=["module."])
+    from repvgg_cli import __version__
+    assert meta == {
+        "tool": "repvgg_cli", "version": __version__, "mode": "key tree",
+        "source": {"name": "a.pt", "sha256": "ab", "entry": "ema", "stripped_prefixes": ["module."]},
+        "options": {"bn_eps": 1e-3, "fold_post_bn": True, "no_identity": ["x*"], "avg_branch": ["y*"],
+                    "fuse_conv_bn": True, "rtol": 1e-4, "atol": 1e-6, "seed": 5},
+        "blocks": [], "dropped_keys": ["aux.w"],
+        "model_check": {"input_shape": [1, 3, 8, 8], "dtype": "float64", "max_abs_err": 0.5, "rel_err": 0.25},
+    }
+    assert "model_check" not in build_metadata(mode="m", options=options, blocks=[], dropped=[], model_check=None,
+                                              source_name="a", source_sha256="", entry=None, stripped=[])
+
+
+def test_metadata_reserve_exact() -> None:
+    blocks = [SimpleNamespace(name="ab", branches=SimpleNamespace(out_channels=10)),
+              SimpleNamespace(name="", branches=SimpleNamespace(out_channels=1))]
+    # per block: 4 * ceil(8 * out / 3) (the base64 probe) + 1536 + 4 per letter of its name
+    per_block = (4 * 27 + 1536 + 8) + (4 * 3 + 1536 + 0)
+    per_key = (2 * 1 + 96) + (2 * 3 + 96)
+    assert metadata_reserve(blocks, ["k", "key"], ["dd"]) == int(1.25 * (per_block + per_key + 6)) + 8192
+    assert metadata_reserve([], [], []) == 8192
+    assert metadata_reserve([], ["k"], []) == int(1.25 * 98) + 8192
+
+
+# -- write -------------------------------------------------------------------------------------------
+
+def _budget_plan(nbytes: int):
+    state = {"w": torch.zeros(nbytes // 8, dtype=torch.float64)}
+    return SimpleNamespace(source=SimpleNamespace(state=state), options=ConvertOptions())
+
+
+def test_budget_uses_the_larger_of_file_and_data_bytes() -> None:
+    loaded = SimpleNamespace(file_size=10, data_bytes=1000)
+    write_stage._check_budget(_budget_plan(4000), File(Path("o.safetensors"), loaded))  # 4 x 1000: allowed
+    with pytest.raises(InputError):
+        write_stage._check_budget(_budget_plan(4008), File(Path("o.safetensors"), loaded))
+
+
+def test_budget_refusal_message() -> None:
+    loaded = SimpleNamespace(file_size=10, data_bytes=None)
+    with pytest.raises(InputError) as caught:
+        write_stage._check_budget(_budget_plan(48), File(Path("o.safetensors"), loaded))
+    assert caught.value.message == ("the output would hold 48 bytes of tensors, more than the 40 allowed "
+                                    "(4x the source's 10 bytes); the largest tensor is w (6 float64, 48 bytes)")
+    assert caught.value.hint == ("if that is intended, pass --max-output-bytes with a larger limit, or write a .pt "
+                                 "output, which keeps shared storage shared")
+    with pytest.raises(InputError) as caught:
+        write_stage._check_budget(_budget_plan(48), File(Path("o.pt"), loaded))
+    assert caught.value.hint == "if that is intended, pass --max-output-bytes with a larger limit"
+
+
+def test_in_memory_keeps_order_and_passes_through() -> None:
+    state = plain_state()
+    result = convert_state_dict(state, ConvertOptions(bn_eps=1e-5))
+    assert list(result.state_dict) == ["features.0.weight", "features.0.bias", "features.2.weight",
+                                       "features.2.bias", "head.weight", "head.bias"]
+    assert result.passthrough_keys == 2 and result.dropped_keys == ()
+    assert result.state_dict["head.weight"] is state["head.weight"]
+    assert result.key_diff is not None
+    t = result.key_diff.totals
+    assert (t["removed"], t["added"], t["unchanged"], t["source_keys"], t["output_keys"]) == (29, 4, 2, 31, 6)
+    assert result.key_diff.balanced and result.key_diff.proof == "bytes"
+
+
+class _Saved:
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def model(self, output, model, loaded, metadata, fsync):
+        self.calls.append(("model", output, fsync))
+
+    def state(self, output, state, metadata, container, entry, fsync):
+        self.calls.append(("state", output, container, entry, fsync))
+
+
+@pytest.mark.parametrize(("model", "entry", "suffix", "call"), [
+    (None, None, ".pt", ("state", None, None)),
+    (None, "ema", ".pt", ("state", "RAW", "ema")),
+    (None, "ema", ".safetensors", ("state", None, "ema")),
+    ("M", None, ".pt", ("model",)),
+    ("M", None, ".safetensors", ("state", None, None)),
+])
+@pytest.mark.parametrize("fsync", [True, False])
+def test_save_hands_on_container_entry_and_fsync(monkeypatch, model, entry, suffix, call, fsync) -> None:
+    saved = _Saved()
+    monkeypatch.setattr(write_stage.io_write, "save_model", saved.model)
+    monkeypatch.setattr(write_stage.io_write, "save_state_dict", saved.state)
+    monkeypatch.setattr(write_stage, "metadata_of", lambda written, loaded: {})
+    loaded = SimpleNamespace(model=model, entry=entry, raw="RAW")
+    written = SimpleNamespace(state_dict=OrderedDict(w=torch.zeros(1)), model="DEPLOY")
+    output = Path("out" + suffix)
+    write_stage._save(written, File(output, loaded, fsync=fsync))
+    assert len(saved.calls) == 1
+    got = saved.calls[0]
+    assert got[0] == call[0] and got[1] == output and got[-1] is fsync
+    assert got[2:-1] == call[1:]
+
+
+# -- report ------------------------------------------------------------------------------------------
+
+def test_block_notes() -> None:
+    def r(name, *notes):
+        return SimpleNamespace(block=SimpleNamespace(name=name, notes=notes))
+    results = [r("", "n1"), r("a", "n1", "n2"), r("b"), *(r(f"c{i}", "n3") for i in range(5))]
+    assert block_notes(results) == ("n1 (<root>, a)", "n2 (a)", "n3 (c0, c1, c2, c3 …)")
+    assert block_notes([]) == ()
+
+
+def test_checked_stage_results_in_order() -> None:
+    checked = check(fuse(_plan()))
+    names = [(item.block.name, result.check.ok) for item, result in checked.results()]
+    assert names == [("features.0", True), ("features.2", True)]
+    assert checked.model_check is None
