@@ -362,3 +362,126 @@ def test_checked_stage_results_in_order() -> None:
     names = [(item.block.name, result.check.ok) for item, result in checked.results()]
     assert names == [("features.0", True), ("features.2", True)]
     assert checked.model_check is None
+
+
+# -- read: --model MODULE:CALLABLE -----------------------------------------------------------------
+
+def _not_a_module():
+    return 3
+
+
+def _raises():
+    raise ValueError("no")
+
+
+def test_load_factory() -> None:
+    from repvgg_cli.pipeline.read import load_factory
+    from tests import zoo
+    assert load_factory("tests.zoo:PlainNet") is zoo.PlainNet
+    assert load_factory("tests.zoo:PlainNet.forward") is zoo.PlainNet.forward  # dotted attributes
+    for spec, message in [
+        ("tests.zoo", "--model 'tests.zoo': expected MODULE:CALLABLE, e.g. mypkg.models:build_model"),
+        (":f", "--model ':f': expected MODULE:CALLABLE, e.g. mypkg.models:build_model"),
+        ("tests.zoo:", "--model 'tests.zoo:': expected MODULE:CALLABLE, e.g. mypkg.models:build_model"),
+        ("tests.zoo:nothing", "--model 'tests.zoo:nothing': tests.zoo has no attribute nothing"),
+        ("tests.zoo:PlainNet.nothing", "--model 'tests.zoo:PlainNet.nothing': tests.zoo has no attribute "
+                                       "PlainNet.nothing"),
+        ("math:pi", "--model 'math:pi': pi is not callable"),
+    ]:
+        with pytest.raises(InputError) as caught:
+            load_factory(spec)
+        assert caught.value.message == message
+    with pytest.raises(InputError) as caught:
+        load_factory("tests.no_such_module_here:f")
+    assert caught.value.message.startswith("--model 'tests.no_such_module_here:f': cannot import "
+                                           "tests.no_such_module_here: No module named")
+
+
+def test_build_model() -> None:
+    from repvgg_cli.pipeline.read import build_model
+    state = plain_state()
+    model = build_model(f"{__name__}:_tiny_plain", OrderedDict((k, v.float()) for k, v in state.items()))
+    assert type(model).__name__ == "PlainNet"
+    assert torch.equal(model.state_dict()["head.weight"], state["head.weight"].float())
+    with pytest.raises(InputError) as caught:
+        build_model(f"{__name__}:_not_a_module", state)
+    assert caught.value.message == f"--model '{__name__}:_not_a_module' returned a int, not an nn.Module"
+    with pytest.raises(InputError) as caught:
+        build_model(f"{__name__}:_raises", state)
+    assert caught.value.message == f"--model '{__name__}:_raises': calling it failed: no"
+
+
+def test_build_model_says_what_does_not_load() -> None:
+    from repvgg_cli.pipeline.read import build_model
+    torch.manual_seed(0)
+    state = OrderedDict(nn.Sequential(nn.Conv2d(1, 1, 1)).state_dict())
+    with pytest.raises(InputError) as caught:
+        build_model(f"{__name__}:_one_conv", OrderedDict(state))
+    assert caught.value.message.startswith("the checkpoint does not load into --model")
+    state.pop("0.bias")
+    state["0.extra"] = torch.zeros(1)
+    with pytest.raises(InputError) as caught:
+        build_model(f"{__name__}:_two_convs", state)  # two lines of torch's error, joined by one space
+    assert caught.value.message == (f"the checkpoint does not load into --model {__name__}:_two_convs: "
+                                    'Missing key(s) in state_dict: "0.bias", "1.weight", "1.bias". '
+                                    'Unexpected key(s) in state_dict: "0.extra".')
+
+
+def _tiny_plain():
+    return PlainNet((3, 4, 4), (1, 1), num_classes=2)
+
+
+def _one_conv():
+    return nn.Conv2d(1, 1, 1)
+
+
+def _two_convs():
+    return nn.Sequential(nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 1))
+
+
+# -- report: keys outside blocks sorted by what comparing them proved -----------------------------------
+
+def test_cast_keys_reported_as_casts() -> None:
+    result = convert_state_dict(plain_state(), ConvertOptions(bn_eps=1e-5, dtype="float16"))
+    report = result.key_diff
+    assert [c.key for c in report.cast] == ["head.weight", "head.bias"]
+    assert [(c.dtype_a, c.dtype_b) for c in report.cast] == [("float64", "float16")] * 2
+    assert report.diff.changed == () and report.diff.unchanged == ()
+    assert all(c.max_abs is not None and c.max_abs > 0 for c in report.cast)
+
+
+def test_sort_compared() -> None:
+    from repvgg_cli.diff.compare import compare_tensors
+    from repvgg_cli.pipeline.report import _Kept
+    source = torch.tensor([1.0, 1 / 3], dtype=torch.float64)
+    kept = _Kept()
+    half = ConvertOptions(dtype="float16")
+    kept.sort_compared(compare_tensors("a", source, source.half()), source, source.half(), half)
+    assert [c.key for c in kept.cast] == ["a"] and kept.changed == []
+    assert kept.cast[0] == compare_tensors("a", source, source.half())
+    other = source.half() + 1
+    kept.sort_compared(compare_tensors("b", source, other), source, other, half)
+    # the same dtype (no cast asked): a change even if the bytes are the source's
+    kept.sort_compared(compare_tensors("c", source, source), source, source.clone(), ConvertOptions())
+    assert [c.key for c in kept.changed] == ["b", "c"] and len(kept.cast) == 1
+
+
+def test_digest_mismatch() -> None:
+    from repvgg_cli.pipeline.report import _digest_mismatch
+    c = _digest_mismatch("k", torch.zeros(2, 3), torch.zeros(3, 2, dtype=torch.float16))
+    assert (c.key, c.shape_a, c.shape_b, c.dtype_a, c.dtype_b, c.bit_identical, c.max_abs, c.max_rel, c.within,
+            c.problem) == ("k", (2, 3), (3, 2), "float32", "float16", False, None, None, False,
+                           "the sha256 of the tensor written differs from the source tensor's")
+
+
+def test_lightened_keeps_no_data() -> None:
+    from repvgg_cli.pipeline.fuse import lightened
+    item = next(fuse(_plan()).blocks(reuse_buffers=True))
+    assert item.slot is not None
+    light = lightened(item)
+    assert (light.fused64, light.probe, light.slot) == (None, None, None)
+    assert light.shipped.weight.is_meta and light.shipped.bias.is_meta
+    assert light.shipped.weight.shape == item.shipped.weight.shape
+    tensors = [c.weight for c in light.block.branches.convs]
+    assert tensors and all(t.is_meta for t in tensors)
+    assert light.params_before == item.params_before and light.block.name == item.block.name
