@@ -485,3 +485,219 @@ def test_lightened_keeps_no_data() -> None:
     tensors = [c.weight for c in light.block.branches.convs]
     assert tensors and all(t.is_meta for t in tensors)
     assert light.params_before == item.params_before and light.block.name == item.block.name
+
+
+# -- write: a file, streamed (.safetensors) or saved (.pt) -------------------------------------------
+
+def _source_file(tmp_path: Path) -> tuple[Path, OrderedDict]:
+    state = plain_state()
+    path = tmp_path / "train.pt"
+    torch.save(state, path)
+    return path, state
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_file_output_is_the_in_memory_conversion(tmp_path: Path, suffix: str) -> None:
+    from repvgg_cli.api import convert_file
+    from repvgg_cli.io.metadata import tensor_sha256
+    from repvgg_cli.io.read import load_checkpoint
+    source, state = _source_file(tmp_path)
+    memory = convert_state_dict(state, ConvertOptions(bn_eps=1e-5))
+    calls: list = []
+
+    def progress(total: int):
+        calls.append(total)
+        return None, calls.append
+
+    out = tmp_path / ("deploy" + suffix)
+    outcome = convert_file(source, out, ConvertOptions(bn_eps=1e-5), progress=progress)
+    assert outcome.written and outcome.result.written and outcome.result.ok
+    assert calls == [2, "features.0", "features.2"]
+    loaded = load_checkpoint(out)
+    assert sorted(loaded.state_dict) == sorted(memory.state_dict)
+    for key, tensor in memory.state_dict.items():
+        assert loaded.state_dict[key].dtype == tensor.dtype and torch.equal(loaded.state_dict[key], tensor), key
+    meta = loaded.metadata
+    assert meta["mode"] == "key tree" and meta["dropped_keys"] == []
+    assert meta["source"] == {"name": "train.pt", "sha256": outcome.loaded.sha256, "entry": None,
+                              "stripped_prefixes": []}
+    assert [b["name"] for b in meta["blocks"]] == ["features.0", "features.2"]
+    records = [block_record(r, 0) for r in memory.blocks]
+    for got, want in zip(meta["blocks"], records):
+        assert {k: v for k, v in got.items() if k != "probe"} == {k: v for k, v in want.items() if k != "probe"}
+        assert got["probe"]["seed"] == want["probe"]["seed"] and got["probe"]["shape"] == want["probe"]["shape"]
+    assert meta["tensors"] == {k: tensor_sha256(t) for k, t in memory.state_dict.items()}
+    report = outcome.result.key_diff
+    assert report.diff.unchanged == ("head.weight", "head.bias") and report.cast == ()
+    assert report.proof == ("sha256" if suffix == ".safetensors" else "bytes")
+    assert report.unverified_reason is None and report.balanced
+    assert outcome.result.passthrough_keys == 2
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_failed_check_writes_nothing(tmp_path: Path, suffix: str) -> None:
+    from repvgg_cli.api import convert_file
+    source, _ = _source_file(tmp_path)
+    out = tmp_path / ("deploy" + suffix)
+    outcome = convert_file(source, out, ConvertOptions(bn_eps=1e-5, tolerance=Tolerance(rtol=0.0, atol=0.0)))
+    assert not outcome.written and not outcome.result.ok and not out.exists()
+    assert [r.block.name for r in outcome.result.failures] == ["features.0", "features.2"]
+    assert list(tmp_path.iterdir()) == [source]
+    report = outcome.result.key_diff
+    if suffix == ".safetensors":  # nothing was written: the streamed keys have no data to compare
+        assert report.diff.unverified == ("head.weight", "head.bias")
+        assert report.unverified_reason == "the output holds no data to compare (it was not written)"
+
+
+def test_streamed_cast_proven_by_digest(tmp_path: Path) -> None:
+    from repvgg_cli.api import convert_file
+    from repvgg_cli.io.read import load_checkpoint
+    source, state = _source_file(tmp_path)
+    out = tmp_path / "deploy.safetensors"
+    outcome = convert_file(source, out, ConvertOptions(bn_eps=1e-5, dtype="float16"))
+    report = outcome.result.key_diff
+    assert report.proof == "sha256" and [c.key for c in report.cast] == ["head.weight", "head.bias"]
+    assert report.diff.changed == () and report.diff.unchanged == ()
+    loaded = load_checkpoint(out)
+    assert {t.dtype for t in loaded.state_dict.values()} == {torch.float16}
+    assert torch.equal(loaded.state_dict["head.weight"], state["head.weight"].half())
+
+
+def test_output_budget_through_the_api(tmp_path: Path) -> None:
+    from repvgg_cli.api import convert_file
+    source, _ = _source_file(tmp_path)
+    with pytest.raises(InputError) as caught:
+        convert_file(source, tmp_path / "o.safetensors", ConvertOptions(bn_eps=1e-5, max_output_bytes=100))
+    assert caught.value.message.startswith(f"{source}: the output would hold 3,000 bytes of tensors, more than the "
+                                           "100 allowed (max_output_bytes=...); the largest tensor is ")
+    assert caught.value.hint == ("if that is intended, pass max_output_bytes=... with a larger limit, or write a .pt "
+                                 "output, which keeps shared storage shared")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+# -- fuse: one block, its chunks, its buffer -------------------------------------------------------
+
+def test_in_block() -> None:
+    from repvgg_cli.pipeline.fuse import in_block
+    error = in_block(UnsupportedError("bad", "a hint"), "s.0")
+    assert type(error) is UnsupportedError and (error.message, error.hint) == ("block s.0: bad", "a hint")
+    assert in_block(InputError("x"), "").message == "block <root>: x"
+    assert in_block(InputError("block a: x"), "b").message == "block a: x"
+
+
+def test_params_of() -> None:
+    from repvgg_cli.pipeline.fuse import params_of
+    state = plain_state()
+    plan = _plan(OrderedDict(state))
+    # features.2: 3x3 conv 144 + 1x1 conv 16 + three BNs' weight and bias 24; BN statistics are not parameters
+    assert [params_of(b, state) for b in plan.blocks] == [3 * 4 * 9 + 3 * 4 + 16, 184]
+    assert [params_of(b, None) for b in plan.blocks] == [3 * 4 * 9 + 3 * 4 + 16, 184]
+
+
+def test_fuse_one_hands_chunks_to_the_sink() -> None:
+    from concurrent.futures import Future
+    from repvgg_cli.pipeline.fuse import fuse_one
+    block = _plan().blocks[1]
+    rows: list = []
+
+    def sink(start, stop, chunk):
+        rows.append((start, stop, chunk.clone()))
+        future = Future()
+        future.set_result(None)
+        return future
+
+    busy: list = []
+    shipped, fused64, probe = fuse_one(block, 0, sink=sink, busy=busy)
+    assert fused64 is None and probe is not None
+    assert rows and rows[0][0] == 0 and rows[-1][1] == 4 and len(busy) == len(rows)
+    assert torch.equal(torch.cat([r[2] for r in rows]), shipped.weight)
+    plain, _, _ = fuse_one(block, 0)
+    assert torch.equal(plain.weight, shipped.weight) and torch.equal(plain.bias, shipped.bias)
+    half = replace(block, dtype=torch.float16)
+    rows.clear()
+    busy.clear()
+    shipped16, fused64, probe = fuse_one(half, 0, sink=sink, busy=busy)
+    assert probe is None and fused64.weight.dtype == torch.float64 and shipped16.weight.dtype == torch.float16
+    assert torch.equal(shipped16.weight, fused64.weight.half()) and torch.equal(fused64.weight, plain.weight)
+    assert [(a, b) for a, b, _ in rows] == [(0, 4)] and len(busy) == 1
+    assert torch.equal(rows[0][2], shipped16.weight)
+
+
+def test_slot_take_waits_for_its_writes() -> None:
+    from concurrent.futures import Future
+    from repvgg_cli.pipeline.fuse import Slot
+    slot = Slot(torch.arange(10.0))
+    done = Future()
+    done.set_result(1)
+    slot.busy.append(done)
+    view = slot.take((2, 3))
+    assert slot.busy == [] and view.shape == (2, 3) and torch.equal(view.flatten(), torch.arange(6.0))
+    assert view.data_ptr() == slot.tensor.data_ptr()
+
+
+def test_key_tree_owned_source_frees_block_keys() -> None:
+    plan = _plan()
+    plan.source.owned = True
+    state = plan.source.state
+    items = list(fuse(plan).blocks())
+    assert [i.block.name for i in items] == ["features.0", "features.2"] and plan.blocks == []
+    assert list(state) == ["head.weight", "head.bias"]
+    assert [i.slot for i in items] == [None, None]
+    kept = _plan()
+    list(fuse(kept).blocks())
+    assert len(kept.source.state) == 31  # not owned: the caller's tensors stay
+
+
+def test_half_blocks_get_no_buffer() -> None:
+    plan = _plan(dtype="float16")
+    items = list(fuse(plan).blocks(reuse_buffers=True))
+    assert [i.slot for i in items] == [None, None]
+    assert [i.shipped.weight.dtype for i in items] == [torch.float16] * 2
+
+
+# -- module tree --------------------------------------------------------------------------------------
+
+class _Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+    def forward_fuse(self, x):
+        return self.conv(x)
+
+
+def test_conv_bn_pairs_folded_in_the_module_tree() -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(OrderedDict(stem=nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)),
+                                      block=PlainNet((4, 4), (1,), num_classes=2).features[0], head=_Head()))
+    randomize_bn(model)
+    model = model.double().eval()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+    result = reparameterize(model, ConvertOptions(fuse_conv_bn=True, input_shape=(1, 3, 6, 6)))
+    assert [(r.block.name, r.block.family) for r in result.blocks] == [
+        ("block", "plain"), ("stem.0", "conv+bn"), ("head.conv", "conv+bn")]
+    deploy = result.model
+    assert isinstance(deploy.stem[1], nn.Identity) and not hasattr(deploy.head, "bn")
+    assert deploy.head.forward == deploy.head.forward_fuse
+    with torch.no_grad():
+        got = deploy(x)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
+    assert result.model_check.ok and result.model_check.outputs == 1
+    assert [r.params_before for r in result.blocks][1:] == [3 * 4 * 9 + 4 + 8, 16 + 4 + 8]
+    assert [r.params_after for r in result.blocks][1:] == [3 * 4 * 9 + 4, 16 + 4]
+    plain = reparameterize(model)
+    assert [r.block.name for r in plain.blocks] == ["block"]
+
+
+def test_module_tree_half_cast_last() -> None:
+    torch.manual_seed(6)
+    model = randomize_bn(PlainNet((3, 4, 4), (1, 1), num_classes=2)).eval()
+    result = reparameterize(model, ConvertOptions(dtype="float16", input_shape=(1, 3, 6, 6)))
+    assert {p.dtype for p in result.model.parameters()} == {torch.float16}
+    assert [r.fused.weight.dtype for r in result.blocks] == [torch.float32, torch.float32]
+    assert {v.dtype for v in result.state_dict.values()} == {torch.float16}
