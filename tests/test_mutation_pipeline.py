@@ -701,3 +701,91 @@ def test_module_tree_half_cast_last() -> None:
     assert {p.dtype for p in result.model.parameters()} == {torch.float16}
     assert [r.fused.weight.dtype for r in result.blocks] == [torch.float32, torch.float32]
     assert {v.dtype for v in result.state_dict.values()} == {torch.float16}
+
+
+# -- find: the plan of a state dict, and its refusals ---------------------------------------------
+
+def _repvgg_state() -> OrderedDict:
+    from tests import zoo
+    torch.manual_seed(7)
+    return OrderedDict(zoo.randomize_bn(zoo.repvgg("tiny")).state_dict())
+
+
+def _refusal(state, options=None, source=None):
+    with pytest.raises((InputError, UnsupportedError)) as caught:
+        find(source or read_state(state), options or ConvertOptions())
+    return type(caught.value).__name__, caught.value.message, caught.value.hint
+
+
+def test_plan_of_a_state_dict() -> None:
+    state = _repvgg_state()
+    state["stage1_aux.0.weight"] = torch.zeros(2)  # a RepVGGplus aux head: training only
+    state["linear.extra"] = torch.zeros(1)
+    plan = find(read_state(state), ConvertOptions(dtype="float16"))
+    assert plan.keys == list(state) and plan.mode == "key tree"
+    assert plan.dropped == ("stage1_aux.0.weight",)
+    assert plan.passthrough == ["linear.weight", "linear.bias", "linear.extra"]
+    assert [b.name for b in plan.blocks][:3] == ["stage0", "stage1.0", "stage2.0"] and len(plan.blocks) == 7
+    assert {b.dtype for b in plan.blocks} == {torch.float16}
+    assert plan.unrecognised == () and plan.modules == [] and plan.pairs == []
+    assert {b.dtype for b in find(read_state(state), ConvertOptions()).blocks} == {torch.float32}
+
+
+def test_half_converted_checkpoint_refused() -> None:
+    for suffix in ("weight", "bias"):
+        state = _repvgg_state()
+        state[f"stage1.0.rbr_reparam.{suffix}"] = torch.zeros(1)
+        assert _refusal(state) == ("UnsupportedError", f"block stage1.0: the file already has the deploy key "
+                                   f"stage1.0.rbr_reparam.{suffix} next to the train-form branches "
+                                   "(a half-converted checkpoint?)", None)
+    root = OrderedDict((k.removeprefix("stage0."), v) for k, v in _repvgg_state().items() if k.startswith("stage0."))
+    root["rbr_reparam.weight"] = torch.zeros(1)
+    assert _refusal(root)[1] == ("block <root>: the file already has the deploy key rbr_reparam.weight next to the "
+                                 "train-form branches (a half-converted checkpoint?)")
+
+
+def test_nothing_to_fuse() -> None:
+    from tests import zoo
+    deploy = zoo.repvgg("tiny", deploy=True).state_dict()
+    assert _refusal(deploy) == (
+        "InputError", "no train-form block found: the checkpoint is already in deploy form (14 deploy-form block(s) "
+        "of official, orepa_repvgg, e.g. stage0); there is nothing to fuse",
+        "`repvgg families` lists the blocks that can be fused")
+    assert _refusal({"a.weight": torch.zeros(2), "b": torch.zeros(1)}) == (
+        "InputError", "no re-parameterizable block found among its 2 keys: no family knows these layers",
+        "`repvgg families` lists the blocks that can be fused")
+    written = SimpleNamespace(metadata={"blocks": []})
+    from repvgg_cli.pipeline.read import Source
+    assert _refusal(None, source=Source(state=OrderedDict(deploy), loaded=written)) == (
+        "InputError", "no train-form block found: the file carries repvgg_cli deploy metadata, it is a deploy "
+        "checkpoint repvgg convert wrote; there is nothing to fuse", "check it with `repvgg verify`")
+    other = Source(state=OrderedDict(a=torch.zeros(1)), loaded=SimpleNamespace(metadata={"blocks": None}))
+    assert _refusal(None, source=other)[1] == ("no re-parameterizable block found among its 1 keys: no family "
+                                               "knows these layers")
+
+
+def test_unclaimed_branches_refused_or_passed_through() -> None:
+    state = _repvgg_state()
+    for i in range(5):
+        state[f"x{i}.rbr_dense.conv.weight"] = torch.zeros(2, 2, 3, 3)
+    kind, message, hint = _refusal(state)
+    assert (kind, message) == ("InputError", "5 group(s) of keys look like re-parameterization branches that no "
+                               "family claims: x0 (branch-like keys rbr_dense); x1 (branch-like keys rbr_dense); "
+                               "x2 (branch-like keys rbr_dense) and 2 more; they would pass through unfused")
+    assert hint == ("if they are meant to stay as they are, pass --passthrough 'x0*' (repeatable); "
+                    "`repvgg families` lists what can be fused")
+    three = OrderedDict((k, v) for k, v in state.items() if not k.startswith(("x3", "x4")))
+    assert _refusal(three)[1].endswith("x2 (branch-like keys rbr_dense); they would pass through unfused")
+    plan = find(read_state(state), ConvertOptions(passthrough=("x*",)))
+    assert plan.passthrough[-5:] == [f"x{i}.rbr_dense.conv.weight" for i in range(5)]
+
+
+def test_a_model_with_nothing_to_fuse() -> None:
+    from repvgg_cli.pipeline.read import read_model
+    model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1))
+    kind, message, hint = _refusal(None, source=read_model(model))
+    assert (kind, message) == ("InputError", "the model (Sequential) has no block any family knows: nothing to fuse")
+    assert hint == ("`repvgg families` lists the blocks that can be fused; with --fuse-conv-bn, conv→BN pairs are "
+                    "folded too")
+    plan = find(read_model(model), ConvertOptions(fuse_conv_bn=True))
+    assert [p.name for p in plan.pairs] == ["0"] and plan.modules == [] and plan.mode == "module tree"
