@@ -789,3 +789,120 @@ def test_a_model_with_nothing_to_fuse() -> None:
                     "folded too")
     plan = find(read_model(model), ConvertOptions(fuse_conv_bn=True))
     assert [p.name for p in plan.pairs] == ["0"] and plan.modules == [] and plan.mode == "module tree"
+
+
+# -- the API: verify_file, argument checks, whose words --------------------------------------------
+
+def _deploy_file(tmp_path: Path, suffix: str = ".safetensors", **options) -> tuple[Path, Path]:
+    from repvgg_cli.api import convert_file
+    source, _ = _source_file(tmp_path)
+    out = tmp_path / ("deploy" + suffix)
+    assert convert_file(source, out, ConvertOptions(bn_eps=1e-5, **options)).written
+    return source, out
+
+
+def test_verify_file_on_its_own_and_against_the_source(tmp_path: Path) -> None:
+    from repvgg_cli.api import verify_file
+    source, out = _deploy_file(tmp_path)
+    alone = verify_file(out)
+    assert alone.ok and alone.against is None and alone.model_check is None and alone.notes == ()
+    assert [b.name for b in alone.blocks] == ["features.0", "features.2"]
+    against = verify_file(out, against=source, bn_eps=1e-5)
+    assert against.ok and against.against == str(source) and against.model_check is None and against.notes == ()
+    assert [b.name for b in against.blocks] == ["features.0", "features.2"]
+    other = verify_file(out, against=source, bn_eps=1e-3)  # eps from the caller, not from the file
+    assert not other.ok and [b.name for b in other.failures] == ["features.0", "features.2"]
+    assert other.notes == ("the file says it was converted with --bn-eps 1e-05" + NOTE_TAIL,)
+    loose = verify_file(out, against=source, bn_eps=1e-3, tolerance=Tolerance(rtol=1.0, atol=1.0))
+    assert loose.ok  # the tolerance given is the one used
+    via_options = verify_file(out, against=source, options=ConvertOptions(bn_eps=1e-3))
+    assert not via_options.ok
+    assert verify_file(out, against=source, options=ConvertOptions(bn_eps=1e-3), bn_eps=1e-5).ok  # bn_eps wins
+
+
+def test_verify_file_without_metadata(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+    from repvgg_cli.api import verify_file
+    from repvgg_cli.io.metadata import METADATA_KEY
+    bare = tmp_path / "bare.safetensors"
+    save_file({"w": torch.zeros(2)}, str(bare))
+    with pytest.raises(InputError) as caught:
+        verify_file(bare)
+    assert caught.value.message == f"{bare} has no repvgg_cli metadata, so it cannot be checked on its own"
+    assert caught.value.hint == "pass against=TRAIN to recompute from the train-form source"
+    bad = tmp_path / "bad.safetensors"
+    save_file({"w": torch.zeros(2)}, str(bad), metadata={METADATA_KEY: '{"blocks": [], "dropped_keys": 3}'})
+    with pytest.raises(InputError) as caught:
+        verify_file(bad)
+    assert caught.value.message == f"{bad}: its repvgg_cli metadata is malformed: dropped_keys is a int 3, not a list of strings"
+    assert caught.value.hint == ("the file was changed after repvgg convert wrote it; convert the train-form source "
+                                 "again")
+
+
+def test_verify_file_compares_pickled_models(tmp_path: Path) -> None:
+    from repvgg_cli.api import convert_file, verify_file
+    torch.manual_seed(8)
+    model = randomize_bn(PlainNet((3, 4, 4), (1, 1), num_classes=2)).eval()
+    source = tmp_path / "model.pt"
+    torch.save(model, source)
+    out = tmp_path / "deploy.pt"
+    assert convert_file(source, out, ConvertOptions(input_shape=(1, 3, 6, 6)), allow_pickle=True).written
+    report = verify_file(out, against=source, allow_pickle=True, input_shape=(1, 3, 5, 5))
+    assert report.ok and report.model_check is not None
+    check_ = report.model_check
+    assert (check_.input_shape, check_.dtype, check_.outputs, check_.problem) == ((1, 3, 5, 5), "float64", 1, None)
+    inferred = verify_file(out, against=source, allow_pickle=True).model_check
+    assert inferred.input_shape == (2, 3, 64, 64)
+
+
+def test_options_and_eps_checked() -> None:
+    from repvgg_cli.api import verify_file
+    with pytest.raises(InputError) as caught:
+        convert_state_dict(plain_state(), {"bn_eps": 1e-5})  # type: ignore[arg-type]
+    assert caught.value.message == "options must be a ConvertOptions, not a dict"
+    assert api._checked_options(None) == ConvertOptions()
+    given = ConvertOptions(seed=3)
+    assert api._checked_options(given) is given
+    for eps in (0, 0.0, 1e-5, 2):
+        api._checked_eps(eps)  # zero and ints are fine
+    api._checked_eps(None)
+    for eps in (-1e-9, float("nan"), float("-inf"), False, "0.1", None.__class__):
+        with pytest.raises(InputError) as caught:
+            api._checked_eps(eps)
+        assert caught.value.message == f"--bn-eps {eps!r}: BatchNorm eps must be a finite number >= 0"
+        assert caught.value.hint == "leave it out to use the family's default (1e-5; YOLO families 1e-3)"
+    with pytest.raises(InputError) as caught:
+        verify_file("nowhere.safetensors", bn_eps=-2.0)
+    assert caught.value.message == "bn_eps=-2.0: BatchNorm eps must be a finite number >= 0"
+    assert caught.value.hint == "leave it out to use the family's default (1e-5; YOLO families 1e-3)"
+
+
+def test_whose_words() -> None:
+    assert api._called_from_repvgg_cli(SimpleNamespace(f_globals={"__name__": "repvgg_cli"}))
+    assert api._called_from_repvgg_cli(SimpleNamespace(f_globals={"__name__": "repvgg_cli.cli.convert"}))
+    assert not api._called_from_repvgg_cli(SimpleNamespace(f_globals={"__name__": "repvgg_cli_extra"}))
+    assert not api._called_from_repvgg_cli(SimpleNamespace(f_globals={"__name__": None}))
+    assert not api._called_from_repvgg_cli(object())
+    caller = {"__name__": "repvgg_cli.batch", "convert_state_dict": convert_state_dict,
+              "ConvertOptions": ConvertOptions, "state": plain_state()}
+    with pytest.raises(InputError) as caught:
+        exec("convert_state_dict(state, ConvertOptions(bn_eps=-1.0))", caller)
+    assert caught.value.message == "--bn-eps -1.0: BatchNorm eps must be a finite number >= 0"
+    assert caught.value.args == (caught.value.message,) or caught.value.args[0] == caught.value.message
+    with pytest.raises(InputError) as caught:
+        convert_state_dict(plain_state(), ConvertOptions(bn_eps=-1.0))
+    assert caught.value.args[0] == "bn_eps=-1.0: BatchNorm eps must be a finite number >= 0"
+    assert str(caught.value).startswith("bn_eps=-1.0: BatchNorm eps")
+
+
+def test_errors_name_the_file_once() -> None:
+    with pytest.raises(InputError) as caught:
+        with api.errors_name(Path("a/b.pt")):
+            raise InputError("bad block", "a hint")
+    assert (caught.value.message, caught.value.hint) == ("a/b.pt: bad block", "a hint")
+    with pytest.raises(UnsupportedError) as caught:
+        with api.errors_name(Path("a/b.pt")):
+            raise UnsupportedError("in a/b.pt: bad")
+    assert caught.value.message == "in a/b.pt: bad"
+    with api.errors_name(Path("x")):
+        pass
