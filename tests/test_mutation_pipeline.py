@@ -906,3 +906,56 @@ def test_errors_name_the_file_once() -> None:
     assert caught.value.message == "in a/b.pt: bad"
     with api.errors_name(Path("x")):
         pass
+
+
+# -- check: eps sensitivity; report: the module tree's key diff --------------------------------------
+
+def test_eps_sensitivity_only_where_nobody_decided_eps() -> None:
+    from repvgg_cli.checks.probe import eps_sensitivity
+    result = convert_state_dict(plain_state(), ConvertOptions(seed=3))
+    plan = find(read_state(plain_state()), ConvertOptions())
+    want = [eps_sensitivity(b.name, b.branches, 3, None) for b in plan.blocks]
+    got = [r.eps_sensitivity for r in result.blocks]
+    assert [r.block.eps_source for r in result.blocks] == ["default", "default"]
+    assert got == pytest.approx(want, rel=1e-9) and all(g > 1e-4 for g in got)
+    assert got != pytest.approx([eps_sensitivity(b.name, b.branches, 0, None) for b in plan.blocks], rel=1e-6)
+    assert result.eps_sensitive == tuple((r.block.name, r.eps_sensitivity) for r in result.blocks)
+    decided = convert_state_dict(plain_state(), ConvertOptions(bn_eps=1e-5, seed=3))
+    assert [r.eps_sensitivity for r in decided.blocks] == [None, None] and decided.eps_sensitive == ()
+    loose = convert_state_dict(plain_state(), ConvertOptions(seed=3, tolerance=Tolerance(rtol=1e-3)))
+    assert [name for name, _ in loose.eps_sensitive] == ["features.2"]  # only beyond the block's rtol
+
+
+def test_module_tree_key_diff_with_conv_bn_pairs() -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(OrderedDict(stem=nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)),
+                                      block=PlainNet((4, 4), (1,), num_classes=2).features[0], head=_Head()))
+    model = randomize_bn(model).double().eval()
+    result = reparameterize(model, ConvertOptions(fuse_conv_bn=True, input_shape=(1, 3, 6, 6)))
+    report = result.key_diff
+    blocks = {b.name: ([e.key for e in b.removed], [e.key for e in b.added]) for b in report.diff.blocks}
+    stats = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    assert blocks["stem.0"] == (["stem.0.weight", "stem.0.bias"] + [f"stem.1.{s}" for s in stats],
+                                ["stem.0.weight", "stem.0.bias"])
+    assert blocks["head.conv"] == (["head.conv.weight", "head.conv.bias"] + [f"head.bn.{s}" for s in stats],
+                                   ["head.conv.weight", "head.conv.bias"])
+    assert blocks["block"][1] == ["block.weight", "block.bias"] and len(blocks["block"][0]) == 17
+    t = report.totals
+    assert (t["removed"], t["added"], t["unchanged"], t["dropped"], t["source_keys"], t["output_keys"]) == (
+        31, 6, 0, 0, 31, 6)
+    assert report.balanced and result.passthrough_keys == 0 and result.mode == "module tree"
+    assert result.unrecognised == ()
+
+
+def test_module_tree_keeps_keys_outside_blocks() -> None:
+    torch.manual_seed(9)
+    model = randomize_bn(PlainNet((3, 4, 4), (1, 1), num_classes=2)).double().eval()
+    result = reparameterize(model, ConvertOptions(input_shape=(1, 3, 6, 6)))
+    report = result.key_diff
+    assert report.diff.unchanged == ("head.weight", "head.bias") and report.proof == "bytes"
+    assert list(result.state_dict) == ["features.0.weight", "features.0.bias", "features.2.weight",
+                                       "features.2.bias", "head.weight", "head.bias"]
+    assert torch.equal(result.state_dict["head.weight"], model.head.weight)
+    assert [r.block.name for r in result.blocks] == ["features.0", "features.2"]
+    assert [(r.params_before, r.params_after) for r in result.blocks] == [(3 * 4 * 9 + 12 + 16, 3 * 4 * 9 + 4),
+                                                                          (184, 148)]
