@@ -531,7 +531,13 @@ def test_file_output_is_the_in_memory_conversion(tmp_path: Path, suffix: str) ->
     assert report.diff.unchanged == ("head.weight", "head.bias") and report.cast == ()
     assert report.proof == ("sha256" if suffix == ".safetensors" else "bytes")
     assert report.unverified_reason is None and report.balanced
+    t = report.totals
+    assert (t["removed"], t["added"], t["unchanged"], t["source_keys"], t["output_keys"]) == (29, 4, 2, 31, 6)
+    removed = {b.name: [e.key for e in b.removed] for b in report.diff.blocks}
+    assert removed["features.2"][:3] == ["features.2.conv3x3.weight", "features.2.bn3x3.weight",
+                                         "features.2.bn3x3.bias"]  # in the source's order
     assert outcome.result.passthrough_keys == 2
+    assert outcome.result.options == ConvertOptions(bn_eps=1e-5)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
@@ -928,11 +934,15 @@ def test_eps_sensitivity_only_where_nobody_decided_eps() -> None:
 
 def test_module_tree_key_diff_with_conv_bn_pairs() -> None:
     torch.manual_seed(5)
-    model = nn.Sequential(OrderedDict(stem=nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)),
+    model = nn.Sequential(OrderedDict(stem=nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
+                                                         nn.Conv2d(4, 4, 1)),
                                       block=PlainNet((4, 4), (1,), num_classes=2).features[0], head=_Head()))
     model = randomize_bn(model).double().eval()
-    result = reparameterize(model, ConvertOptions(fuse_conv_bn=True, input_shape=(1, 3, 6, 6)))
+    options = ConvertOptions(fuse_conv_bn=True, input_shape=(1, 3, 6, 6))
+    result = reparameterize(model, options)
+    assert result.options is options
     report = result.key_diff
+    assert report.diff.unchanged == ("stem.2.weight", "stem.2.bias")  # the owner's other child is not the pair's
     blocks = {b.name: ([e.key for e in b.removed], [e.key for e in b.added]) for b in report.diff.blocks}
     stats = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
     assert blocks["stem.0"] == (["stem.0.weight", "stem.0.bias"] + [f"stem.1.{s}" for s in stats],
@@ -942,7 +952,7 @@ def test_module_tree_key_diff_with_conv_bn_pairs() -> None:
     assert blocks["block"][1] == ["block.weight", "block.bias"] and len(blocks["block"][0]) == 17
     t = report.totals
     assert (t["removed"], t["added"], t["unchanged"], t["dropped"], t["source_keys"], t["output_keys"]) == (
-        31, 6, 0, 0, 31, 6)
+        31, 6, 2, 0, 33, 8)
     assert report.balanced and result.passthrough_keys == 0 and result.mode == "module tree"
     assert result.unrecognised == ()
 
@@ -959,3 +969,21 @@ def test_module_tree_keeps_keys_outside_blocks() -> None:
     assert [r.block.name for r in result.blocks] == ["features.0", "features.2"]
     assert [(r.params_before, r.params_after) for r in result.blocks] == [(3 * 4 * 9 + 12 + 16, 3 * 4 * 9 + 4),
                                                                           (184, 148)]
+
+
+def test_conversion_result_defaults() -> None:
+    from repvgg_cli.pipeline.report import ConversionResult
+    r = ConversionResult("key tree", OrderedDict(), ())
+    assert (r.model, r.dropped_keys, r.passthrough_keys, r.model_check, r.notes, r.unrecognised, r.written,
+            r.key_diff) == (None, (), 0, None, (), (), False, None)
+    assert r.options == ConvertOptions() and r.written is False
+    assert r.ok and r.failures == () and r.params_before == 0 and r.params_after == 0
+
+
+def test_module_tree_block_records_know_stride_and_groups() -> None:
+    torch.manual_seed(10)
+    model = randomize_bn(PlainNet((3, 4, 4), (2, 1), num_classes=2)).double().eval()
+    result = reparameterize(model, ConvertOptions(input_shape=(1, 3, 6, 6)))
+    records = [block_record(r, 0) for r in result.blocks]
+    assert [(r["stride"], r["groups"], r["in_channels"]) for r in records] == [([2, 2], 1, 3), ([1, 1], 1, 4)]
+    assert [r["eps_source"] for r in records] == [result.blocks[0].block.eps_source] * 2
