@@ -1401,3 +1401,201 @@ def test_regrouped_writes_a_conv_with_fewer_groups() -> None:
         close(conv_fwd(x, maps.evaluate(wide)), F.conv2d(x, weight, padding=value.padding, groups=fine))
     with raises(UnsupportedError, "a conv with 3 groups cannot be written with 2"):
         compose.regrouped(maps.conv(randn(6, 2, 1, 1), groups=3), 2)
+
+
+# -- second pass: what the first left loose ---------------------------------------------------
+
+
+def test_grouped_skips_groups_that_do_not_divide_both_sides_and_returns_the_kernel_itself() -> None:
+    # 3 outputs, 4 inputs: 3 groups divide the outputs only; the diagonal pattern must not pass for them
+    dense = torch.zeros(3, 4, 1, 1, dtype=F64)
+    for g in range(3):
+        dense[g, g] = 1.0 + g
+    weight, groups = compose._grouped(dense, (3, 1))
+    assert groups == 1 and weight is dense
+    weight, groups = compose._grouped(dense.transpose(0, 1).contiguous(), (3,))  # 4 outputs, 3 inputs
+    assert groups == 1
+    upper = torch.ones(4, 4, 1, 1, dtype=F64)
+    weight, groups = compose._grouped(upper, (2, 1))
+    assert groups == 1 and weight is upper
+
+
+def test_compose_kernels_of_a_1x1_is_the_product_at_each_tap() -> None:
+    """A 1x1 kernel composes as a product over the middle channels, tap by tap (no border of zeros is
+    convolved in: an Inf in the other kernel stays at its own tap)."""
+    w1, w2 = randn(4, 3, 1, 1), randn(5, 4, 3, 3, seed=1)
+    w2[0, 0, 0, 0] = float("inf")
+    composed = compose._compose_kernels(w1, w2)
+    assert torch.isfinite(composed[0, :, 1:, :]).all() and torch.isfinite(composed[1:]).all()
+    w1, w2 = randn(4, 3, 3, 3), randn(5, 4, 1, 1, seed=1)
+    w1[0, 0, 0, 0] = float("inf")
+    composed = compose._compose_kernels(w1, w2)
+    assert torch.isfinite(composed[:, 1:]).all() and torch.isfinite(composed[:, 0, 1:]).all()
+
+
+def test_compose_kernels_with_kernels_of_size_2() -> None:
+    x = randn(1, 3, 7, 7, seed=1)
+    for k1, k2 in (((2, 1), (3, 3)), ((1, 2), (3, 3)), ((3, 3), (2, 1)), ((3, 3), (1, 2)), ((1, 1), (2, 2))):
+        w1, w2 = randn(4, 3, *k1, seed=2), randn(5, 4, *k2, seed=3)
+        close(F.conv2d(x, compose._compose_kernels(w1, w2)), F.conv2d(F.conv2d(x, w1), w2))
+
+
+def test_conv_then_conv_with_pad_first_sums_asymmetric_paddings() -> None:
+    w1, b1, w2, b2 = randn(4, 3, 3, 3), randn(4, seed=1), randn(2, 4, 3, 5, seed=2), randn(2, seed=3)
+    first, second = _fc(w1, b1, padding=(1, 0)), _fc(w2, b2, padding=(0, 2))
+    composed = compose.conv_then_conv(first, second, True)
+    assert composed.padding == (1, 2)
+    x = randn(1, 3, 6, 7, seed=4)
+    expected = F.conv2d(F.conv2d(F.pad(x, (2, 2, 1, 1)), w1, b1), w2, b2)
+    close(conv_fwd(x, composed), expected)
+
+
+def test_times_is_float64_whatever_the_operands() -> None:
+    one_d, zero_d = torch.tensor([2.0, 3.0], dtype=torch.float32), torch.tensor(0.5, dtype=torch.float32)
+    for a, b in ((one_d, zero_d), (zero_d, one_d)):
+        product = maps._times(a, b)
+        assert product.dtype == F64 and product.tolist() == [1.0, 1.5]
+
+
+def test_then_identity_after_a_map_keeps_its_terms() -> None:
+    conv = maps.conv(randn(2, 2, 3, 3))
+    after = maps.then(conv, maps.identity())
+    assert after.convs[0] is conv.convs[0]
+    ident = maps.then(maps.identity(2), maps.identity())
+    assert ident.identity == IdentityBranch()
+
+
+def test_then_on_a_composite_per_channel_value_keeps_its_expression() -> None:
+    norm, s = rand_bn(3, seed=1), maps.scale(randn(3, seed=2))
+    value = Branches(convs=(), identity=IdentityBranch(), in_channels=3, composite=True, ops="inner")
+    after = maps.then(value, maps.bn(norm), s)
+    assert after.identity.bn is norm and after.identity.scale is s.identity.scale
+    assert isinstance(after.ops, ThenOp) and after.ops.second.scale is s.identity.scale
+    assert isinstance(after.ops.first, ThenOp) and after.ops.first.first == "inner"
+    assert after.ops.first.second.bn is norm
+
+
+def test_bn_after_a_sum_with_only_one_post_factor() -> None:
+    w3, w1 = randn(3, 3, 3, 3), randn(3, 3, 1, 1, seed=1)
+    norm, norm2, s = rand_bn(3, seed=2), rand_bn(3, seed=3), randn(3, seed=4)
+    x = randn(1, 3, 4, 4, seed=5)
+    y = F.conv2d(x, w3, padding=1) + F.conv2d(x, w1)
+    total = maps.plus(maps.conv(w3), maps.conv(w1))
+    twice = maps.then(maps.then(total, maps.bn(norm)), maps.bn(norm2))
+    close(conv_fwd(x, maps.evaluate(twice)), bn_fwd(bn_fwd(y, norm), norm2))
+    scaled_sum = Branches(convs=total.convs, post_scale=s)
+    normed = maps.then(scaled_sum, maps.bn(norm2))
+    close(conv_fwd(x, maps.evaluate(normed)), bn_fwd(y * per_channel(s), norm2))
+    both = maps.then(total, maps.then(maps.identity(), maps.bn(norm), maps.scale(s)))
+    assert both.post_bn is norm and torch.equal(both.post_scale, s)
+    close(conv_fwd(x, maps.evaluate(both)), bn_fwd(y, norm) * per_channel(s))
+
+
+def test_plus_of_a_materialized_term_keeps_its_geometry_unknown() -> None:
+    w3, w1, norm = randn(3, 3, 3, 3), randn(3, 3, 1, 1, seed=1), rand_bn(3, seed=2)
+    inner = maps.then(maps.plus(maps.conv(w3), maps.conv(w1)), maps.bn(norm))
+    assert not maps.plus(inner, maps.conv(w3, known=True)).geometry_known
+    known = maps.then(maps.plus(maps.conv(w3, known=True), maps.conv(w1, known=True)), maps.bn(norm))
+    assert maps.plus(known, maps.conv(w3, known=True)).geometry_known
+
+
+def test_plus_keeps_the_strides_and_the_first_term_without_convs() -> None:
+    value = maps.plus(maps.conv(randn(2, 2, 3, 3), stride=2), maps.conv(randn(2, 2, 1, 1), stride=2))
+    assert value.stride == (2, 2)
+    zero = Branches(convs=(), padding=(3, 3), padding_mode="reflect", stride=(2, 2))
+    value = maps.plus(maps.identity(2), zero)
+    assert (value.padding, value.padding_mode, value.stride, value.geometry_known) == (None, "zeros", (1, 1), False)
+
+
+def test_plus_regroups_two_groups_and_leaves_the_common_and_unknown_alone() -> None:
+    wd, w2 = randn(4, 1, 3, 3), randn(4, 2, 1, 1, seed=1)
+    common = maps.conv(w2, groups=2)
+    value = maps.plus(maps.conv(wd, groups=4), common, maps.identity())
+    assert value.groups == 2 and value.convs[1] is common.convs[0]
+    assert tuple(value.convs[0].weight.shape) == (4, 2, 3, 3) and value.identity == IdentityBranch()
+    x = randn(1, 4, 4, 4, seed=2)
+    close(conv_fwd(x, maps.evaluate(value)), F.conv2d(x, wd, padding=1, groups=4) + F.conv2d(x, w2, groups=2) + x)
+
+
+def test_plus_spreads_and_regroups_keeping_the_original_expression() -> None:
+    w5, w3 = randn(4, 1, 5, 5), randn(4, 2, 3, 3, seed=1)
+    value = maps.plus(maps.conv(w5, groups=4), maps.conv(w3, dilation=2, groups=2))
+    assert value.groups == 2 and value.composite
+    first, second = value.ops.terms
+    assert first.weight is w5 and first.groups == 4
+    assert second.weight is w3 and second.dilation == (2, 2)
+    x = randn(1, 4, 6, 6, seed=2)
+    close(conv_fwd(x, maps.evaluate(value)),
+          F.conv2d(x, w5, padding=2, groups=4) + F.conv2d(x, w3, padding=2, dilation=2, groups=2))
+
+
+@pytest.mark.parametrize("dilation", [(2, 1), (1, 2)])
+def test_plus_spreads_a_kernel_dilated_in_one_direction(dilation) -> None:
+    w5, w3 = randn(2, 2, 5, 5), randn(2, 2, 3, 3, seed=1)
+    padding = (dilation[0], dilation[1])
+    value = maps.plus(maps.conv(w5, padding=(2, 2)), maps.conv(w3, padding=padding, dilation=dilation))
+    assert [c.dilation for c in value.convs] == [(1, 1), (1, 1)]
+    x = randn(1, 2, 6, 6, seed=2)
+    close(conv_fwd(x, maps.evaluate(value)), F.conv2d(x, w5, padding=2) + F.conv2d(x, w3, padding=padding,
+                                                                                   dilation=dilation))
+
+
+def test_plus_spreads_only_the_terms_with_dilated_convs() -> None:
+    odd = Branches(convs=(ConvBranch(weight=randn(2, 2, 7, 7)),), dilation=(3, 3))  # its own stated geometry
+    value = maps.plus(odd, maps.conv(randn(2, 2, 3, 3, seed=1), dilation=2))
+    assert value.dilation == (3, 3) and value.composite
+
+
+def test_bn_scale_shift_without_running_statistics() -> None:
+    with raises(UnsupportedError, "X has no running statistics"):
+        fbn.bn_scale_shift(BatchNorm(running_mean=None, running_var=torch.ones(2)), 2, "X")
+    with raises(UnsupportedError, "X has no running statistics"):
+        fbn.bn_scale_shift(BatchNorm(running_mean=torch.ones(2), running_var=None), 2, "X")
+
+
+def test_as_float64_brings_tensors_to_the_cpu() -> None:
+    with pytest.raises(NotImplementedError):  # a meta tensor stands in for another device: no data to bring
+        fbn.as_float64(torch.empty(3, device="meta"), "t")
+
+
+def test_identity_kernel_depthwise_and_tall() -> None:
+    assert torch.equal(kernels.identity_kernel(3, 1, (1, 1)), torch.ones(3, 1, 1, 1, dtype=F64))
+    kernel = kernels.identity_kernel(2, 1, (5, 3))
+    expected = torch.zeros(2, 1, 5, 3, dtype=F64)
+    expected[:, 0, 2, 1] = 1.0
+    assert torch.equal(kernel, expected)
+
+
+def test_check_alignment_of_an_identity_with_one_dilated_direction() -> None:
+    for dilation, padding in (((1, 2), (1, 2)), ((2, 1), (2, 1))):
+        value = branches(conv_term(2, 2, 3, 3, dilation=dilation), identity=IdentityBranch(), dilation=dilation)
+        assert value.resolved_padding == padding
+        kernels.check_alignment(value, (3, 3))
+
+
+def test_an_even_difference_is_refused_as_not_centred_not_as_misaligned() -> None:
+    value = branches(conv_term(2, 2, 3, 3), conv_term(2, 2, 2, 2, padding=(1, 1)))
+    kernels.check_alignment(value, (3, 3))
+    with raises(UnsupportedError, "a 2x2 kernel cannot be centred in a 3x3 kernel"):
+        fsum.fuse_branches(value)
+
+
+def test_fused_weight_shape_refuses_two_per_group_widths() -> None:
+    with raises(UnsupportedError, "branches disagree on input channels per group: [1, 2]"):
+        fsum.fused_weight_shape(branches(conv_term(4, 2, 3, 3), conv_term(4, 1, 1, 1)))
+
+
+def test_fuse_branches_with_a_post_scale_alone() -> None:
+    w, s = randn(3, 3, 3, 3), randn(3, seed=1)
+    fused = fsum.fuse_branches(branches(ConvBranch(weight=w, bias=randn(3, seed=2)), post_scale=s))
+    x = randn(1, 3, 4, 4, seed=3)
+    close(conv_fwd(x, fused), F.conv2d(x, w, randn(3, seed=2), padding=1) * per_channel(s))
+
+
+@pytest.mark.parametrize("kernel", [(3, 5), (5, 3)])
+def test_fuse_branches_identity_in_a_non_square_kernel(kernel) -> None:
+    w, norm = randn(3, 3, *kernel), rand_bn(3, seed=1)
+    fused = fsum.fuse_branches(branches(ConvBranch(weight=w), identity=IdentityBranch(bn=norm)), rows_per_chunk=2)
+    x = randn(1, 3, 6, 6, seed=2)
+    padding = (kernel[0] // 2, kernel[1] // 2)
+    close(conv_fwd(x, fused), F.conv2d(x, w, padding=padding) + bn_fwd(x, norm))
