@@ -987,3 +987,40 @@ def test_module_tree_block_records_know_stride_and_groups() -> None:
     records = [block_record(r, 0) for r in result.blocks]
     assert [(r["stride"], r["groups"], r["in_channels"]) for r in records] == [([2, 2], 1, 3), ([1, 1], 1, 4)]
     assert [r["eps_source"] for r in records] == [result.blocks[0].block.eps_source] * 2
+
+
+def test_streamed_reshaped_weights_are_written_before_their_buffer_is_refilled(tmp_path: Path, monkeypatch) -> None:
+    """A block whose deploy weight is a reshape of the fused one is not streamed row by row: it is put
+    whole from the reused buffer, and that write must be waited for before the buffer is refilled."""
+    from repvgg_cli.io.read import load_checkpoint
+    from repvgg_cli.io.safetensors_file import SafetensorsStream
+    from repvgg_cli.pipeline import fuse as fuse_stage
+    torch.manual_seed(11)
+    state = OrderedDict(randomize_bn(PlainNet((3, 4, 4, 4), (1, 1, 1), num_classes=2)).double().state_dict())
+    plan = find(read_state(state), ConvertOptions(bn_eps=1e-5))
+    plan.blocks = [replace(b, weight_shape=(4, b.branches.convs[0].weight[0].numel())) for b in plan.blocks]
+    puts: dict = {}
+    real_put = SafetensorsStream.put
+
+    def put(self, key, tensor):
+        puts[key] = real_put(self, key, tensor)
+        return puts[key]
+
+    waited: list = []
+    real_take = fuse_stage.Slot.take
+
+    def take(self, shape):
+        waited.append(list(self.busy))
+        return real_take(self, shape)
+
+    monkeypatch.setattr(SafetensorsStream, "put", put)
+    monkeypatch.setattr(fuse_stage.Slot, "take", take)
+    loaded = SimpleNamespace(path=Path("train.pt"), sha256="00", entry=None, stripped_prefixes=(), file_size=10**6,
+                             data_bytes=None)
+    out = tmp_path / "deploy.safetensors"
+    written = write_stage.write(check(fuse(plan)), File(out, loaded))
+    assert written.written
+    assert len(waited) == 3 and waited[0] == [] and waited[1] == []
+    assert puts["features.0.weight"] in waited[2]  # the first block's buffer, refilled for the third
+    saved = load_checkpoint(out).state_dict
+    assert saved["features.0.weight"].shape == (4, 27) and saved["features.4.weight"].shape == (4, 36)
