@@ -216,6 +216,8 @@ def test_streamed_blocks_hold_their_buffer() -> None:
     items = list(fused.blocks(reuse_buffers=True))
     assert [i.slot is not None for i in items] == [True, True]
     assert items[0].slot is not items[1].slot  # two buffers, alternating
+    for item in items:  # each fused weight lives in its buffer, not in memory of its own
+        assert item.shipped.weight.data_ptr() == item.slot.tensor.data_ptr()
 
 
 def test_module_tree_upcast_before_fusing() -> None:
@@ -939,7 +941,22 @@ def test_module_tree_key_diff_with_conv_bn_pairs() -> None:
                                       block=PlainNet((4, 4), (1,), num_classes=2).features[0], head=_Head()))
     model = randomize_bn(model).double().eval()
     options = ConvertOptions(fuse_conv_bn=True, input_shape=(1, 3, 6, 6))
-    result = reparameterize(model, options)
+    calls: list = []
+    entered: list = []
+
+    class Bar:
+        def __enter__(self):
+            entered.append("in")
+
+        def __exit__(self, *exc):
+            entered.append("out")
+
+    def progress(total: int):
+        calls.append(total)
+        return Bar(), calls.append
+
+    result = reparameterize(model, options, progress=progress)
+    assert calls == [3, "block", "stem.0", "head.conv"] and entered == ["in", "out"]  # blocks, then pairs
     assert result.options is options
     report = result.key_diff
     assert report.diff.unchanged == ("stem.2.weight", "stem.2.bias")  # the owner's other child is not the pair's
@@ -1024,3 +1041,45 @@ def test_streamed_reshaped_weights_are_written_before_their_buffer_is_refilled(t
     assert puts["features.0.weight"] in waited[2]  # the first block's buffer, refilled for the third
     saved = load_checkpoint(out).state_dict
     assert saved["features.0.weight"].shape == (4, 27) and saved["features.4.weight"].shape == (4, 36)
+
+
+def test_no_conv_to_infer_an_input_shape_from() -> None:
+    model = nn.Sequential(nn.Linear(2, 2)).double()
+    message = "the model has no Conv2d to infer an input shape from; pass --input-shape N,C,H,W"
+    with pytest.raises(InputError) as caught:
+        api._compare_models(model, model, None, Tolerance())
+    assert caught.value.message == message and caught.value.hint is None
+    with pytest.raises(InputError) as caught:
+        Checked._train_outputs(model, ConvertOptions())
+    assert caught.value.message == message and caught.value.hint is None
+    assert api._compare_models(model, model, (3, 2), Tolerance()).input_shape == (3, 2)
+
+
+def test_compare_models_reports_other_output_shapes() -> None:
+    torch.manual_seed(12)
+    train = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1)).double()
+    deploy = nn.Sequential(nn.Conv2d(2, 3, 3)).double()
+    result = api._compare_models(train, deploy, (1, 2, 5, 5), Tolerance())
+    assert result.max_abs_err == float("inf") and result.scale == 0.0 and not result.ok
+    assert result.problem.startswith("the deploy model's outputs differ in shape: ")
+    x, shape, reference = Checked._train_outputs(train, ConvertOptions(input_shape=(1, 2, 5, 5)))
+    staged = Checked._compare_models(deploy, (x, shape, reference), ConvertOptions())
+    assert staged.max_abs_err == float("inf") and staged.scale == 0.0 and not staged.ok
+    assert staged.problem == result.problem
+    same = Checked._compare_models(train, (x, shape, reference), ConvertOptions())
+    assert same.ok and same.max_abs_err == 0.0 and same.scale > 0
+    int_only = nn.Sequential(nn.Identity())
+    assert api._compare_models(int_only, int_only, (1, 2), Tolerance()).rtol == Tolerance().rtol_for(torch.float32)
+
+
+def test_half_model_blocks_measure_the_cast_apart() -> None:
+    """A float16 model's blocks are fused in float64 and cast: the check tells the cast's error apart
+    from the fusion's (a float64 fusion of the same block is what the cast is measured against)."""
+    torch.manual_seed(13)
+    model = randomize_bn(PlainNet((3, 4, 4), (1, 1), num_classes=2)).half().eval()
+    result = reparameterize(model, check_model=False)
+    assert [r.fused.weight.dtype for r in result.blocks] == [torch.float16] * 2
+    for r in result.blocks:
+        assert r.check.cast_abs_err != r.check.max_abs_err
+        assert r.check.cast_abs_err == pytest.approx(r.check.max_abs_err, rel=1e-6)
+    assert result.model_check is None
