@@ -1083,3 +1083,13 @@ def test_half_model_blocks_measure_the_cast_apart() -> None:
         assert r.check.cast_abs_err != r.check.max_abs_err
         assert r.check.cast_abs_err == pytest.approx(r.check.max_abs_err, rel=1e-6)
     assert result.model_check is None
+
+
+def test_eps_sensitivity_of_half_blocks_from_their_own_seeded_probe() -> None:
+    """float16 blocks have no centre probe: their eps sensitivity runs the block on its own seeded input."""
+    from repvgg_cli.checks.probe import eps_sensitivity
+    result = convert_state_dict(plain_state(), ConvertOptions(dtype="float16", seed=3))
+    plan = find(read_state(plain_state()), ConvertOptions(dtype="float16"))
+    want = [eps_sensitivity(b.name, b.branches, 3, None) for b in plan.blocks]
+    assert [r.eps_sensitivity for r in result.blocks] == pytest.approx(want, rel=1e-12)
+    assert want[0] != pytest.approx(eps_sensitivity("other", plan.blocks[0].branches, 3, None), rel=1e-6)
