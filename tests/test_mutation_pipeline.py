@@ -1093,3 +1093,50 @@ def test_eps_sensitivity_of_half_blocks_from_their_own_seeded_probe() -> None:
     want = [eps_sensitivity(b.name, b.branches, 3, None) for b in plan.blocks]
     assert [r.eps_sensitivity for r in result.blocks] == pytest.approx(want, rel=1e-12)
     assert want[0] != pytest.approx(eps_sensitivity("other", plan.blocks[0].branches, 3, None), rel=1e-6)
+
+
+def test_streamed_write_leaves_a_core_to_the_writer_and_restores_threads(tmp_path: Path) -> None:
+    from repvgg_cli.api import convert_file
+    source, _ = _source_file(tmp_path)
+    seen: list = []
+
+    def progress(total: int):
+        return None, lambda name: seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert convert_file(source, tmp_path / "d.safetensors", ConvertOptions(bn_eps=1e-5), progress=progress).written
+        assert seen == [2, 2] and torch.get_num_threads() == 3
+        failed = convert_file(source, tmp_path / "e.safetensors",
+                              ConvertOptions(bn_eps=1e-5, tolerance=Tolerance(rtol=0.0, atol=0.0)))
+        assert not failed.written and torch.get_num_threads() == 3
+        seen.clear()
+        assert convert_file(source, tmp_path / "d.pt", ConvertOptions(bn_eps=1e-5), progress=progress).written
+        assert seen == [3, 3]  # a .pt output is built in memory: no writer thread to leave a core to
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_sort_by_digest() -> None:
+    from repvgg_cli.diff.compare import compare_tensors
+    from repvgg_cli.io.metadata import tensor_sha256
+    from repvgg_cli.pipeline.report import _digest_mismatch, _Kept
+    source = torch.tensor([1.0, 1 / 3], dtype=torch.float64)
+    out = source.to("meta")
+    keep, half = ConvertOptions(), ConvertOptions(dtype="float16")
+    kept = _Kept()
+    kept.sort_by_digest("meta", source.to("meta"), out, tensor_sha256(source), keep)
+    kept.sort_by_digest("none", source, out, None, keep)
+    assert kept.unverified == ["meta", "none"] and not kept.by_digest
+    kept.sort_by_digest("same", source, out, tensor_sha256(source), keep)
+    assert kept.unchanged == ["same"] and kept.by_digest
+    kept.sort_by_digest("other", source, out, tensor_sha256(source + 1), keep)
+    kept.sort_by_digest("shape", source, torch.empty(1, 2, dtype=torch.float64, device="meta"),
+                        tensor_sha256(source), keep)
+    kept.sort_by_digest("dtype", source, out, tensor_sha256(source), half)  # the digest of the uncast tensor
+    assert [c.key for c in kept.changed] == ["other", "shape", "dtype"]
+    assert kept.changed[0] == _digest_mismatch("other", source, out)
+    kept.sort_by_digest("cast", source, source.half().to("meta"), tensor_sha256(source.half()), half)
+    assert [c.key for c in kept.cast] == ["cast"] and kept.cast[0] == compare_tensors("cast", source, source.half())
+    assert kept.unchanged == ["same"] and kept.unverified == ["meta", "none"]
