@@ -629,6 +629,16 @@ def test_fuse_one_hands_chunks_to_the_sink() -> None:
     assert torch.equal(shipped16.weight, fused64.weight.half()) and torch.equal(fused64.weight, plain.weight)
     assert [(a, b) for a, b, _ in rows] == [(0, 4)] and len(busy) == 1
     assert torch.equal(rows[0][2], shipped16.weight)
+    # a composite block gets no probe: its whole weight goes to the sink once fused
+    composite = replace(block, branches=replace(block.branches, composite=True))
+    rows.clear()
+    busy.clear()
+    shipped_c, fused64, probe = fuse_one(composite, 0, sink=sink, busy=busy)
+    assert probe is None and fused64 is None and torch.equal(shipped_c.weight, plain.weight)
+    assert [(a, b) for a, b, _ in rows] == [(0, 4)] and len(busy) == 1 and torch.equal(rows[0][2], plain.weight)
+    rows.clear()
+    fuse_one(composite, 0, sink=sink)  # no list to hand the futures to
+    assert [(a, b) for a, b, _ in rows] == [(0, 4)]
 
 
 def test_slot_take_waits_for_its_writes() -> None:
