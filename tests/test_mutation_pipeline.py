@@ -51,6 +51,7 @@ def plain_state() -> OrderedDict:
     ("pass --input-shape N,C,H,W", "pass input_shape=(N, C, H, W)"),
     ("with --input-shape 1,3,8,8.", "with input_shape=(1, 3, 8, 8)."),
     ("with --input-shape 8", "with input_shape=8"),
+    ("with --input-shape '1,3,8,8'", "with input_shape='1,3,8,8'"),  # quoted: left as the message wrote it
     ("pass --entry ema", "pass entry='ema'"),
     ("pass --entry NAME", "pass entry=NAME"),
     ('pass --model "pkg:make"', 'pass model_spec="pkg:make"'),
@@ -1150,3 +1151,56 @@ def test_sort_by_digest() -> None:
     kept.sort_by_digest("cast", source, source.half().to("meta"), tensor_sha256(source.half()), half)
     assert [c.key for c in kept.cast] == ["cast"] and kept.cast[0] == compare_tensors("cast", source, source.half())
     assert kept.unchanged == ["same"] and kept.unverified == ["meta", "none"]
+
+
+def test_forget_raw_weights() -> None:
+    from repvgg_cli.pipeline.read import _forget_raw_weights
+    state = {"w": torch.zeros(1)}
+    _forget_raw_weights(SimpleNamespace(raw=state, entry=None, state_dict=state))
+    assert list(state) == ["w"]  # the raw object is the state dict itself: kept
+    inner = {"w": torch.zeros(1)}
+    raw = {"ema": inner, "epoch": 3}
+    _forget_raw_weights(SimpleNamespace(raw=raw, entry="ema", state_dict={"w": inner["w"]}))
+    assert inner == {} and raw == {"ema": {}, "epoch": 3}  # the entry's own references dropped, others kept
+    whole = {"w": torch.zeros(1), "epoch": 3}
+    _forget_raw_weights(SimpleNamespace(raw=whole, entry=None, state_dict={"w": whole["w"]}))
+    assert whole == {}
+    listed = [1, 2]
+    _forget_raw_weights(SimpleNamespace(raw=listed, entry=None, state_dict={}))
+    assert listed == [1, 2]  # not a dict: left alone
+    odd = {"ema": [1, 2]}
+    _forget_raw_weights(SimpleNamespace(raw=odd, entry="ema", state_dict={}))
+    assert odd == {"ema": [1, 2]}
+
+
+def test_model_spec_source_keeps_its_file(tmp_path: Path) -> None:
+    from repvgg_cli.api import convert_file
+    source, _ = _source_file(tmp_path)
+    outcome = convert_file(source, tmp_path / "d.pt", ConvertOptions(input_shape=(1, 3, 6, 6)),
+                           model_spec=f"{__name__}:_tiny_plain")
+    assert outcome.written and outcome.result.mode == "module tree"
+    assert outcome.loaded is not None and outcome.loaded.path == source
+    from repvgg_cli.io.read import load_checkpoint
+    meta = load_checkpoint(tmp_path / "d.pt").metadata
+    assert meta["source"]["name"] == "train.pt" and meta["source"]["sha256"] == outcome.loaded.sha256
+
+
+def test_params_before_counts_the_state_tensors_of_the_source_keys() -> None:
+    plan = _plan()
+    plan.blocks = [replace(b, source_keys=b.source_keys + ("head.weight",)) for b in plan.blocks]
+    items = list(fuse(plan).blocks())
+    assert [i.params_before for i in items] == [3 * 4 * 9 + 12 + 16 + 8, 184 + 8]  # head.weight is 2x4
+
+
+def test_streamed_keys_without_a_recorded_digest(tmp_path: Path) -> None:
+    from repvgg_cli.pipeline.report import key_report
+    plan = _plan()
+    loaded = SimpleNamespace(path=Path("train.pt"), sha256="00", entry=None, stripped_prefixes=(), file_size=10**6,
+                             data_bytes=None)
+    written = write_stage.write(check(fuse(plan)), File(tmp_path / "d.safetensors", loaded))
+    assert written.written and set(written.digests) == set(written.state_dict)
+    assert key_report(written).diff.unchanged == ("head.weight", "head.bias")
+    written.digests.clear()
+    report = key_report(written)
+    assert report.diff.unverified == ("head.weight", "head.bias")
+    assert report.unverified_reason == "no tensor digest was recorded for them"
