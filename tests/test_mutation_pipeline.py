@@ -1204,3 +1204,26 @@ def test_streamed_keys_without_a_recorded_digest(tmp_path: Path) -> None:
     report = key_report(written)
     assert report.diff.unverified == ("head.weight", "head.bias")
     assert report.unverified_reason == "no tensor digest was recorded for them"
+
+
+def test_two_buffers_per_shipped_dtype(monkeypatch) -> None:
+    from repvgg_cli.pipeline import fuse as fuse_stage
+    made: list = []
+    real = fuse_stage.Slot
+
+    def counted(tensor):
+        made.append((tensor.dtype, tensor.numel()))
+        return real(tensor)
+
+    monkeypatch.setattr(fuse_stage, "Slot", counted)
+    items = list(fuse(_plan()).blocks(reuse_buffers=True))
+    assert made == [(torch.float64, 4 * 4 * 9)] * 2  # as large as the largest block's weight
+    assert items[0].slot is not items[1].slot
+
+
+def test_dropped_keys_reported() -> None:
+    state = _repvgg_state()
+    state["stage1_aux.0.weight"] = torch.zeros(2)
+    result = convert_state_dict(state, ConvertOptions(bn_eps=1e-5))
+    assert result.dropped_keys == ("stage1_aux.0.weight",) and "stage1_aux.0.weight" not in result.state_dict
+    assert [e.key for e in result.key_diff.diff.dropped] == ["stage1_aux.0.weight"]
