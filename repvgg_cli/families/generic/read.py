@@ -25,6 +25,7 @@ from .trace import (
     leaf_kind,
     may_sum,
     sums_its_input,
+    the_input,
     trace_graph,
 )
 
@@ -265,12 +266,9 @@ def read_block(module: nn.Module) -> Reading | None:
     if not sums_its_input(module):
         return None
     graph = trace_graph(module, LeafTracer())
-    if graph is None:
+    source = the_input(graph) if graph is not None else None
+    if source is None:
         return None
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        return None
-    source = placeholders[0]
     depends = depending(graph, source)
     linear = _linear_region(graph, module, source, depends)
     exits = [n for n in linear if any(user not in linear for user in n.users)]

@@ -168,12 +168,10 @@ def sums_its_input(module: nn.Module) -> bool:
     its one input: the first sign of a block, and cheap to see (a whole network's forward has none,
     and is not traced through every block it holds)."""
     graph = trace_graph(module, _ShallowTracer())
-    if graph is None:
+    source = the_input(graph) if graph is not None else None
+    if source is None:
         return False
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        return False
-    depends = depending(graph, placeholders[0])
+    depends = depending(graph, source)
     return any(arithmetic_of(n) in ("add", "sub") and len(n.args) == 2 and all(a in depends for a in n.args)
                for n in graph.nodes)
 
@@ -184,6 +182,12 @@ def arithmetic_of(node: fx.Node) -> str | None:
     if node.op == "call_method" and node.target in ("add", "sub", "mul", "neg"):
         return str(node.target)
     return None
+
+
+def the_input(graph: fx.Graph) -> fx.Node | None:
+    """The graph's one placeholder, or None when the forward takes more (or fewer) inputs."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    return placeholders[0] if len(placeholders) == 1 else None
 
 
 def depending(graph: fx.Graph, source: fx.Node) -> set[fx.Node]:
