@@ -20,6 +20,23 @@ from repvgg_cli.io import mapguard as mg
 from repvgg_cli.io.mapguard import FileMapping, file_mappings, guard_status, mappings_of, was_cut, watch
 
 
+
+def _fake_proc_maps(monkeypatch, text: bytes) -> None:
+    """``open("/proc/self/maps")`` reads ``text``; every other path opens as usual."""
+    real_open = open
+
+    class Maps:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            return False
+
+        def read(self):
+            return text
+
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: Maps() if p == "/proc/self/maps" else real_open(p, *a, **k))
+
 def test_constants() -> None:
     assert (mg._SA_SIGINFO, mg._MAP_FIXED, mg._SI_ADDR_OFFSET, mg._SA_FLAGS_OFFSET) == (4, 0x10, 16, 136)
     assert mg._SIGACTION_BUFFER == 512 and mg._PAGE == mmap.PAGESIZE
@@ -67,19 +84,7 @@ def test_file_mappings_parses_each_field(monkeypatch) -> None:
             b"7f0000005000-7f0000006000 r--p 00000000 fd:01 99\n"
             b"zz-7f0000008000 r--p 00000000 08:11 5 /bad/start\n"
             b"7f0000009000-7f000000a000 r--p 00000000 08:11 77 /ok\n")
-
-    class Maps:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *args):
-            return False
-
-        def read(self):
-            return text
-
-    real_open = open
-    monkeypatch.setattr("builtins.open", lambda p, *a, **k: Maps() if p == "/proc/self/maps" else real_open(p, *a, **k))
+    _fake_proc_maps(monkeypatch, text)
     assert file_mappings() == [FileMapping(0x7f0000000000, 0x7f0000002000, 0x3000, os.makedev(8, 0x11), 1234, "/a/b c"),
                                FileMapping(0x7f0000009000, 0x7f000000a000, 0, os.makedev(8, 0x11), 77, "/ok")]
 
@@ -324,19 +329,7 @@ def test_maps_lines_are_kept_by_their_inode_field_and_paths_need_not_be_utf8(mon
     text = (b"7f0000000000-7f0000001000 rw-p 00000000 00:00 0 [heap]\n"
             b"7f0000001000-7f0000002000 r--p 00000000 08:11 42 0\n"
             b"7f0000002000-7f0000003000 r--p 00001000 08:11 43 /m/\xff\xfe.pt\n")
-
-    class Maps:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *args):
-            return False
-
-        def read(self):
-            return text
-
-    real_open = open
-    monkeypatch.setattr("builtins.open", lambda p, *a, **k: Maps() if p == "/proc/self/maps" else real_open(p, *a, **k))
+    _fake_proc_maps(monkeypatch, text)
     assert file_mappings() == [
         FileMapping(0x7f0000001000, 0x7f0000002000, 0, os.makedev(8, 0x11), 42, "0"),
         FileMapping(0x7f0000002000, 0x7f0000003000, 0x1000, os.makedev(8, 0x11), 43, os.fsdecode(b"/m/\xff\xfe.pt")),
